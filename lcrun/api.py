@@ -1,0 +1,155 @@
+"""The local Python API: ``from lcrun import LLM``.
+
+    llm = LLM("path/to/model-or.gguf", ctx="128k")
+    print(llm.generate("The capital of France is", max_new_tokens=16))
+    for piece in llm.chat_stream([{"role": "user", "content": "Hi!"}]):
+        print(piece, end="")
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from lcrun.config import LcrunConfig
+from lcrun.errors import CapacityError, ConfigError, LcrunError
+from lcrun.runtime.build import load_model, random_model
+from lcrun.runtime.chat_template import render_chat
+from lcrun.runtime.generate import Generator, ProgressFn
+from lcrun.runtime.kv_cache import AttentionCache, DenseCache
+from lcrun.runtime.loading import default_model, open_source
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.sampling import SamplingParams
+from lcrun.runtime.synthetic import is_synthetic, synthetic_config
+from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
+from lcrun.units import format_bytes
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is visible: use --device cpu")
+    if name == "cuda":  # memory-fraction and property calls need an explicit index
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> AttentionCache:
+    if config.attention == "dense":
+        return DenseCache(model_cfg, config.ctx_tokens, device, dtype)
+    from lcrun.runtime.paged_cache import PagedTopKCache
+    return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
+                          budget=config.budget, sink_tokens=config.sink_tokens,
+                          window_tokens=config.window_tokens, group_score=config.group_score)
+
+
+class LLM:
+    """A loaded model with its KV cache, ready to generate. Settings are LcrunConfig's fields."""
+
+    def __init__(self, model: str | None = None, *, config: LcrunConfig | None = None, progress: bool = True,
+                 **settings: Any):
+        if config is None:
+            config = LcrunConfig.from_kwargs(model=model, **settings)
+        elif model is not None or settings:
+            raise ConfigError("pass either config= or model/settings, not both")
+        self.config = config.resolve()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cuda" and config.gpu_mem_bytes:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, config.gpu_mem_bytes / total), self.device)
+        spec = config.model or default_model()
+        self.model_spec = spec
+        self.tokenizer: TextTokenizer | None = None
+        source = None
+        if is_synthetic(spec):
+            model_cfg = synthetic_config(spec)
+        else:
+            source = open_source(spec)
+            model_cfg = source.config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        # Check before allocating anything: weights plus the full KV cache must fit the cap.
+        self._check_gpu_budget(model_cfg.num_parameters() * elem,
+                               model_cfg.kv_bytes_per_token(elem) * config.ctx_tokens)
+        try:
+            if source is None:
+                self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)
+            else:
+                self.tokenizer = source.tokenizer()
+                self.model = load_model(source, self.device, self.dtype, progress=progress)
+            self.cache = make_cache(config, self.model.cfg, self.device, self.dtype)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise CapacityError(f"out of GPU memory while loading ({str(exc).splitlines()[0]}): "
+                                "lower --ctx or free the GPU") from None
+        self.generator = Generator(self.model, self.cache, config.prefill_chunk)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.cfg
+
+    def _check_gpu_budget(self, weight_bytes: int, cache_bytes: int) -> None:
+        cap = self.config.gpu_mem_bytes
+        if cap is None or self.device.type != "cuda":
+            return
+        used = weight_bytes + cache_bytes
+        if used > cap:
+            raise CapacityError(
+                f"weights ({format_bytes(weight_bytes)}) and KV cache for {self.config.ctx_tokens} tokens "
+                f"({format_bytes(cache_bytes)}) need {format_bytes(used)}, over --gpu-mem "
+                f"{format_bytes(cap)} by {format_bytes(used - cap)}: lower --ctx or raise --gpu-mem")
+
+    # -- token level -------------------------------------------------------------------------
+    def _need_tokenizer(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise LcrunError(f"{self.model_spec} has no tokenizer (synthetic weights): pass token ids instead")
+        return self.tokenizer
+
+    def stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None, **sampling: Any) -> Iterator[int]:
+        params = SamplingParams(**{"seed": self.config.seed, **sampling})
+        stop = self.tokenizer.stop_ids if self.tokenizer else set()
+        return self.generator.stream(list(prompt_ids), params, stop, progress)
+
+    def _stream_text(self, ids: list[int], progress: ProgressFn | None, sampling: dict) -> Iterator[str]:
+        decoder = StreamDecoder(self._need_tokenizer())
+        for token in self.stream_ids(ids, progress, **sampling):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    # -- text level --------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        tok = self._need_tokenizer()
+        text = render_chat(tok.chat_template, messages, add_generation_prompt=True,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+        return tok.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: str, progress: ProgressFn | None = None, **sampling: Any) -> Iterator[str]:
+        """Plain completion of ``prompt``, yielding text as it forms."""
+        return self._stream_text(self._need_tokenizer().encode(prompt), progress, sampling)
+
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        return "".join(self.stream(prompt, **sampling))
+
+    def chat_stream(self, messages: list[dict[str, Any]], progress: ProgressFn | None = None,
+                    **sampling: Any) -> Iterator[str]:
+        """The assistant's next reply to ``messages``, through the model's chat template."""
+        return self._stream_text(self.encode_chat(messages), progress, sampling)
+
+    def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
+        return "".join(self.chat_stream(messages, **sampling))
+
+    @property
+    def last_stats(self):
+        return self.generator.last_stats

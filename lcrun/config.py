@@ -1,0 +1,85 @@
+"""The one settings dataclass behind the CLI, the Python API and report headers.
+
+Each field's metadata carries its CLI help; ``lcrun.cli`` turns the fields into click
+options, ``lcrun.LLM`` takes them as keyword arguments, and reports print ``to_header()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lcrun.errors import ConfigError
+from lcrun.units import parse_bytes, parse_tokens
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class LcrunConfig:
+    model: str | None = _opt(None, "Model: an HF folder, a .gguf file, or synthetic:NAME. Default: the built-in demo model.")
+    ctx: str | int = _opt("8k", "Context length in tokens (4096, 32k, 128K, 1M; k = 1024).")
+    device: str = _opt("auto", "cuda, cpu, or auto (cuda when available).", choices=["auto", "cuda", "cpu"])
+    dtype: str = _opt("auto", "Compute dtype: bfloat16, float16, float32, or auto (bf16 on GPU, fp32 on CPU).",
+                      choices=["auto", "bfloat16", "float16", "float32"])
+    prefill_chunk: int = _opt(2048, "Tokens per prefill chunk.")
+    attention: str = _opt("dense", "dense: attend to every cached token; topk: attend to the top-scoring KV pages.",
+                          choices=["dense", "topk"])
+    budget: int = _opt(2048, "topk: tokens attended per KV head per step, sinks and local window included.")
+    page_size: int = _opt(32, "Tokens per KV page.", choices=[16, 32, 64, 128])
+    sink_tokens: int = _opt(64, "topk: first tokens always attended (inside the budget).")
+    window_tokens: int = _opt(512, "topk: last tokens always attended (inside the budget).")
+    group_score: str = _opt("max", "topk: combine page scores over a GQA group by max or sum.", choices=["max", "sum"])
+    positions: str = _opt("auto", "true: real positions; window: keep attended positions inside the trained window; auto.",
+                          choices=["auto", "true", "window"])
+    gpu_mem: str | None = _opt(None, "Cap on GPU memory lcrun may hold, e.g. 24GiB.")
+    host_mem: str | None = _opt(None, "Cap on pinned host memory for the KV cache, e.g. 32GiB.")
+    kv_dir: str | None = _opt(None, "Folder for KV pages spilled to disk (NVMe).")
+    seed: int = _opt(0, "Random seed for sampling and synthetic weights.")
+
+    # Resolved values, filled by resolve().
+    ctx_tokens: int = field(default=0, metadata={"cli": False})
+
+    def resolve(self) -> "LcrunConfig":
+        """Validate and normalise; returns self for chaining."""
+        self.ctx_tokens = parse_tokens(self.ctx)
+        if self.prefill_chunk < 1:
+            raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
+        if self.page_size not in (16, 32, 64, 128):
+            raise ConfigError(f"--page-size must be 16, 32, 64 or 128, got {self.page_size}")
+        if self.attention == "topk":
+            if self.budget < self.sink_tokens + self.window_tokens + self.page_size:
+                raise ConfigError(
+                    f"--budget {self.budget} leaves no room for selected pages after {self.sink_tokens} sink and "
+                    f"{self.window_tokens} window tokens: raise --budget or lower --sink-tokens/--window-tokens")
+        for name in ("gpu_mem", "host_mem"):
+            value = getattr(self, name)
+            if value is not None:
+                parse_bytes(value)
+        return self
+
+    @property
+    def gpu_mem_bytes(self) -> int | None:
+        return None if self.gpu_mem is None else parse_bytes(self.gpu_mem)
+
+    @property
+    def host_mem_bytes(self) -> int | None:
+        return None if self.host_mem is None else parse_bytes(self.host_mem)
+
+    @classmethod
+    def cli_fields(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "LcrunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**kwargs).resolve()
+
+    def to_header(self) -> dict[str, Any]:
+        """The settings as a flat dict, for report and benchmark headers."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,107 @@
+"""Chunked prefill and the decode loop over a model and its attention cache.
+
+The generator remembers which token ids sit in the cache, so a chat turn only prefills what is
+new since the last turn (the common prefix of the re-rendered conversation is reused)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from lcrun.errors import ContextOverflowError
+from lcrun.runtime.kv_cache import AttentionCache
+from lcrun.runtime.model import LlamaModel
+from lcrun.runtime.sampling import Sampler, SamplingParams
+
+ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = ""  # "stop", "length" (max_new_tokens) or "context" (context full)
+
+
+class Generator:
+    def __init__(self, model: LlamaModel, cache: AttentionCache, prefill_chunk: int = 2048):
+        self.model = model
+        self.cache = cache
+        self.prefill_chunk = prefill_chunk
+        self.cached_ids: list[int] = []  # exactly the tokens whose K/V the cache holds
+        self.last_stats = GenerationStats()
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.cached_ids = []
+
+    def check_fits(self, n_tokens: int) -> None:
+        # Room for the prompt plus at least one generated token.
+        if n_tokens + 1 > self.capacity:
+            raise ContextOverflowError(
+                f"the input is {n_tokens} tokens, over the context of {self.capacity} tokens by "
+                f"{n_tokens + 1 - self.capacity} (one token is kept free to answer): raise --ctx "
+                "or shorten the input; nothing was truncated")
+
+    def prefill(self, ids: list[int], progress: ProgressFn | None = None) -> torch.Tensor:
+        """Make the cache hold exactly ``ids``; returns fp32 logits (vocab,) after the last one."""
+        self.check_fits(len(ids))
+        common = 0
+        for a, b in zip(self.cached_ids, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # recompute at least one token to get its logits
+        self.cache.truncate(common)
+        self.cached_ids = ids[:common]
+        self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=common)
+        device = self.model.device
+        todo = torch.tensor(ids[common:], dtype=torch.long, device=device)
+        logits = None
+        for start in range(0, todo.numel(), self.prefill_chunk):
+            chunk = todo[start:start + self.prefill_chunk]
+            logits = self.model.forward(chunk, self.cache)
+            self.cached_ids.extend(ids[common + start: common + start + chunk.numel()])
+            if progress is not None:
+                progress(start + chunk.numel(), todo.numel())
+        return logits[-1]
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] = frozenset(),
+               progress: ProgressFn | None = None) -> Iterator[int]:
+        """Yield generated token ids one by one (stop tokens are not yielded)."""
+        import time
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids, progress)
+        sampler = Sampler(params, self.model.device)
+        stats = self.last_stats
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        stats.prefill_s = t1 - t0
+        try:
+            while True:
+                token = int(sampler(logits))
+                if token in stop_ids:
+                    stats.finish_reason = "stop"
+                    return
+                stats.new_tokens += 1
+                yield token
+                if stats.new_tokens >= params.max_new_tokens:
+                    stats.finish_reason = "length"
+                    return
+                if len(self.cached_ids) >= self.capacity:  # no slot left for this token's K/V
+                    stats.finish_reason = "context"
+                    return
+                ids = torch.tensor([token], dtype=torch.long, device=self.model.device)
+                logits = self.model.forward(ids, self.cache)[-1]
+                self.cached_ids.append(token)
+        finally:
+            stats.decode_s = time.perf_counter() - t1

@@ -1,0 +1,111 @@
+"""The attention seam: the model hands each layer's new q/k/v to a cache object, which stores
+K/V and returns the attention output. Dense, paged top-k and tiered caches all sit behind it.
+
+Contract for one forward pass over T new tokens at positions ``pos`` (batch size 1):
+    cache.begin_forward(pos)             # once: plan per-step metadata (selection, slots, masks)
+    out = cache.attend(layer, q, k, v)   # every layer: q (T, Hq, D), k/v (T, Hkv, D), *before* RoPE
+    cache.end_forward()                  # once: the T tokens now count as cached
+Positions are handled by the cache (it owns the Rotary), so a cache may keep keys before RoPE and
+place attended tokens at positions of its choosing (extrapolation past the trained window).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from lcrun.errors import ContextOverflowError
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.rope import Rotary
+
+
+class AttentionCache(ABC):
+    def __init__(self, cfg: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.cfg = cfg
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.rotary = Rotary(cfg, self.device)
+        self.length = 0  # tokens cached and complete in every layer
+        self._pending = 0
+
+    def begin_forward(self, positions: torch.Tensor) -> None:
+        n = positions.numel()
+        if self.length + n > self.capacity:
+            raise ContextOverflowError(
+                f"{self.length + n} tokens do not fit the context of {self.capacity} tokens "
+                f"(over by {self.length + n - self.capacity}): raise --ctx or shorten the input")
+        self._pending = n
+        self._positions = positions
+        self._plan(positions)
+
+    def end_forward(self) -> None:
+        self.length += self._pending
+        self._pending = 0
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    @abstractmethod
+    def _plan(self, positions: torch.Tensor) -> None:
+        """Build the metadata every layer of this forward shares."""
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (T, Hq, D), k/v: (T, Hkv, D) pre-RoPE -> (T, Hq, D)."""
+
+    @abstractmethod
+    def truncate(self, length: int) -> None:
+        """Forget every token from ``length`` on (for editing a conversation)."""
+
+    def memory_bytes(self) -> int:
+        return 0
+
+
+class DenseCache(AttentionCache):
+    """Every token's post-RoPE K/V in one preallocated buffer per layer; SDPA over all of it."""
+
+    def __init__(self, cfg: ModelConfig, capacity: int, device, dtype):
+        super().__init__(cfg, capacity, device, dtype)
+        shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.empty(shape, device=self.device, dtype=dtype)
+        self.v = torch.empty(shape, device=self.device, dtype=dtype)
+
+    def _plan(self, positions: torch.Tensor) -> None:
+        t, start = positions.numel(), self.length
+        self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
+        if t == 1:
+            self._mask = None
+        else:
+            # Causal over (cached + new) keys: query i sees keys 0 .. start+i; one row per
+            # (group member, query), matching the folded query layout of attend().
+            q_idx = torch.arange(t, device=self.device)[:, None] + start
+            k_idx = torch.arange(start + t, device=self.device)[None, :]
+            self._mask = (k_idx <= q_idx).repeat(self.cfg.gqa_group, 1)
+
+    def attend(self, layer, q, k, v):
+        t, start = q.shape[0], self.length
+        hkv, g, d = self.cfg.num_kv_heads, self.cfg.gqa_group, self.cfg.head_dim
+        cos, sin = self._cos_sin
+        q = Rotary.apply(q, cos, sin)
+        self.k[layer, :, start:start + t] = Rotary.apply(k, cos, sin).transpose(0, 1)
+        self.v[layer, :, start:start + t] = v.transpose(0, 1)
+        keys = self.k[layer, :, : start + t]
+        values = self.v[layer, :, : start + t]
+        if start == 0 and t > 1 and q.is_cuda:
+            # First chunk: plain causal attention, which SDPA's flash kernel runs in O(T) memory.
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                                 is_causal=True, enable_gqa=True)
+            return out[0].transpose(0, 1)
+        # Fold each GQA group's query heads into rows against its one KV head: no K/V repeat,
+        # and far faster than SDPA's enable_gqa path on the CPU.
+        rows = q.view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)
+        out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=self._mask)
+        return out.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hkv * g, d)
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def memory_bytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

@@ -1,0 +1,47 @@
+"""Model specs without files (``synthetic:NAME``): real shapes, random weights, for speed work."""
+from __future__ import annotations
+
+from lcrun.errors import ModelLoadError
+from lcrun.runtime.model_config import ModelConfig
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+SYNTHETIC_SPECS: dict[str, dict] = {
+    "llama-3.1-8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072),
+    "llama-3.2-3b": dict(arch="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                         num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128, rms_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+                         max_position_embeddings=131072, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(arch="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rms_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling={**_LLAMA3_ROPE, "factor": 32.0},
+                         max_position_embeddings=131072, tie_word_embeddings=True),
+    "mistral-7b": dict(arch="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_eps=1e-5,
+                       rope_theta=1000000.0, max_position_embeddings=32768),
+    "qwen2.5-7b": dict(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_eps=1e-6,
+                       rope_theta=1000000.0, max_position_embeddings=32768, attention_bias=True),
+    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_eps=1e-5,
+                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    "tiny": dict(arch="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=4096),
+}
+
+PREFIX = "synthetic:"
+
+
+def is_synthetic(spec: str) -> bool:
+    return spec.startswith(PREFIX)
+
+
+def synthetic_config(spec: str) -> ModelConfig:
+    name = spec[len(PREFIX):] if is_synthetic(spec) else spec
+    if name not in SYNTHETIC_SPECS:
+        raise ModelLoadError(
+            f"unknown synthetic model {name!r}; known: {', '.join(PREFIX + n for n in SYNTHETIC_SPECS)}")
+    return ModelConfig(name=PREFIX + name, **SYNTHETIC_SPECS[name])

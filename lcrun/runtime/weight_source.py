@@ -1,0 +1,25 @@
+"""What every model format offers the runtime: a config, tensors by HF name, and a tokenizer."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.tokenizer import TextTokenizer
+
+
+class WeightSource(Protocol):
+    """Tensors are named as in HF Llama checkpoints (``model.layers.0.self_attn.q_proj.weight``,
+    ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``), shaped as in
+    ``torch.nn.Linear`` ((out_features, in_features)) and returned on the CPU in the asked dtype.
+    Each call reads one tensor, so a large model never sits in RAM whole."""
+
+    config: ModelConfig
+    path: str
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def tokenizer(self) -> TextTokenizer | None: ...

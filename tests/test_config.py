@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+
+from lcrun.config import LcrunConfig
+from lcrun.errors import ConfigError
+from lcrun.units import parse_bytes, parse_tokens
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("4096", 4096), (4096, 4096), ("32k", 32768), ("128K", 131072), ("256k", 262144), ("1M", 1048576),
+    ("1.5k", 1536), (" 8k ", 8192),
+])
+def test_parse_tokens(text, expected):
+    assert parse_tokens(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12q", "-5", "0", "1.3"])
+def test_parse_tokens_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_tokens(text)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("24GiB", 24 * 2**30), ("24G", 24 * 2**30), ("16GB", 16 * 10**9), ("512MiB", 512 * 2**20), ("1024", 1024),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+def test_config_resolves_ctx_and_rejects_unknown():
+    assert LcrunConfig.from_kwargs(ctx="128k").ctx_tokens == 131072
+    with pytest.raises(ConfigError, match="unknown setting"):
+        LcrunConfig.from_kwargs(ctxx="128k")
+
+
+def test_topk_budget_must_leave_room():
+    with pytest.raises(ConfigError, match="--budget"):
+        LcrunConfig.from_kwargs(attention="topk", budget=256, sink_tokens=64, window_tokens=512)
+
+
+def test_cli_fields_cover_every_setting():
+    names = {f.name for f in LcrunConfig.cli_fields()}
+    assert {"model", "ctx", "device", "attention", "budget", "page_size", "gpu_mem"} <= names
+    assert "ctx_tokens" not in names
