@@ -213,6 +213,50 @@ def _prefill_bar():
     return progress
 
 
+def planner_inputs(config: LcrunConfig):
+    """(ModelSpec, Hardware) for the planner: the model's shape without loading its weights, and
+    this machine (the GPU through torch; a CPU-only machine plans for a GPU of --gpu-mem if given)."""
+    import torch
+
+    from lcrun.api import resolve_device, resolve_dtype
+    from lcrun.planner import ModelSpec, detect_hardware
+    from lcrun.runtime.loading import default_model, open_source
+    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
+
+    spec = config.model or default_model()
+    model_cfg = synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
+    device = resolve_device(config.device)
+    elem = torch.tensor([], dtype=resolve_dtype(config.dtype, torch.device("cuda"))).element_size()
+    model = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
+                                name=model_cfg.name or spec, kv_dtype_bytes=elem)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu_name, gpu_total = props.name, props.total_memory
+    elif config.gpu_mem is not None:
+        gpu_name, gpu_total = "GPU of --gpu-mem (no GPU on this machine)", config.gpu_mem_bytes
+    else:
+        gpu_name, gpu_total = None, None
+    hw = detect_hardware(gpu_name, gpu_total, gpu_mem=config.gpu_mem, host_mem=config.host_mem, kv_dir=config.kv_dir)
+    return model, hw
+
+
+@main.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@handle_errors
+def plan(config: LcrunConfig, as_json: bool) -> None:
+    """Show where weights and the KV cache would live, and the predicted decode speed."""
+    import json
+
+    from lcrun.planner import format_plan, make_plan
+
+    config.resolve()
+    model, hw = planner_inputs(config)
+    the_plan = make_plan(model, config.ctx_tokens, hw, budget_tokens=config.budget, sink_tokens=config.sink_tokens,
+                         window_tokens=config.window_tokens, attention=config.attention)
+    click.echo(json.dumps(the_plan.to_dict(), indent=2) if as_json else format_plan(the_plan))
+
+
 @main.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 def models(folders: tuple[Path, ...]) -> None:

@@ -1,0 +1,58 @@
+"""The one place that decides who runs the page kernels: Triton (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1) or the plain-torch reference (any other CPU use)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lcrun.kernels import reference, select
+from lcrun.kernels.triton_support import can_run_triton
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    name: str
+    update_abstracts: Callable[..., None]
+    score_pages: Callable[..., torch.Tensor]
+    sparse_decode_attention: Callable[..., torch.Tensor]
+    paged_prefill_attention: Callable[..., torch.Tensor]
+    selection_bounds: Callable[..., torch.Tensor]
+    assemble_selection: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+TORCH_BACKEND = KernelBackend(
+    name="torch",
+    update_abstracts=reference.update_abstracts,
+    score_pages=reference.score_pages,
+    sparse_decode_attention=reference.sparse_decode_attention,
+    paged_prefill_attention=reference.paged_prefill_attention,
+    selection_bounds=select.selection_bounds,
+    assemble_selection=select.assemble_selection,
+)
+
+
+def _triton_backend() -> KernelBackend:
+    from lcrun.kernels.abstracts import update_abstracts
+    from lcrun.kernels.paged_prefill import paged_prefill_attention
+    from lcrun.kernels.score import score_pages
+    from lcrun.kernels.select_kernels import assemble_selection, selection_bounds
+    from lcrun.kernels.sparse_decode import sparse_decode_attention
+    return KernelBackend("triton", update_abstracts, score_pages, sparse_decode_attention, paged_prefill_attention,
+                         selection_bounds, assemble_selection)
+
+
+def kernel_backend(device: torch.device | str, prefer: str = "auto") -> KernelBackend:
+    """``auto``: Triton where it can run on ``device``, else torch. ``triton``/``torch`` force one
+    (forcing Triton where it cannot run is an error)."""
+    assert prefer in BACKENDS, f"backend must be one of {BACKENDS}, got {prefer!r}"
+    device = torch.device(device)
+    if prefer == "torch" or (prefer == "auto" and not can_run_triton(device)):
+        return TORCH_BACKEND
+    if not can_run_triton(device):
+        raise RuntimeError(f"Triton kernels cannot run on {device}: use a CUDA device, set TRITON_INTERPRET=1 "
+                           "before importing lcrun, or the torch backend")
+    return _triton_backend()

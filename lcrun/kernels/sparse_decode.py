@@ -1,0 +1,168 @@
+"""Decode attention over selected pages (flash-decoding): split the pages of each KV head across
+programs, one program serving all G query heads of the group, then merge splits by log-sum-exp."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lcrun.kernels.triton_support import LOG2E, dot_precision, dot_upcast, jit, next_pow2, tl
+
+
+@jit
+def _sparse_decode_split_kernel(
+    q, k_pool, v_pool, sel_slots, sel_lens, num_entries, part_out, part_lse, qk_scale,
+    stride_q_h, stride_slot, stride_tok, stride_sel_h, stride_po_h, stride_po_s, stride_pl_h,
+    kmax, pages_per_split,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ENTRIES: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < D
+    rows = head * G + offs_g
+    qt = tl.load(q + rows[:, None] * stride_q_h + offs_d[None, :],
+                 mask=(offs_g < G)[:, None] & mask_d[None, :], other=0.0)
+    if DOT_FP32:
+        qt = qt.to(tl.float32)
+
+    first = split * pages_per_split
+    last = tl.minimum(first + pages_per_split, kmax)
+    if HAS_NUM_ENTRIES:
+        last = tl.minimum(last, tl.load(num_entries))
+    # Token n of a block lies in entry first + n // P at offset n % P (a block spans BLOCK_N // P pages).
+    entry_of_row = offs_n // P
+    tok_of_row = offs_n % P
+
+    # Finite start so fully masked blocks give exp2(-inf - m) = 0, never nan.
+    m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for e0 in range(first, last, BLOCK_N // P):
+        entry = e0 + entry_of_row
+        in_range = entry < last
+        slot = tl.load(sel_slots + head * stride_sel_h + entry, mask=in_range, other=0).to(tl.int64)
+        length = tl.load(sel_lens + head * stride_sel_h + entry, mask=in_range, other=0)
+        live = tok_of_row < length
+        row_off = slot * stride_slot + tok_of_row * stride_tok
+        kt = tl.load(k_pool + row_off[None, :] + offs_d[:, None], mask=live[None, :] & mask_d[:, None], other=0.0)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(qt, kt, input_precision=PRECISION) * qk_scale  # (G_PAD, BLOCK_N), log2 units
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_pool + row_off[:, None] + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has_tokens = l_i > 0
+    out = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
+    lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
+    row_mask = offs_g < G
+    tl.store(part_out + rows[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :], out,
+             mask=row_mask[:, None] & mask_d[None, :])
+    tl.store(part_lse + rows * stride_pl_h + split, lse, mask=row_mask)
+
+
+@jit
+def _merge_splits_kernel(
+    part_out, part_lse, out, num_splits,
+    stride_po_h, stride_po_s, stride_pl_h, stride_o_h,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    lse = tl.load(part_lse + row * stride_pl_h + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no token at all: weights 0, output 0
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, axis=0)
+    parts = tl.load(part_out + row * stride_po_h + offs_s[:, None] * stride_po_s + offs_d[None, :],
+                    mask=mask_s[:, None] & (offs_d < D)[None, :], other=0.0)
+    res = tl.sum(parts * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out + row * stride_o_h + offs_d, res.to(out.dtype.element_ty), mask=offs_d < D)
+
+
+def _device_sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs run fastest
+
+
+def decode_splits(hkv: int, kmax: int, page_size: int, block_n: int, device: torch.device,
+                  num_splits: int | None = None) -> tuple[int, int]:
+    """(num_splits, pages_per_split): enough programs to fill the GPU twice over, each with at
+    least one block of tokens; pages_per_split is a multiple of the pages in a block."""
+    pages_per_block = block_n // page_size
+    blocks = -(-kmax // pages_per_block)
+    if num_splits is None:
+        num_splits = -(-2 * _device_sm_count(device) // hkv)
+    num_splits = max(1, min(num_splits, blocks))
+    pages_per_split = -(-blocks // num_splits) * pages_per_block
+    return -(-kmax // pages_per_split), pages_per_split
+
+
+def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            sel_slots: torch.Tensor, sel_lens: torch.Tensor, sm_scale: float | None = None,
+                            num_entries: torch.Tensor | None = None,
+                            num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one decode token over the selected pages of its KV head.
+
+    q: (Hq, D) fp16/bf16/fp32, last dim contiguous (Hq = G * Hkv, head i uses KV head i // G);
+    k_pool, v_pool: (num_slots, P, D) contiguous, q's dtype; sel_slots, sel_lens: (Hkv, Kmax) int32,
+    contiguous: physical slot and number of valid tokens (the first ``len`` of the page; 0 = unused
+    entry); sm_scale defaults to 1/sqrt(D); num_entries: optional 1-element int32 device tensor,
+    entries at or past it are skipped without being read (dense layers over a capacity-sized list).
+    Returns out (Hq, D) in q's dtype (into ``out`` if given, contiguous); a head with no selected
+    token gets zeros. num_splits overrides the split heuristic (tuning).
+    """
+    hq, d = q.shape
+    hkv, kmax = sel_slots.shape
+    num_slots, page_size, d_pool = k_pool.shape
+    assert q.stride(1) == 1 and d_pool == d and hq % hkv == 0, f"q {tuple(q.shape)} vs pool {tuple(k_pool.shape)}"
+    assert k_pool.is_contiguous() and v_pool.is_contiguous() and v_pool.shape == k_pool.shape
+    assert q.dtype == k_pool.dtype == v_pool.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    assert sel_lens.shape == sel_slots.shape and sel_slots.dtype == sel_lens.dtype == torch.int32
+    assert sel_slots.is_contiguous() and sel_lens.is_contiguous()
+    assert page_size & (page_size - 1) == 0
+    if num_entries is not None:
+        assert num_entries.numel() == 1 and num_entries.dtype == torch.int32
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    g = hq // hkv
+    block_d = next_pow2(d)
+    block_n = max(64, page_size)
+    splits, pages_per_split = decode_splits(hkv, kmax, page_size, block_n, q.device, num_splits)
+    part_out = torch.empty((hq, splits, d), device=q.device, dtype=torch.float32)
+    part_lse = torch.empty((hq, splits), device=q.device, dtype=torch.float32)
+    _sparse_decode_split_kernel[(hkv, splits)](
+        q, k_pool, v_pool, sel_slots, sel_lens, num_entries if num_entries is not None else sel_lens,
+        part_out, part_lse, sm_scale * LOG2E,
+        q.stride(0), k_pool.stride(0), k_pool.stride(1), sel_slots.stride(0),
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0),
+        kmax, pages_per_split,
+        G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
+        HAS_NUM_ENTRIES=num_entries is not None,
+        DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    if out is None:
+        out = torch.empty((hq, d), device=q.device, dtype=q.dtype)
+    assert out.shape == (hq, d) and out.dtype == q.dtype and out.is_contiguous()
+    _merge_splits_kernel[(hq,)](
+        part_out, part_lse, out, splits,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0),
+        D=d, BLOCK_D=block_d, SPLITS_PAD=next_pow2(splits), num_warps=4 if block_d <= 128 else 8,
+    )
+    return out

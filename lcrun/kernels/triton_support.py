@@ -1,0 +1,67 @@
+"""What the Triton kernels need to know about how they will run.
+
+Triton decides at *decoration* time (when a kernel module is imported) whether ``@triton.jit``
+compiles for the GPU or runs in the CPU interpreter (``TRITON_INTERPRET=1``). Kernel modules of
+this package decorate through ``jit`` below, which records that mode; until one is imported, the
+mode is what the environment says now. The kernel modules are imported lazily (by
+``lcrun.kernels.backend``), so setting the variable any time before the first kernel use works.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs: the torch reference path still works
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+LOG2E = 1.4426950408889634  # kernels use exp2: scores are scaled by sm_scale * log2(e)
+
+_decorated_modes: set[bool] = set()  # interpreted? for each kernel decorated so far
+
+
+def is_interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def jit(fn):
+    """``triton.jit`` that remembers whether the kernel was decorated for the interpreter."""
+    kernel = triton.jit(fn)
+    _decorated_modes.add(is_interpreted(kernel))
+    return kernel
+
+
+def interpreting() -> bool:
+    """Whether this package's kernels run (or, not yet imported, would run) in the interpreter."""
+    if not HAVE_TRITON:
+        return False
+    if _decorated_modes:
+        return True in _decorated_modes
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether kernels must cast tl.dot operands to fp32: the interpreter computes bf16 dots wrongly."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 for fp32 tensors (tests), default (ignored) for fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def can_run_triton(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors when compiled, on CPU tensors under the interpreter."""
+    if not HAVE_TRITON:
+        return False
+    return device.type == "cpu" if interpreting() else device.type == "cuda"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,106 @@
+"""The model numbers the planner needs, as plain Python (no torch, no runtime import).
+
+The planner is the bottom layer of lcrun: it must be importable and testable without torch, so it
+cannot take ``lcrun.runtime.model_config.ModelConfig``. Callers build a :class:`ModelSpec` from
+``ModelConfig.to_dict()`` plus the weight bytes they measured::
+
+    spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=model.weight_bytes())
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from lcrun.errors import ConfigError
+
+# HF config.json spellings, so ModelSpec.from_dict also reads a raw config.json dict.
+_ALIASES = {
+    "num_hidden_layers": "num_layers",
+    "num_key_value_heads": "num_kv_heads",
+    "num_attention_heads": "num_heads",
+    "_name_or_path": "name",
+}
+
+# When intermediate_size is unknown the MLP width is taken as 4 * hidden: wider than Llama's 3.5x,
+# so the workspace estimate errs on the safe side.
+DEFAULT_MLP_RATIO = 4
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape and size of a decoder as far as memory planning is concerned.
+
+    weight_bytes: bytes of all weights as held on the compute device (after any quantisation).
+    kv_dtype_bytes: bytes per KV element (2 for bf16/fp16).
+    intermediate_size: MLP width; only sizes the prefill workspace (None: 4 * hidden_size).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    weight_bytes: int
+    kv_dtype_bytes: int = 2
+    name: str = ""
+    intermediate_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "num_kv_heads", "num_heads", "head_dim", "hidden_size", "vocab_size",
+                  "weight_bytes", "kv_dtype_bytes"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model spec: {f} must be a positive whole number, got {value!r}")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise ConfigError(f"model spec: intermediate_size must be positive, got {self.intermediate_size!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model spec: {self.num_heads} attention heads do not divide into "
+                              f"{self.num_kv_heads} KV heads")
+
+    @property
+    def mlp_size(self) -> int:
+        return self.intermediate_size or DEFAULT_MLP_RATIO * self.hidden_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers and KV heads."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    def kv_bytes(self, tokens: int) -> int:
+        return tokens * self.kv_bytes_per_token
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], weight_bytes: int | None = None, **overrides: Any) -> "ModelSpec":
+        """Build from ``ModelConfig.to_dict()`` (or an HF config.json dict); unknown keys are ignored.
+
+        ``weight_bytes`` (or a ``weight_bytes`` key in ``d``) is required: the planner cannot guess
+        how the weights are stored.
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in d.items():
+            key = _ALIASES.get(key, key)
+            if key in fields and value is not None and key not in values:
+                values[key] = value
+        if "head_dim" not in values and "hidden_size" in values and "num_heads" in values:
+            values["head_dim"] = int(values["hidden_size"]) // int(values["num_heads"])
+        if "num_kv_heads" not in values and "num_heads" in values:
+            values["num_kv_heads"] = values["num_heads"]
+        if weight_bytes is not None:
+            values["weight_bytes"] = weight_bytes
+        values.update(overrides)
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in values)
+        if missing:
+            raise ConfigError(f"model spec: missing {', '.join(missing)}"
+                              + (" (pass weight_bytes=...)" if "weight_bytes" in missing else ""))
+        for key in fields - {"name"}:
+            if key in values and isinstance(values[key], float) and values[key] == int(values[key]):
+                values[key] = int(values[key])
+        values["name"] = str(values.get("name", ""))
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

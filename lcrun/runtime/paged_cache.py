@@ -1,0 +1,125 @@
+"""Paged KV cache with Quest-style top-k page attention in decode, exact attention in prefill.
+
+Per layer: K/V pools of pages (one slot = one page of one KV head), a page table, and per-page
+key min/max abstracts. Prefill chunks attend exactly over all cached tokens. A decode step scores
+every full page from its abstract, keeps sink + window + top pages within ``budget`` tokens per KV
+head, and attends to those only; with ``length <= budget`` that is every page, i.e. dense.
+
+The decode path keeps changing lengths in device tensors and never reads them back, so a later
+issue can capture the whole step in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lcrun.errors import ConfigError
+from lcrun.kernels import kernel_backend, plan_selection, select_with_plan, write_kv
+from lcrun.runtime.kv_cache import AttentionCache
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.rope import Rotary
+
+
+class PagedTopKCache(AttentionCache):
+    def __init__(self, cfg: ModelConfig, capacity: int, device, dtype, page_size: int = 32,
+                 budget: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
+                 group_score: str = "max", dense_layers: int = 0, backend: str = "auto"):
+        """dense_layers: the first N layers attend to every page in decode too (Quest leaves the
+        first layers dense). backend: auto | triton | torch (see lcrun.kernels.backend)."""
+        super().__init__(cfg, capacity, device, dtype)
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ConfigError(f"page size must be a power of two, got {page_size}")
+        if budget < page_size:
+            raise ConfigError(f"budget {budget} is smaller than one page of {page_size} tokens")
+        if group_score not in ("max", "sum"):
+            raise ConfigError(f"group_score must be max or sum, got {group_score!r}")
+        self.page_size = page_size
+        self.budget = budget
+        self.sink_tokens = sink_tokens
+        self.window_tokens = window_tokens
+        self.group_score = group_score
+        self.dense_layers = dense_layers
+        self.ops = kernel_backend(self.device, backend)
+        self.sm_scale = 1.0 / math.sqrt(cfg.head_dim)
+
+        layers, hkv, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        self.max_pages = -(-capacity // page_size)
+        num_slots = hkv * self.max_pages
+        pool_shape = (layers, num_slots, page_size, d)
+        self.k_pool = torch.zeros(pool_shape, device=self.device, dtype=dtype)
+        self.v_pool = torch.zeros(pool_shape, device=self.device, dtype=dtype)
+        self.kmin = torch.zeros((layers, hkv, self.max_pages, d), device=self.device, dtype=dtype)
+        self.kmax = torch.zeros_like(self.kmin)
+        # Identity mapping for now (all pages resident); a tiered store will rewrite entries.
+        identity = torch.arange(num_slots, device=self.device, dtype=torch.int32).reshape(hkv, self.max_pages)
+        self.page_table = identity[None].repeat(layers, 1, 1).contiguous()
+
+        # Decode-step scalars live on the device and are updated in place (no host sync).
+        scalar = dict(device=self.device, dtype=torch.int32)
+        self._start = torch.zeros(1, **scalar)       # position of the decode token
+        self._seq_len = torch.zeros(1, **scalar)     # tokens cached once it is written
+        self._num_full = torch.zeros(1, **scalar)
+        self._last_page = torch.zeros(1, **scalar)   # page the decode token lands in
+        self._num_pages = torch.zeros(1, **scalar)
+
+    # -- per forward ---------------------------------------------------------------------------
+    def _plan(self, positions: torch.Tensor) -> None:
+        t, start = positions.numel(), self.length
+        self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
+        P = self.page_size
+        if t == 1:
+            self._start.fill_(start)
+            torch.add(self._start, 1, out=self._seq_len)
+            torch.floor_divide(self._seq_len, P, out=self._num_full)
+            torch.floor_divide(self._start, P, out=self._last_page)
+            torch.add(self._last_page, 1, out=self._num_pages)
+            self._selection = plan_selection(self._seq_len, self.max_pages, P, self.sink_tokens,
+                                             self.window_tokens, self.budget, self.ops.selection_bounds)
+            if self.dense_layers:
+                pages = torch.arange(self.max_pages, device=self.device, dtype=torch.int32)
+                self._dense_lens = torch.clamp(self._seq_len - pages * P, 0, P)[None].expand(
+                    self.cfg.num_kv_heads, -1).contiguous()
+        else:
+            # Pages that this chunk completes; a partly filled page is refreshed by later writes.
+            first, end = start // P, (start + t) // P
+            self._filled_pages = torch.arange(first, end, device=self.device, dtype=torch.int32)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cos, sin = self._cos_sin
+        q = Rotary.apply(q, cos, sin)
+        k = Rotary.apply(k, cos, sin).to(self.dtype)
+        v = v.to(self.dtype)
+        k_pool, v_pool, table = self.k_pool[layer], self.v_pool[layer], self.page_table[layer]
+        kmin, kmax = self.kmin[layer], self.kmax[layer]
+        if q.shape[0] > 1:
+            start = self.length
+            write_kv(k_pool, v_pool, table, k, v, start)
+            out = self.ops.paged_prefill_attention(q.contiguous(), k_pool, v_pool, table, start, self.sm_scale)
+            self.ops.update_abstracts(k_pool, table, kmin, kmax, self._filled_pages)
+            return out
+
+        write_kv(k_pool, v_pool, table, k, v, self._start)
+        # Refresh the abstract of the page being filled every step (cheap: one page per KV head),
+        # so it is right the step the page becomes full, with no host-side branch.
+        self.ops.update_abstracts(k_pool, table, kmin, kmax, self._last_page, self._seq_len)
+        q1 = q[0].contiguous()
+        if layer < self.dense_layers:
+            out = self.ops.sparse_decode_attention(q1, k_pool, v_pool, table, self._dense_lens,
+                                                   self.sm_scale, num_entries=self._num_pages)
+        else:
+            plan = self._selection
+            scores = self.ops.score_pages(q1, kmin, kmax, self._num_full, self.group_score, candidates=plan.bounds)
+            slots, lens = select_with_plan(scores, table, plan, self.ops.assemble_selection, masked=True)
+            out = self.ops.sparse_decode_attention(q1, k_pool, v_pool, slots, lens, self.sm_scale)
+        return out[None]
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def truncate(self, length: int) -> None:
+        # Abstracts of pages that are no longer full are ignored (num_full shrinks) and rebuilt
+        # when the page fills again.
+        self.length = min(self.length, length)
+
+    def memory_bytes(self) -> int:
+        tensors = (self.k_pool, self.v_pool, self.kmin, self.kmax, self.page_table)
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,395 @@
+"""Decode attention for ONE layer: top-k page path (score + select + sparse attend) vs dense
+flash decoding over the whole context, at Llama-3.1-8B shapes.
+
+    python perf/bench_attention.py                      # H100: 32K, 128K, 512K, 1M
+    python perf/bench_attention.py --contexts 32k,128k --budget 4096 --page 64
+    python perf/bench_attention.py --smoke              # tiny shapes; CPU interpreter without CUDA
+
+Times are medians of triton.testing.do_bench (L2 flushed before each run), eager and replayed from a
+CUDA graph (the runtime captures the decode step, so graph times are what it will see). Achieved
+bandwidth = bytes the kernel must read / time; the device-to-device copy bandwidth of the same run
+(bytes read + written) is the practical ceiling. Correctness is checked first; a mismatch aborts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton  # noqa: E402
+import triton.testing  # noqa: E402,F401
+
+from lcrun.kernels import plan_selection, reference, select_with_plan  # noqa: E402
+from lcrun.kernels.abstracts import update_abstracts  # noqa: E402
+from lcrun.kernels.score import score_pages  # noqa: E402
+from lcrun.kernels.select_kernels import assemble_selection, selection_bounds  # noqa: E402
+from lcrun.kernels.sparse_decode import decode_splits, sparse_decode_attention  # noqa: E402
+from lcrun.units import parse_tokens  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", default="32k,128k,512k,1M", help="comma-separated context lengths")
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--page", type=int, default=32)
+    ap.add_argument("--sinks", type=int, default=64)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--group-score", choices=["max", "sum"], default="max")
+    ap.add_argument("--num-splits", type=int, default=None, help="override the sparse attend split heuristic")
+    ap.add_argument("--score-block-pages", type=int, default=None, help="override pages per score program")
+    ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--out", default=None, help="JSON path (default perf/results/bench_attention-<gpu>-<date>.json)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, few reps (CPU interpreter without CUDA)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.contexts, args.hq, args.hkv, args.head_dim = "512,1000", 8, 2, 64
+        args.budget, args.page, args.sinks, args.window = 256, 16, 16, 64
+    return args
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+def time_ms(fn, args) -> dict:
+    """Median (and 20/80 %) milliseconds of fn; wall-clock loop where there is no CUDA."""
+    if torch.cuda.is_available():
+        med, lo, hi = triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "p20_ms": lo, "p80_ms": hi}
+    fn()
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - t0) * 1e3)
+    runs.sort()
+    return {"ms": runs[1], "p20_ms": runs[0], "p80_ms": runs[2]}
+
+
+def graph_of(fn):
+    """fn captured in a CUDA graph (warm-up first: compiles kernels outside the capture), or None."""
+    if not torch.cuda.is_available():
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal for the dense baselines
+        print(f"  (graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        torch.cuda.synchronize()
+        return None
+    return graph.replay
+
+
+def with_bandwidth(timing: dict, bytes_moved: int) -> dict:
+    return {**timing, "bytes": bytes_moved, "GBps": bytes_moved / (timing["ms"] * 1e-3) / 1e9}
+
+
+def copy_bandwidth(args) -> dict:
+    """Device-to-device copy of 1 GiB (CPU: 64 MiB): bytes read + written per second."""
+    n = (1 << 30) if torch.cuda.is_available() else (64 << 20)
+    dev = device()
+    src = torch.empty(n, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), args)
+    return with_bandwidth(timing, 2 * n)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+class Layer:
+    """One layer's paged K/V for ``context`` tokens (identity page table) and a decode query."""
+
+    def __init__(self, context: int, args, seed: int = 0):
+        dev, dtype, P = device(), DTYPES[args.dtype], args.page
+        torch.manual_seed(seed)
+        self.context, self.P = context, P
+        self.max_pages = -(-context // P)
+        hkv, d = args.hkv, args.head_dim
+        num_slots = hkv * self.max_pages
+        self.k_pool = torch.randn(num_slots, P, d, device=dev, dtype=dtype)
+        self.v_pool = torch.randn(num_slots, P, d, device=dev, dtype=dtype)
+        self.table = torch.arange(num_slots, device=dev, dtype=torch.int32).reshape(hkv, self.max_pages)
+        self.kmin = torch.empty(hkv, self.max_pages, d, device=dev, dtype=dtype)
+        self.kmax = torch.empty_like(self.kmin)
+        update_abstracts(self.k_pool, self.table, self.kmin, self.kmax,
+                         torch.arange(context // P, device=dev, dtype=torch.int32))
+        self.q = torch.randn(args.hq, d, device=dev, dtype=dtype)
+        self.seq_len = torch.tensor([context], device=dev, dtype=torch.int32)
+        self.num_full = torch.tensor([context // P], device=dev, dtype=torch.int32)
+        self.last_page = torch.tensor([(context - 1) // P], device=dev, dtype=torch.int32)
+
+    def dense_kv(self):
+        """(Hkv, context, D) views of the pools: with the identity table, head h's pages are adjacent."""
+        hkv, d = self.kmin.shape[0], self.kmin.shape[2]
+        k = self.k_pool.view(hkv, self.max_pages * self.P, d)[:, : self.context]
+        v = self.v_pool.view(hkv, self.max_pages * self.P, d)[:, : self.context]
+        return k, v
+
+
+def plan(layer: Layer, args):
+    """Once per decode step in the runtime (shared by all layers)."""
+    return plan_selection(layer.seq_len, layer.max_pages, args.page, args.sinks, args.window, args.budget,
+                          bounds_fn=selection_bounds)
+
+
+def score(layer: Layer, args, step_plan):
+    return score_pages(layer.q, layer.kmin, layer.kmax, layer.num_full, args.group_score,
+                       block_pages=args.score_block_pages, candidates=step_plan.bounds)
+
+
+def select(layer: Layer, scores, step_plan):
+    return select_with_plan(scores, layer.table, step_plan, assemble=assemble_selection, masked=True)
+
+
+def attend(layer: Layer, args, slots, lens, out=None):
+    return sparse_decode_attention(layer.q, layer.k_pool, layer.v_pool, slots, lens,
+                                   num_splits=args.num_splits, out=out)
+
+
+def sparse_step(layer: Layer, args, out: torch.Tensor | None = None):
+    """What one layer costs in a decode step, plus the per-step plan, as the cache runs them."""
+    step_plan = plan(layer, args)
+    slots, lens = select(layer, score(layer, args, step_plan), step_plan)
+    return attend(layer, args, slots, lens, out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# -- correctness -----------------------------------------------------------------------------------
+
+def check_correctness(args) -> None:
+    """Budget >= context: the sparse path must equal dense attention; and at a small budget it must
+    equal the torch reference attending to the same selection. Exits on a mismatch."""
+    tol = 2e-2  # bf16/fp16 output rounding
+    context = 1000 if args.smoke else 4000
+    small = argparse.Namespace(**{**vars(args), "budget": max(args.budget, 2 * context)})
+    layer = Layer(context, small, seed=1)
+    k, v = layer.dense_kv()
+    g = args.hq // args.hkv
+    dense = torch.softmax((layer.q.float().view(args.hkv, g, -1) @ k.float().transpose(1, 2))
+                          / math.sqrt(args.head_dim), dim=-1) @ v.float()
+    err_dense = rel_err(sparse_step(layer, small), dense.reshape(args.hq, -1))
+
+    step_plan = plan(layer, args)
+    scores = score(layer, args, step_plan)
+    ref_scores = reference.score_pages(layer.q, layer.kmin, layer.kmax, layer.num_full, args.group_score,
+                                       candidates=step_plan.bounds)
+    scored = torch.isfinite(ref_scores)
+    if not torch.equal(scored, torch.isfinite(scores)):
+        raise SystemExit("CORRECTNESS FAILURE: the score kernel scores other pages than the reference")
+    err_scores = rel_err(scores[scored], ref_scores[scored])
+    slots, lens = select(layer, scores, step_plan)
+    ref_slots, ref_lens = select_with_plan(ref_scores, layer.table, step_plan)
+    if not (torch.equal(lens, ref_lens) and torch.equal(slots, ref_slots)):
+        raise SystemExit("CORRECTNESS FAILURE: the Triton selection differs from the torch selection")
+    out = attend(layer, args, slots, lens)
+    ref = reference.sparse_decode_attention(layer.q, layer.k_pool, layer.v_pool, slots, lens)
+    err_sparse = rel_err(out, ref)
+    print(f"correctness: dense-equivalent {err_dense:.2e}, scores {err_scores:.2e}, sparse {err_sparse:.2e}")
+    if not (err_dense < tol and err_scores < 1e-5 and err_sparse < tol):
+        raise SystemExit(f"CORRECTNESS FAILURE (tolerance {tol}): not benchmarking wrong kernels")
+
+
+# -- dense baselines -------------------------------------------------------------------------------
+
+def dense_variants(layer: Layer, args) -> dict:
+    """SDPA decode over the whole context, by backend and GQA formulation; each timed or its error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    k, v = layer.dense_kv()
+    k4, v4 = k[None], v[None]  # (1, Hkv, L, D)
+    g = args.hq // args.hkv
+    q_gqa = layer.q.view(1, args.hq, 1, -1)
+    q_rows = layer.q.view(1, args.hkv, g, -1)  # the G query heads of a group as G query rows: no GQA needed
+    forms = {"enable_gqa": lambda: F.scaled_dot_product_attention(q_gqa, k4, v4, enable_gqa=True),
+             "group_rows": lambda: F.scaled_dot_product_attention(q_rows, k4, v4)}
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION}
+    if not torch.cuda.is_available():
+        backends = {"math": SDPBackend.MATH}
+    reference_out = None
+    results = {}
+    for bname, backend in backends.items():
+        for fname, fn in forms.items():
+            name = f"{bname}/{fname}"
+            try:
+                with sdpa_kernel(backend), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "kernel not used because ..." for unsupported shapes
+                    got = fn().reshape(args.hq, -1)
+                    if reference_out is None:
+                        reference_out = got
+                    elif rel_err(got, reference_out) > 2e-2:
+                        raise RuntimeError(f"disagrees with the first dense result ({rel_err(got, reference_out):.2e})")
+                    timing = time_ms(fn, args)
+                    replay = None if args.no_graph else graph_of(fn)
+                    if replay is not None:
+                        timing["graph_ms"] = time_ms(replay, args)["ms"]
+                results[name] = timing
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape is reported
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    return results
+
+
+# -- one context -----------------------------------------------------------------------------------
+
+def bench_context(context: int, args) -> dict:
+    layer = Layer(context, args)
+    hkv, d, P = args.hkv, args.head_dim, args.page
+    esize = layer.k_pool.element_size()
+    step_plan = plan(layer, args)
+    scores = score(layer, args, step_plan)
+    slots, lens = select(layer, scores, step_plan)
+    out = torch.empty_like(layer.q)
+
+    # Sparse output at scale against the torch reference on the same selection.
+    ref = reference.sparse_decode_attention(layer.q, layer.k_pool, layer.v_pool, slots, lens)
+    err = rel_err(attend(layer, args, slots, lens), ref)
+    if err > 2e-2:
+        raise SystemExit(f"CORRECTNESS FAILURE at context {context}: sparse attend vs reference {err:.2e}")
+
+    attended_tokens = int(lens.sum())
+    scored_pages = int(torch.isfinite(scores[0]).sum())  # candidates: full pages, not sink or window
+    score_bytes = 2 * hkv * scored_pages * d * esize + layer.q.numel() * esize + hkv * layer.max_pages * 4
+    attend_bytes = 2 * attended_tokens * d * esize + layer.q.numel() * esize * 2 + slots.numel() * 8
+    dense_bytes = 2 * hkv * context * d * esize
+    splits, pages_per_split = decode_splits(hkv, slots.shape[1], P, max(64, P), layer.q.device, args.num_splits)
+
+    parts = {
+        "plan (per step)": (lambda: plan(layer, args), None),
+        "score": (lambda: score(layer, args, step_plan), score_bytes),
+        "select": (lambda: select(layer, scores, step_plan), None),
+        "attend": (lambda: attend(layer, args, slots, lens, out), attend_bytes),
+        "abstract upkeep (1 page)": (lambda: update_abstracts(layer.k_pool, layer.table, layer.kmin, layer.kmax,
+                                                              layer.last_page, layer.seq_len), None),
+        "sparse total": (lambda: sparse_step(layer, args, out), None),
+    }
+    timings = {}
+    for name, (fn, nbytes) in parts.items():
+        timing = time_ms(fn, args)
+        if nbytes is not None:
+            timing = with_bandwidth(timing, nbytes)
+        replay = None if args.no_graph else graph_of(fn)
+        if replay is not None:
+            timing["graph_ms"] = time_ms(replay, args)["ms"]
+            if nbytes is not None:
+                timing["graph_GBps"] = nbytes / (timing["graph_ms"] * 1e-3) / 1e9
+        timings[name] = timing
+
+    dense = dense_variants(layer, args)
+    ok = {k: v for k, v in dense.items() if "ms" in v}
+    best_name = min(ok, key=lambda k: ok[k].get("graph_ms", ok[k]["ms"])) if ok else None
+    result = {
+        "context": context, "attended_tokens_all_heads": attended_tokens, "kmax": slots.shape[1],
+        "num_splits": splits, "pages_per_split": pages_per_split, "sparse_vs_reference_rel_err": err,
+        "sparse": timings, "dense": dense, "dense_best": best_name,
+    }
+    if best_name is not None:
+        best = ok[best_name]
+        result["dense_best_GBps"] = dense_bytes / (best["ms"] * 1e-3) / 1e9
+        result["dense_bytes"] = dense_bytes
+        result["speedup_eager"] = best["ms"] / timings["sparse total"]["ms"]
+        if "graph_ms" in timings["sparse total"]:
+            result["speedup_graph"] = best.get("graph_ms", best["ms"]) / timings["sparse total"]["graph_ms"]
+    del layer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except Exception:  # noqa: BLE001
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu-interpreter"
+    return {"gpu": gpu, "git_commit": commit or "unknown", "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda,
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def print_table(results: list[dict], copy_bw: dict) -> None:
+    """Kernel times from CUDA-graph replay where there is one (what the captured runtime sees)."""
+    print(f"\ndevice-to-device copy: {copy_bw['GBps']:.0f} GB/s (read + write); times in us, "
+          f"graph replay where available (eager in brackets)")
+    head = (f"{'context':>8} | {'plan':>5} | {'score':>6} {'GB/s':>5} | {'select':>6} | {'attend':>6} {'GB/s':>5} | "
+            f"{'sparse':>6} {'(eager)':>8} | {'dense':>7} {'GB/s':>5} | {'speedup':>7} {'(eager)':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        s = r["sparse"]
+        t = lambda part: s[part].get("graph_ms", s[part]["ms"]) * 1e3  # noqa: E731
+        bw = lambda part: s[part].get("graph_GBps", s[part]["GBps"])  # noqa: E731
+        dense = r["dense"].get(r["dense_best"], {}) if r["dense_best"] else {}
+        dense_us = dense.get("graph_ms", dense.get("ms", float("nan"))) * 1e3
+        print(f"{r['context']:>8} | {t('plan (per step)'):5.1f} | {t('score'):6.1f} {bw('score'):5.0f} | "
+              f"{t('select'):6.1f} | {t('attend'):6.1f} {bw('attend'):5.0f} | {t('sparse total'):6.1f} "
+              f"({s['sparse total']['ms'] * 1e3:6.1f}) | {dense_us:7.1f} {r.get('dense_best_GBps', 0):5.0f} | "
+              f"{r.get('speedup_graph', r.get('speedup_eager', 0)):7.1f} ({r.get('speedup_eager', 0):5.1f})")
+    best = {r["context"]: r["dense_best"] for r in results}
+    print(f"dense baseline = fastest SDPA variant per context: {best}")
+
+
+def main() -> None:
+    args = parse_args()
+    contexts = [parse_tokens(c.strip()) for c in args.contexts.split(",") if c.strip()]
+    assert args.hq % args.hkv == 0
+    env = environment()
+    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit'][:12]}")
+    check_correctness(args)
+    copy_bw = copy_bandwidth(args)
+    results = []
+    for context in contexts:
+        print(f"context {context} ...", flush=True)
+        results.append(bench_context(context, args))
+    print_table(results, copy_bw)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    report = {**env, "settings": settings, "copy_bandwidth": copy_bw, "results": results}
+    out = Path(args.out) if args.out else (
+        Path(__file__).resolve().parent / "results" /
+        f"bench_attention-{re.sub(r'[^a-z0-9]+', '-', env['gpu'].lower()).strip('-')}-{datetime.date.today()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
