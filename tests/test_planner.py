@@ -98,10 +98,10 @@ def test_a_rtx4090_128k_spills_to_host():
     #       = (25,769,803,776 - 16,060,000,000 - 536,870,912 - 536,870,912 - 4,194,304 - 1,327,360
     #          - 1,614,761,984) // 16384 = 7,015,778,304 // 16384 = 428,209
     assert p.gpu_slots == 428_209
-    # reuse cache: one step's scored pages, 32*8*46 = 11,776; the rest is home to pages
-    assert p.gpu_cache_slots == 11_776 and p.gpu_home_pages == 428_209 - 11_776
+    # every GPU slot caches pages whose home is the host pool (written through, never written back)
+    assert p.gpu_cache_slots == 428_209 and p.gpu_home_pages == 0
     assert not p.all_on_gpu
-    assert p.host_pages == 1_048_576 - 416_433 == 632_143  # all the rest fits 30 GiB of host
+    assert p.host_pages == 1_048_576  # all 16 GiB of pages fit 30 GiB of host
     assert p.nvme_pages == 0
     assert p.gpu_used_bytes <= hw.gpu_cap_bytes and p.gpu_free_bytes < p.page_bytes
     assert p.prefetch_depth == 1
@@ -129,13 +129,15 @@ def test_b_weights_larger_than_gpu_name_the_shortfall():
 
 
 def test_b_smaller_model_fits_with_host_tier():
-    hw = machine(12_000_000_000, 32_000_000_000, 28_000_000_000)
+    # Every page's home is the host (the GPU only caches copies), so the host cap must hold the
+    # whole 14 GiB KV: --host-mem 15GiB of the 28 GB available.
+    hw = machine(12_000_000_000, 32_000_000_000, 28_000_000_000, host_mem="15GiB")
     p = make_plan(LLAMA_3B, "128k", hw)
     # KV: 131072 * 28 * 8 * 128 * 2 * 2 = 15,032,385,536 B (14 GiB) > 12e9 - 6.4e9
     assert p.kv_total_bytes == 15_032_385_536
     assert not p.all_on_gpu and p.host_pages > 0 and p.nvme_pages == 0
     assert p.gpu_home_pages + p.host_pages == p.total_pages == 131072 // 32 * 28 * 8
-    assert p.host_pages * p.page_bytes <= hw.host_cap_bytes == 14_000_000_000
+    assert p.host_pages * p.page_bytes <= hw.host_cap_bytes == 15 * GiB
     assert p.decode_s_per_token == pytest.approx(expected_decode_s(p))
 
 

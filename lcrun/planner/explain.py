@@ -47,8 +47,8 @@ def format_plan(plan: MemoryPlan) -> str:
         elif item == "KV pages":
             detail = f"all {p.total_pages:,} pages"
         elif item == "KV page cache":
-            detail = (f"{p.gpu_slots:,} slots x {format_bytes(p.page_bytes)}: {p.gpu_home_pages:,} home "
-                      f"(incl. {p.resident_pages:,} sink/window), {p.gpu_cache_slots:,} reuse cache")
+            detail = (f"{p.gpu_slots:,} slots x {format_bytes(p.page_bytes)}, direct-mapped cache of "
+                      "host/NVMe pages")
         elif item in ("page abstracts", "chunk abstracts"):
             n = p.total_pages if item == "page abstracts" else None
             detail = f"{n:,} x {2 * m.head_dim * m.kv_dtype_bytes} B" if n else f"1 per {p.chunk_pages} pages"

@@ -458,19 +458,20 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
         host_cap_pages = 0  # on CPU there is no separate host tier: the device memory is the host
 
     def tiers(depth: int) -> dict[str, Any] | None:
+        # Every GPU slot is a cache: each page's home is the host pool (or NVMe), written through
+        # as tokens arrive, so eviction never writes back and a miss can always read its home.
         inflight = (depth + 1) * hkv * top
         if slots < resident + inflight:
             return None
-        cache = min(max(inflight, cache_target), slots - resident)
-        home = min(total_pages, slots - cache)
+        cache, home = slots, 0
         r_eff = hit_rate * min(1.0, cache / cache_target) if cache_target else hit_rate
-        remaining = total_pages - home
+        remaining = total_pages
         if remaining <= host_cap_pages:
             host, staging, nvme = remaining, 0, 0
         else:
             staging = min(cache_target, host_cap_pages)  # NVMe pages are promoted into these
             host, nvme = host_cap_pages - staging, remaining - (host_cap_pages - staging)
-        miss_prob = (1.0 - r_eff) * (1.0 - home / total_pages)
+        miss_prob = 1.0 - r_eff
         misses = L * hkv * top * miss_prob
         nvme_share = nvme / remaining if remaining else 0.0
         abstract_fetch = abstract_cache * (1.0 - hit_rate) if on_gpu else 0.0
