@@ -43,9 +43,37 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> AttentionCache:
+def plan_memory(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The planner's MemoryPlan for this run on this GPU (None on the CPU or for dense attention)."""
+    if device.type != "cuda" or config.attention != "topk":
+        return None
+    from lcrun.planner import ModelSpec, detect_hardware, make_plan
+    elem = torch.tensor([], dtype=dtype).element_size()
+    spec = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
+                               kv_dtype_bytes=elem, name=model_cfg.name or str(config.model))
+    props = torch.cuda.get_device_properties(device)
+    hw = detect_hardware(props.name, props.total_memory, gpu_mem=config.gpu_mem, host_mem=config.host_mem,
+                         kv_dir=config.kv_dir)
+    return make_plan(spec, config.ctx_tokens, hw, page_size=config.page_size, budget_tokens=config.budget,
+                     sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
+                     prefill_chunk=config.prefill_chunk, attention="topk")
+
+
+def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+               plan=None) -> AttentionCache:
     if config.attention == "dense":
         return DenseCache(model_cfg, config.ctx_tokens, device, dtype)
+    if plan is not None and not plan.all_on_gpu:
+        if plan.nvme_pages:
+            raise CapacityError(
+                f"this plan puts {plan.nvme_pages:,} KV pages on NVMe, which the runtime does not run yet: "
+                "raise --host-mem or lower --ctx (see `lcrun plan`)")
+        from lcrun.runtime.tiered_cache import TieredTopKCache
+        return TieredTopKCache(model_cfg, config.ctx_tokens, device, dtype,
+                               cache_slots_per_layer=plan.gpu_slots // model_cfg.num_layers,
+                               page_size=plan.page_size, budget=config.budget, sink_tokens=config.sink_tokens,
+                               window_tokens=config.window_tokens, group_score=config.group_score,
+                               prefill_block=plan.prefill_chunk)
     from lcrun.runtime.paged_cache import PagedTopKCache
     return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,
@@ -77,16 +105,19 @@ class LLM:
             source = open_source(spec)
             model_cfg = source.config
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        # Check before allocating anything: weights plus the full KV cache must fit the cap.
-        self._check_gpu_budget(model_cfg.num_parameters() * elem,
-                               model_cfg.kv_bytes_per_token(elem) * config.ctx_tokens)
+        # Check before allocating anything: with top-k attention on a GPU the planner places the
+        # KV cache (and says what is short); otherwise weights plus the whole KV must fit the cap.
+        self.plan = plan_memory(config, model_cfg, self.device, self.dtype)
+        if self.plan is None:
+            self._check_gpu_budget(model_cfg.num_parameters() * elem,
+                                   model_cfg.kv_bytes_per_token(elem) * config.ctx_tokens)
         try:
             if source is None:
                 self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)
             else:
                 self.tokenizer = source.tokenizer()
                 self.model = load_model(source, self.device, self.dtype, progress=progress)
-            self.cache = make_cache(config, self.model.cfg, self.device, self.dtype)
+            self.cache = make_cache(config, self.model.cfg, self.device, self.dtype, self.plan)
         except torch.cuda.OutOfMemoryError as exc:
             raise CapacityError(f"out of GPU memory while loading ({str(exc).splitlines()[0]}): "
                                 "lower --ctx or free the GPU") from None

@@ -35,7 +35,36 @@ def _peak() -> int | None:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
-def bench_lcrun(model: str, context: int, steps: int, settings: dict) -> dict:
+def overlap_from_trace(path: str) -> dict:
+    """From a Chrome trace of the torch profiler: GPU kernel time per stream, and how much of the
+    side streams' kernel time ran while a kernel of the main (busiest) stream was running."""
+    import json
+    events = json.load(open(path))["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy") and "dur" in e]
+    by_stream: dict[int, list[tuple[float, float]]] = {}
+    for e in kernels:
+        by_stream.setdefault(e["args"].get("stream", -1), []).append((e["ts"], e["ts"] + e["dur"]))
+    if not by_stream:
+        return {}
+    busy = {s: sum(b - a for a, b in iv) for s, iv in by_stream.items()}
+    main = max(busy, key=busy.get)
+    main_iv = sorted(by_stream[main])
+    overlapped = 0.0
+    for s, iv in by_stream.items():
+        if s == main:
+            continue
+        for a, b in iv:
+            for c, d in main_iv:  # fine for a few thousand kernels
+                if c >= b:
+                    break
+                overlapped += max(0.0, min(b, d) - max(a, c))
+    side_total = sum(v for s, v in busy.items() if s != main)
+    return {"main_stream": main, "kernel_us_by_stream": busy, "side_us": side_total,
+            "side_us_overlapping_main": overlapped,
+            "side_overlap_fraction": overlapped / side_total if side_total else None}
+
+
+def bench_lcrun(model: str, context: int, steps: int, settings: dict, trace: str | None = None) -> dict:
     from lcrun import LLM
     _reset_peak()
     llm = LLM(model, ctx=context + steps + 8, progress=False, **settings)
@@ -56,10 +85,31 @@ def bench_lcrun(model: str, context: int, steps: int, settings: dict) -> dict:
         _sync()
         times.append(time.perf_counter() - t)
     warm = times[3:] if len(times) > 6 else times
-    out = {"impl": "lcrun", "context": context, "settings": settings, "prefill_s": prefill_s,
+    extra = {}
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                with torch.profiler.record_function("decode_step"):
+                    logits = llm.model.forward(token, llm.cache)
+                    token = logits[-1].argmax(-1, keepdim=True)
+            _sync()
+        prof.export_chrome_trace(trace)
+        extra["trace"] = trace
+        extra["overlap"] = overlap_from_trace(trace)
+    if hasattr(llm.cache, "report"):
+        extra["tiers"] = llm.cache.report()
+    if getattr(llm, "plan", None) is not None:
+        p = llm.plan
+        extra["plan"] = {"page_size": p.page_size, "gpu_slots": p.gpu_slots, "host_pages": p.host_pages,
+                         "nvme_pages": p.nvme_pages, "prefill_chunk": p.prefill_chunk,
+                         "predicted_decode_ms": 1e3 * p.decode_s_per_token, "all_on_gpu": p.all_on_gpu}
+    out = {"impl": "lcrun", "context": context, "settings": settings, **extra, "prefill_s": prefill_s,
            "prefill_tok_s": context / prefill_s, "decode_ms": 1e3 * median(warm),
            "decode_ms_all": [1e3 * t for t in times], "peak_gpu_bytes": _peak(),
            "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes()}
+    if hasattr(llm.cache, "close"):
+        llm.cache.close()
     del llm, logits
     return out
 
@@ -122,6 +172,10 @@ def main() -> None:
     ap.add_argument("--attention", default="dense")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--gpu-mem", default=None)
+    ap.add_argument("--host-mem", default=None)
+    ap.add_argument("--kv-dir", default=None)
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--trace", default=None, help="write a Chrome trace of 4 decode steps (first context)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--transformers", action="store_true", help="also time transformers' dynamic cache")
     ap.add_argument("--transformers-offloaded", action="store_true", help="also time its offloaded cache")
@@ -130,11 +184,12 @@ def main() -> None:
     args = ap.parse_args()
     from lcrun.units import parse_tokens
     settings = {"attention": args.attention, "prefill_chunk": args.prefill_chunk, "dtype": args.dtype}
-    if args.gpu_mem:
-        settings["gpu_mem"] = args.gpu_mem
+    for key in ("gpu_mem", "host_mem", "kv_dir", "budget"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     rows = []
     for context in [parse_tokens(c) for c in args.contexts.split(",")]:
-        rows.append(bench_lcrun(args.model, context, args.steps, settings))
+        rows.append(bench_lcrun(args.model, context, args.steps, settings, args.trace if not rows else None))
         if args.transformers:
             rows.append(bench_transformers(args.model, context, args.steps, False, args.prefill_chunk))
         if args.transformers_offloaded:

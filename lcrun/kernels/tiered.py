@@ -1,0 +1,477 @@
+"""Kernels of the tiered KV store: pages live in a pinned host pool, the GPU keeps a direct-mapped
+page cache, and every host->GPU byte moves through Triton loads of host pointers (zero-copy over
+UVA, ~20x the rate of one cudaMemcpyAsync per page), driven by index tensors on the GPU: no host
+synchronisation, no per-page host loop, so the decode step can be captured in a CUDA graph.
+
+Layouts, one layer (the caller passes one layer's tensors):
+    host_kv     (num_host_slots, 2, P, D) in pinned host memory; [s, 0] is a K page, [s, 1] its V page.
+                The inner (2, P, D) must be contiguous; the slot stride may be larger (padded slots of
+                a ``HostPagePool``).
+    host_slot   (Hkv, max_pages) int32, GPU: host slot of logical page p of KV head h, -1 when the
+                page is not in the host pool now (spilled to NVMe, not promoted yet).
+    gpu_k/gpu_v (num_cache_slots, P, D) contiguous, GPU: the page cache.
+    cache_slot  (Hkv, max_pages) int32, GPU: the one cache slot page (h, p) may occupy (direct-mapped).
+    tag         (num_cache_slots,) int32, GPU: flat id h * max_pages + p of the page in the slot, or -1.
+                Page (h, p) is cached iff tag[cache_slot[h, p]] == h * max_pages + p.
+    sel_pages   (Hkv, Kmax) int32 logical pages, sel_lens (Hkv, Kmax) int32 valid tokens (0 = unused;
+                the page of an unused entry is never looked at).
+
+A cached page is always read from the cache (whatever host_slot says): write_through keeps cached
+copies coherent and admission copies whole pages, so a cached copy is never stale.
+
+Kernels:
+    tiered_decode_attention   flash-decoding over the selection, each page from cache or host
+    admit_pages               copy selected, uncached, host-resident pages into the cache (+ tags)
+    write_through             new tokens into their host pages, and into cached copies
+    gather_pages_to_staging   pages 0..n-1 of every head from the host pool into contiguous buffers
+
+``tiered_reference`` has plain-torch versions with the same signatures.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lcrun.kernels.sparse_decode import _device_sm_count, _merge_splits_kernel, decode_splits
+from lcrun.kernels.triton_support import LOG2E, dot_precision, dot_upcast, jit, next_pow2, tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# -- host pointers ---------------------------------------------------------------------------------
+
+class HostPointer:
+    """A pinned CPU tensor as a Triton pointer argument for a CUDA kernel (zero-copy through UVA).
+
+    Triton's CUDA launcher turns ``data_ptr()`` into a device address with cuPointerGetAttribute,
+    which succeeds for page-locked memory (cudaHostAlloc / cudaHostRegister, e.g. a pinned
+    ``HostPagePool``) and fails with "cannot be accessed from Triton" for pageable memory. Keeps a
+    reference to the tensor, so the memory outlives the launch call.
+    """
+
+    __slots__ = ("tensor", "dtype")
+
+    def __init__(self, tensor: torch.Tensor):
+        assert tensor.device.type == "cpu", f"HostPointer wraps CPU tensors, got {tensor.device}"
+        self.tensor = tensor
+        self.dtype = tensor.dtype
+
+    def data_ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+    def __repr__(self) -> str:
+        return f"HostPointer({self.dtype}, {tuple(self.tensor.shape)}, 0x{self.data_ptr():x})"
+
+
+def as_kernel_pointer(t: torch.Tensor, device: torch.device):
+    """What to pass to a Triton kernel running on ``device`` for tensor ``t``: ``t`` itself, except
+    a CPU tensor for a CUDA kernel, which goes as a :class:`HostPointer` (must be pinned)."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return HostPointer(t)
+    return t
+
+
+def _kernel_device(*tensors: torch.Tensor) -> torch.device:
+    devices = {t.device for t in tensors}
+    assert len(devices) == 1, f"GPU-side tensors on several devices: {devices}"
+    return devices.pop()
+
+
+def _check_host(host_kv: torch.Tensor, device: torch.device, page_size: int, d: int, dtype: torch.dtype) -> None:
+    assert host_kv.dim() == 4 and host_kv.shape[1:] == (2, page_size, d), \
+        f"host_kv {tuple(host_kv.shape)} != (num_host_slots, 2, {page_size}, {d})"
+    assert host_kv.stride()[1:] == (page_size * d, d, 1), "host_kv: each slot's (2, P, D) must be contiguous"
+    assert host_kv.dtype == dtype, f"host_kv is {host_kv.dtype}, expected {dtype}"
+    assert host_kv.device == device or (host_kv.device.type == "cpu" and device.type == "cuda"), \
+        f"host_kv on {host_kv.device} cannot be read by kernels on {device}"
+
+
+def _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot) -> None:
+    assert gpu_k.dim() == 3 and gpu_k.is_contiguous() and gpu_v.is_contiguous() and gpu_v.shape == gpu_k.shape
+    assert gpu_k.dtype == gpu_v.dtype and gpu_k.dtype in DTYPES
+    page_size = gpu_k.shape[1]
+    assert page_size & (page_size - 1) == 0, f"page size {page_size} must be a power of two"
+    assert tag.shape == (gpu_k.shape[0],) and tag.dtype == torch.int32 and tag.is_contiguous()
+    assert cache_slot.dim() == 2 and cache_slot.shape == host_slot.shape, \
+        f"cache_slot {tuple(cache_slot.shape)} vs host_slot {tuple(host_slot.shape)}"
+    assert cache_slot.dtype == host_slot.dtype == torch.int32
+    assert cache_slot.is_contiguous() and host_slot.is_contiguous()
+
+
+def _check_selection(sel_pages, sel_lens, hkv) -> None:
+    assert sel_pages.dim() == 2 and sel_pages.shape == sel_lens.shape and sel_pages.shape[0] == hkv, \
+        f"sel_pages {tuple(sel_pages.shape)}, sel_lens {tuple(sel_lens.shape)}, Hkv {hkv}"
+    assert sel_pages.dtype == sel_lens.dtype == torch.int32
+    assert sel_pages.is_contiguous() and sel_lens.is_contiguous()
+
+
+# -- decode attention ------------------------------------------------------------------------------
+
+@jit
+def _tiered_decode_split_kernel(
+    q, gpu_k, gpu_v, host_kv, sel_pages, sel_lens, cache_slot, tag, host_slot, part_out, part_lse, qk_scale,
+    stride_q_h, stride_cslot, stride_ctok, stride_hslot, stride_hkv, stride_htok, stride_sel_h, stride_map_h,
+    stride_po_h, stride_po_s, stride_pl_h,
+    kmax, max_pages, pages_per_split,
+    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < D
+    rows = head * G + offs_g
+    qt = tl.load(q + rows[:, None] * stride_q_h + offs_d[None, :],
+                 mask=(offs_g < G)[:, None] & mask_d[None, :], other=0.0)
+    if DOT_FP32:
+        qt = qt.to(tl.float32)
+
+    first = split * pages_per_split
+    last = tl.minimum(first + pages_per_split, kmax)
+    entry_of_row = offs_n // P
+    tok_of_row = offs_n % P
+    head_flat = head * max_pages
+
+    m_i = tl.full([G_PAD], -1.0e30, tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for e0 in range(first, last, BLOCK_N // P):
+        entry = e0 + entry_of_row
+        length = tl.load(sel_lens + head * stride_sel_h + entry, mask=entry < last, other=0)
+        used = length > 0  # an unused entry's page is never looked up
+        page = tl.load(sel_pages + head * stride_sel_h + entry, mask=used, other=0)
+        cslot = tl.load(cache_slot + head * stride_map_h + page, mask=used, other=0)
+        cached = used & (tl.load(tag + cslot, mask=used, other=-1) == head_flat + page)
+        hslot = tl.load(host_slot + head * stride_map_h + page, mask=used & ~cached, other=-1)
+        in_tok = tok_of_row < length
+        live_c = in_tok & cached
+        live_h = in_tok & (hslot >= 0)  # hslot is -1 for cached pages: exactly one source per row
+        live = live_c | live_h
+        c_off = cslot.to(tl.int64) * stride_cslot + tok_of_row * stride_ctok
+        h_off = hslot.to(tl.int64) * stride_hslot + tok_of_row * stride_htok
+        # Issue K and V loads (both sources) before any math: host loads cross PCIe, their latency
+        # overlaps best when all are in flight together. Masked lanes move no data.
+        kc = tl.load(gpu_k + c_off[None, :] + offs_d[:, None], mask=live_c[None, :] & mask_d[:, None], other=0.0)
+        kh = tl.load(host_kv + h_off[None, :] + offs_d[:, None], mask=live_h[None, :] & mask_d[:, None], other=0.0)
+        vc = tl.load(gpu_v + c_off[:, None] + offs_d[None, :], mask=live_c[:, None] & mask_d[None, :], other=0.0)
+        vh = tl.load(host_kv + stride_hkv + h_off[:, None] + offs_d[None, :],
+                     mask=live_h[:, None] & mask_d[None, :], other=0.0)
+        kt = tl.where(live_c[None, :], kc, kh)
+        v = tl.where(live_c[:, None], vc, vh)
+        if DOT_FP32:
+            kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(qt, kt, input_precision=PRECISION) * qk_scale  # (G_PAD, BLOCK_N), log2 units
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has_tokens = l_i > 0
+    out = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
+    lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
+    row_mask = offs_g < G
+    tl.store(part_out + rows[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :], out,
+             mask=row_mask[:, None] & mask_d[None, :])
+    tl.store(part_lse + rows * stride_pl_h + split, lse, mask=row_mask)
+
+
+def tiered_decode_attention(q: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor, host_kv: torch.Tensor,
+                            sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: torch.Tensor,
+                            tag: torch.Tensor, host_slot: torch.Tensor, sm_scale: float | None = None,
+                            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one decode token over the selected pages of its KV head, each page read from
+    the GPU cache when cached, else from the host pool in place (zero-copy); an entry whose page is
+    neither cached nor in the host pool (host_slot -1) is skipped, as if its length were 0.
+
+    q: (Hq, D) fp16/bf16/fp32, last dim contiguous (Hq = G * Hkv, head i uses KV head i // G);
+    gpu_k, gpu_v: (num_cache_slots, P, D) q's dtype, contiguous; host_kv: (num_host_slots, 2, P, D)
+    q's dtype, pinned CPU memory (or on q's device); sel_pages, sel_lens: (Hkv, Kmax) int32;
+    cache_slot, host_slot: (Hkv, max_pages) int32; tag: (num_cache_slots,) int32 (module docstring).
+    sm_scale defaults to 1/sqrt(D). Returns (Hq, D) in q's dtype (into ``out`` if given); a head with
+    no readable token gets zeros. num_splits overrides the split heuristic (tuning).
+
+    Split heuristic: as ``sparse_decode_attention`` (flash-decoding, one program per (KV head,
+    split) serving the G query heads, LSE merge), but aiming at 4 programs per SM instead of 2:
+    host pages are latency-bound PCIe reads, so more programs keep more bytes in flight.
+    """
+    hq, d = q.shape
+    hkv, kmax = sel_pages.shape
+    num_cache_slots, page_size, d_cache = gpu_k.shape
+    device = _kernel_device(q, gpu_k, gpu_v, sel_pages, sel_lens, cache_slot, tag, host_slot)
+    assert q.stride(1) == 1 and d_cache == d and hq % hkv == 0, f"q {tuple(q.shape)} vs cache {tuple(gpu_k.shape)}"
+    assert q.dtype == gpu_k.dtype and q.dtype in DTYPES
+    _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot)
+    _check_selection(sel_pages, sel_lens, hkv)
+    _check_host(host_kv, device, page_size, d, q.dtype)
+    assert cache_slot.shape[0] == hkv
+    max_pages = cache_slot.shape[1]
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    g = hq // hkv
+    block_d = next_pow2(d)
+    block_n = max(64, page_size)
+    if num_splits is None:
+        num_splits = -(-4 * _device_sm_count(device) // hkv)
+    splits, pages_per_split = decode_splits(hkv, kmax, page_size, block_n, device, num_splits)
+    part_out = torch.empty((hq, splits, d), device=device, dtype=torch.float32)
+    part_lse = torch.empty((hq, splits), device=device, dtype=torch.float32)
+    _tiered_decode_split_kernel[(hkv, splits)](
+        q, gpu_k, gpu_v, as_kernel_pointer(host_kv, device), sel_pages, sel_lens, cache_slot, tag, host_slot,
+        part_out, part_lse, sm_scale * LOG2E,
+        q.stride(0), gpu_k.stride(0), gpu_k.stride(1), host_kv.stride(0), host_kv.stride(1), host_kv.stride(2),
+        sel_pages.stride(0), cache_slot.stride(0), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
+        kmax, max_pages, pages_per_split,
+        G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
+        DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    if out is None:
+        out = torch.empty((hq, d), device=device, dtype=q.dtype)
+    assert out.shape == (hq, d) and out.dtype == q.dtype and out.is_contiguous()
+    _merge_splits_kernel[(hq,)](
+        part_out, part_lse, out, splits,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0),
+        D=d, BLOCK_D=block_d, SPLITS_PAD=next_pow2(splits), num_warps=4 if block_d <= 128 else 8,
+    )
+    return out
+
+
+# -- admission -------------------------------------------------------------------------------------
+
+@jit
+def _admit_pages_kernel(
+    sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v,
+    n_entries, kmax, max_pages, stride_sel_h, stride_map_h, stride_hslot, stride_hkv, stride_cslot,
+    PD: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    i = tl.program_id(0)
+    head = i // kmax
+    length = tl.load(sel_lens + head * stride_sel_h + i % kmax)
+    if length > 0:
+        page = tl.load(sel_pages + head * stride_sel_h + i % kmax)
+        cslot = tl.load(cache_slot + head * stride_map_h + page)
+        flat = head * max_pages + page
+        resident = tl.load(tag + cslot)  # flat id of the page in my slot now
+        hslot = tl.load(host_slot + head * stride_map_h + page)
+        if (resident != flat) & (hslot >= 0):
+            # Start the host reads now: their PCIe latency overlaps the conflict scan below.
+            offs = tl.arange(0, BLOCK_PD)
+            mask = offs < PD
+            src = host_kv + hslot.to(tl.int64) * stride_hslot + offs
+            k_page = tl.load(src, mask=mask)
+            v_page = tl.load(src + stride_hkv, mask=mask)
+            # Do I own the slot? Another used entry j mapping to it blocks me if its page is the one
+            # cached there (the incumbent stays), or if it would be admitted too and j < i.
+            blocked = tl.zeros([BLOCK_E], tl.int32)
+            for j0 in range(0, n_entries, BLOCK_E):
+                j = j0 + tl.arange(0, BLOCK_E)
+                head_j = j // kmax
+                len_j = tl.load(sel_lens + head_j * stride_sel_h + j % kmax, mask=j < n_entries, other=0)
+                used_j = (len_j > 0) & (j != i)
+                page_j = tl.load(sel_pages + head_j * stride_sel_h + j % kmax, mask=used_j, other=0)
+                cslot_j = tl.load(cache_slot + head_j * stride_map_h + page_j, mask=used_j, other=-1)
+                same = used_j & (cslot_j == cslot)
+                cached_j = same & (resident == head_j * max_pages + page_j)
+                hslot_j = tl.load(host_slot + head_j * stride_map_h + page_j, mask=same & ~cached_j, other=-1)
+                blocks = cached_j | (same & (hslot_j >= 0) & (j < i))
+                blocked += blocks.to(tl.int32)
+            if tl.sum(blocked, axis=0) == 0:
+                dst = cslot.to(tl.int64) * stride_cslot + offs
+                tl.store(gpu_k + dst, k_page, mask=mask)
+                tl.store(gpu_v + dst, v_page, mask=mask)
+                tl.debug_barrier()  # every thread's data stores are issued before the tag claims the slot
+                tl.store(tag + cslot, flat)
+
+
+def admit_pages(sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: torch.Tensor, tag: torch.Tensor,
+                host_slot: torch.Tensor, host_kv: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor) -> None:
+    """Copy into the GPU cache every selected page (entry with len > 0) that is not cached and is in
+    the host pool (host_slot >= 0): its whole K and V page (P * D each, also for a partial last
+    page) into gpu_k/gpu_v[cache_slot[h, p]], then tag[cache_slot[h, p]] = h * max_pages + p.
+
+    sel_pages, sel_lens: (Hkv, Kmax) int32; cache_slot, host_slot: (Hkv, max_pages) int32; tag:
+    (num_cache_slots,) int32; host_kv: (num_host_slots, 2, P, D) pinned CPU (or device) memory;
+    gpu_k, gpu_v: (num_cache_slots, P, D) contiguous, host_kv's dtype.
+
+    Conflicts (direct-mapped: several used entries of this call, of any heads, on one slot): at
+    most one page is written per slot, so no slot is ever torn. If the page already cached in the
+    slot is itself selected, it keeps the slot and nothing is written there (the other pages miss
+    either way; keeping the incumbent moves no bytes). Otherwise the admissible entry with the
+    smallest flat index h * Kmax + e wins. Each program decides alone by scanning all Hkv * Kmax
+    entries in vector blocks (only for entries that want to admit; cost O(entries) each, fine for a
+    few thousand entries); its host reads are issued before the scan, overlapping it.
+
+    One launch, one program per entry; no host synchronisation (graph-capturable). Within a
+    program the data is written before the tag. Nothing may read this layer's cache while this
+    runs (the caller orders streams: e.g. the prefetcher's side stream is joined by an event before
+    the layer's attention).
+    """
+    hkv, kmax = sel_pages.shape
+    num_cache_slots, page_size, d = gpu_k.shape
+    device = _kernel_device(sel_pages, sel_lens, cache_slot, tag, host_slot, gpu_k, gpu_v)
+    _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot)
+    _check_selection(sel_pages, sel_lens, hkv)
+    _check_host(host_kv, device, page_size, d, gpu_k.dtype)
+    assert cache_slot.shape[0] == hkv
+    n = hkv * kmax
+    if n == 0:
+        return
+    pd = page_size * d
+    _admit_pages_kernel[(n,)](
+        sel_pages, sel_lens, cache_slot, tag, host_slot, as_kernel_pointer(host_kv, device), gpu_k, gpu_v,
+        n, kmax, cache_slot.shape[1], sel_pages.stride(0), cache_slot.stride(0), host_kv.stride(0),
+        host_kv.stride(1), gpu_k.stride(0),
+        PD=pd, BLOCK_PD=next_pow2(pd), BLOCK_E=min(1024, next_pow2(n)),
+        num_warps=4 if pd * gpu_k.element_size() <= 8192 else 8,
+    )
+
+
+# -- write-through ---------------------------------------------------------------------------------
+
+@jit
+def _write_through_kernel(
+    k_new, v_new, start_ptr, start_int, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag,
+    T, max_pages, stride_kt, stride_kh, stride_vt, stride_vh, stride_hslot, stride_hkv, stride_htok,
+    stride_cslot, stride_ctok, stride_map_h,
+    START_IS_TENSOR: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    head = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    pos = offs_t.to(tl.int64)
+    if START_IS_TENSOR:
+        pos += tl.load(start_ptr).to(tl.int64)
+    else:
+        pos += start_int  # a host int (Triton may specialise it to a constant)
+    page = pos // P
+    tok = pos % P
+    in_t = offs_t < T
+    ok = in_t & (page < max_pages)  # memory safety only: the caller checks capacity
+    hslot = tl.load(host_slot + head * stride_map_h + page, mask=ok, other=-1)
+    cslot = tl.load(cache_slot + head * stride_map_h + page, mask=ok, other=0)
+    cached = ok & (tl.load(tag + cslot, mask=ok, other=-1) == head * max_pages + page)
+    m_in = in_t[:, None] & mask_d[None, :]
+    k = tl.load(k_new + offs_t[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=m_in)
+    v = tl.load(v_new + offs_t[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=m_in)
+    h_off = hslot.to(tl.int64) * stride_hslot + tok * stride_htok
+    m_h = (ok & (hslot >= 0))[:, None] & mask_d[None, :]
+    tl.store(host_kv + h_off[:, None] + offs_d[None, :], k, mask=m_h)
+    tl.store(host_kv + stride_hkv + h_off[:, None] + offs_d[None, :], v, mask=m_h)
+    c_off = cslot.to(tl.int64) * stride_cslot + tok * stride_ctok
+    m_c = cached[:, None] & mask_d[None, :]
+    tl.store(gpu_k + c_off[:, None] + offs_d[None, :], k, mask=m_c)
+    tl.store(gpu_v + c_off[:, None] + offs_d[None, :], v, mask=m_c)
+
+
+def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor, host_kv: torch.Tensor,
+                  host_slot: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor, cache_slot: torch.Tensor,
+                  tag: torch.Tensor) -> None:
+    """Write tokens at positions start .. start+T-1 of every KV head into their host pages (zero-copy
+    stores into host_kv[host_slot[h, pos // P], 0/1, pos % P]) and into the page's GPU cache slot
+    when the page is cached there. Never claims a slot (a page cached part-way would hold garbage).
+
+    k_new, v_new: (T, Hkv, D), host_kv's dtype, last dim contiguous (keys post-RoPE); start: a
+    Python int, or a 1-element int32/int64 tensor on the GPU side's device (decode: no host sync,
+    graph-capturable); host_kv: (num_host_slots, 2, P, D) pinned CPU (or device) memory;
+    host_slot, cache_slot: (Hkv, max_pages) int32; gpu_k, gpu_v: (num_cache_slots, P, D); tag:
+    (num_cache_slots,) int32. The caller guarantees host_slot >= 0 for the pages written and
+    positions below max_pages * P; tokens breaking either are dropped (no out-of-bounds store).
+
+    One launch, grid (ceil(T / BLOCK_T), Hkv); each program moves BLOCK_T rows of D contiguous
+    elements (16-byte vectors) per K and V.
+    """
+    t, hkv, d = k_new.shape
+    num_cache_slots, page_size, d_cache = gpu_k.shape
+    device = _kernel_device(k_new, v_new, host_slot, gpu_k, gpu_v, cache_slot, tag)
+    assert v_new.shape == k_new.shape and d_cache == d, f"k {tuple(k_new.shape)}, v {tuple(v_new.shape)}, cache {tuple(gpu_k.shape)}"
+    assert k_new.stride(2) == 1 and v_new.stride(2) == 1, "k_new/v_new: last dim must be contiguous"
+    assert k_new.dtype == v_new.dtype == gpu_k.dtype
+    _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot)
+    _check_host(host_kv, device, page_size, d, gpu_k.dtype)
+    assert host_slot.shape[0] == hkv
+    if isinstance(start, torch.Tensor):
+        assert start.numel() == 1 and start.dtype in (torch.int32, torch.int64) and start.device == device
+        start_ptr, start_int = start, 0
+    else:
+        start_ptr, start_int = host_slot, int(start)
+    if t == 0:
+        return
+    block_t = min(32, next_pow2(t))
+    _write_through_kernel[(-(-t // block_t), hkv)](
+        k_new, v_new, start_ptr, start_int, as_kernel_pointer(host_kv, device), host_slot, gpu_k, gpu_v,
+        cache_slot, tag,
+        t, host_slot.shape[1], k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        host_kv.stride(0), host_kv.stride(1), host_kv.stride(2), gpu_k.stride(0), gpu_k.stride(1),
+        host_slot.stride(0),
+        START_IS_TENSOR=isinstance(start, torch.Tensor), P=page_size, D=d, BLOCK_D=next_pow2(d),
+        BLOCK_T=block_t, num_warps=4,
+    )
+
+
+# -- bulk gather for chunked prefill ---------------------------------------------------------------
+
+@jit
+def _gather_pages_kernel(
+    host_kv, host_slot, staging_k, staging_v, num_pages,
+    stride_hslot, stride_hkv, stride_map_h, stride_st_h,
+    PD: tl.constexpr, BLOCK_PD: tl.constexpr, PAGES: tl.constexpr,
+):
+    head = tl.program_id(1)
+    pages = tl.program_id(0) * PAGES + tl.arange(0, PAGES)
+    offs = tl.arange(0, BLOCK_PD)
+    in_p = pages < num_pages
+    hslot = tl.load(host_slot + head * stride_map_h + pages, mask=in_p, other=0).to(tl.int64)
+    mask = in_p[:, None] & (offs < PD)[None, :]
+    src = host_kv + hslot[:, None] * stride_hslot + offs[None, :]
+    k = tl.load(src, mask=mask)
+    v = tl.load(src + stride_hkv, mask=mask)
+    dst = head.to(tl.int64) * stride_st_h + pages.to(tl.int64)[:, None] * PD + offs[None, :]
+    tl.store(staging_k + dst, k, mask=mask)
+    tl.store(staging_v + dst, v, mask=mask)
+
+
+def gather_pages_to_staging(host_kv: torch.Tensor, host_slot: torch.Tensor, num_pages: int,
+                            staging_k: torch.Tensor, staging_v: torch.Tensor) -> None:
+    """staging_k/v[h, p*P : (p+1)*P] = host K/V page of (h, p) for every KV head h and p < num_pages
+    (chunked prefill streams all earlier tokens' K/V from the host pool in bulk).
+
+    host_kv: (num_host_slots, 2, P, D) pinned CPU (or device) memory; host_slot: (Hkv, max_pages)
+    int32 on the GPU; staging_k, staging_v: (Hkv, capacity_tokens, D), host_kv's dtype, with
+    contiguous (capacity_tokens, D) rows and capacity_tokens >= num_pages * P. Every page copied
+    must be in the host pool (host_slot >= 0): the caller promotes spilled pages first; the kernel
+    does not check (it would read slot -1).
+
+    One launch, grid (ceil(num_pages / PAGES), Hkv): each program copies PAGES whole pages (about
+    16 KiB of K and 16 KiB of V) as flat, 16-byte-aligned vectors, all loads in flight at once.
+    """
+    hkv, capacity, d = staging_k.shape
+    page_size = host_kv.shape[2]
+    device = _kernel_device(host_slot, staging_k, staging_v)
+    _check_host(host_kv, device, page_size, d, staging_k.dtype)
+    assert staging_v.shape == staging_k.shape and staging_v.dtype == staging_k.dtype
+    assert staging_k.stride()[1:] == (d, 1) and staging_v.stride() == staging_k.stride(), \
+        "staging_k/v: (capacity_tokens, D) rows must be contiguous, same strides"
+    assert host_slot.dim() == 2 and host_slot.shape[0] == hkv and host_slot.dtype == torch.int32
+    assert host_slot.is_contiguous()
+    num_pages = int(num_pages)
+    assert 0 <= num_pages <= host_slot.shape[1] and num_pages * page_size <= capacity, \
+        f"{num_pages} pages of {page_size} do not fit (max_pages {host_slot.shape[1]}, capacity {capacity})"
+    if num_pages == 0 or hkv == 0:
+        return
+    pd = page_size * d
+    block_pd = next_pow2(pd)
+    pages = max(1, min(next_pow2(num_pages), 16384 // (block_pd * staging_k.element_size())))
+    _gather_pages_kernel[(-(-num_pages // pages), hkv)](
+        as_kernel_pointer(host_kv, device), host_slot, staging_k, staging_v, num_pages,
+        host_kv.stride(0), host_kv.stride(1), host_slot.stride(0), staging_k.stride(0),
+        PD=pd, BLOCK_PD=block_pd, PAGES=pages, num_warps=8,
+    )

@@ -1,0 +1,113 @@
+"""Plain-torch versions of the tiered-store kernels (``tiered``): the test oracle and the CPU path.
+
+Same signatures and results (tuning arguments accepted and ignored). ``host_kv`` may live on the
+CPU while the other tensors are on a GPU: indices go to the host for the gathers/scatters there,
+results come back (with host synchronisation: this is an oracle, not the fast path).
+"""
+from __future__ import annotations
+
+import torch
+
+from lcrun.kernels import reference
+
+
+def _host_pages(host_kv: torch.Tensor, slots: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V pages at host ``slots`` (any shape, -1 read as slot 0) on ``device``."""
+    pages = host_kv[slots.clamp(min=0).long().to(host_kv.device)].to(device)
+    return pages[..., 0, :, :], pages[..., 1, :, :]
+
+
+def _lookup(pages: torch.Tensor, heads: torch.Tensor, cache_slot, tag, host_slot):
+    """For logical ``pages`` of KV ``heads`` (same shape): cache slot, cached?, host slot."""
+    max_pages = cache_slot.shape[1]
+    cslot = cache_slot[heads, pages].long()
+    cached = tag[cslot].long() == heads * max_pages + pages
+    return cslot, cached, host_slot[heads, pages].long()
+
+
+def _selection_lookup(sel_pages, sel_lens, cache_slot, tag, host_slot):
+    hkv, kmax = sel_pages.shape
+    used = sel_lens > 0
+    pages = torch.where(used, sel_pages, 0).long()
+    heads = torch.arange(hkv, device=sel_pages.device)[:, None].expand(hkv, kmax)
+    cslot, cached, hslot = _lookup(pages, heads, cache_slot, tag, host_slot)
+    return used, pages, heads, cslot, used & cached, hslot
+
+
+def tiered_decode_attention(q, gpu_k, gpu_v, host_kv, sel_pages, sel_lens, cache_slot, tag, host_slot,
+                            sm_scale=None, out=None, num_splits=None) -> torch.Tensor:
+    hkv, kmax = sel_pages.shape
+    used, _, _, cslot, cached, hslot = _selection_lookup(sel_pages, sel_lens, cache_slot, tag, host_slot)
+    readable = cached | (used & (hslot >= 0))
+    host_k, host_v = _host_pages(host_kv, hslot, q.device)  # (Hkv, Kmax, P, D)
+    keys = torch.where(cached[..., None, None], gpu_k[cslot], host_k)
+    values = torch.where(cached[..., None, None], gpu_v[cslot], host_v)
+    # One pool holding exactly the pages read: entry (h, e) in slot h * Kmax + e.
+    pool_k = keys.reshape(hkv * kmax, *keys.shape[2:])
+    pool_v = values.reshape(hkv * kmax, *values.shape[2:])
+    slots = torch.arange(hkv * kmax, device=q.device, dtype=torch.int32).reshape(hkv, kmax)
+    lens = torch.where(readable, sel_lens, 0).to(torch.int32)
+    return reference.sparse_decode_attention(q, pool_k, pool_v, slots, lens, sm_scale, out=out)
+
+
+def admission_winners(sel_pages, sel_lens, cache_slot, tag, host_slot) -> torch.Tensor:
+    """(Hkv, Kmax) bool: the entries ``admit_pages`` copies (see its conflict rule)."""
+    hkv, kmax = sel_pages.shape
+    used, _, _, cslot, cached, hslot = _selection_lookup(sel_pages, sel_lens, cache_slot, tag, host_slot)
+    admissible = used & ~cached & (hslot >= 0)
+    # Per slot, the smallest key among its claimants: the incumbent (key -1) if selected, else the
+    # smallest flat entry index that would admit.
+    n = hkv * kmax
+    index = torch.arange(n, device=sel_pages.device).reshape(hkv, kmax)
+    big = torch.full_like(index, n)
+    key = torch.where(cached, -1, torch.where(admissible, index, big))
+    best = torch.full((tag.shape[0],), n, dtype=torch.long, device=tag.device)
+    best.scatter_reduce_(0, cslot.flatten(), key.flatten(), reduce="amin")
+    return admissible & (best[cslot] == index)
+
+
+def admit_pages(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v) -> None:
+    max_pages = cache_slot.shape[1]
+    winners = admission_winners(sel_pages, sel_lens, cache_slot, tag, host_slot)
+    heads, entries = winners.nonzero(as_tuple=True)
+    if heads.numel() == 0:
+        return
+    pages = sel_pages[heads, entries].long()
+    cslot = cache_slot[heads, pages].long()
+    host_k, host_v = _host_pages(host_kv, host_slot[heads, pages], gpu_k.device)
+    gpu_k[cslot] = host_k
+    gpu_v[cslot] = host_v
+    tag[cslot] = (heads * max_pages + pages).to(tag.dtype)
+
+
+def write_through(k_new, v_new, start, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag) -> None:
+    t, hkv, d = k_new.shape
+    page_size = gpu_k.shape[1]
+    max_pages = host_slot.shape[1]
+    steps = torch.arange(t, device=k_new.device)
+    positions = steps + (start.reshape(1).long() if isinstance(start, torch.Tensor) else int(start))
+    heads = torch.arange(hkv, device=k_new.device)[:, None].expand(hkv, t)
+    pages = (positions // page_size)[None, :].expand(hkv, t)
+    tok = (positions % page_size)[None, :].expand(hkv, t)
+    ok = pages < max_pages
+    heads, pages, tok = heads[ok], pages[ok], tok[ok]
+    k_rows, v_rows = k_new.transpose(0, 1)[ok], v_new.transpose(0, 1)[ok]  # (n, D)
+    cslot, cached, hslot = _lookup(pages, heads, cache_slot, tag, host_slot)
+    to_host = hslot >= 0
+    hd = host_kv.device
+    hs, ht = hslot[to_host].to(hd), tok[to_host].to(hd)
+    host_kv[hs, 0, ht] = k_rows[to_host].to(hd)
+    host_kv[hs, 1, ht] = v_rows[to_host].to(hd)
+    gpu_k[cslot[cached], tok[cached]] = k_rows[cached]
+    gpu_v[cslot[cached], tok[cached]] = v_rows[cached]
+
+
+def gather_pages_to_staging(host_kv, host_slot, num_pages, staging_k, staging_v) -> None:
+    hkv, _, d = staging_k.shape
+    page_size = host_kv.shape[2]
+    num_pages = int(num_pages)
+    if num_pages == 0:
+        return
+    host_k, host_v = _host_pages(host_kv, host_slot[:, :num_pages], staging_k.device)
+    staging_k[:, :num_pages * page_size] = host_k.reshape(hkv, num_pages * page_size, d)
+    staging_v[:, :num_pages * page_size] = host_v.reshape(hkv, num_pages * page_size, d)

@@ -1,0 +1,428 @@
+"""Tiered KV store kernels (host pool + direct-mapped GPU page cache) against their torch references.
+
+Without CUDA the Triton kernels run in the interpreter on CPU tensors (TRITON_INTERPRET is set
+before the kernel modules are imported). With CUDA the same tests run the compiled kernels, with
+host_kv in pinned host memory read and written in place (zero-copy); the ``gpu`` test also uses a
+real ``HostPagePool`` (cudaHostRegister) and a CUDA graph.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lcrun.kernels import tiered_reference as ref  # noqa: E402
+from lcrun.kernels.triton_support import can_run_triton  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if not can_run_triton(DEVICE):
+    pytest.skip("Triton kernels cannot run here (set TRITON_INTERPRET=1 before pytest imports lcrun)",
+                allow_module_level=True)
+
+from lcrun.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from lcrun.kernels.tiered import (HostPointer, admit_pages, as_kernel_pointer, gather_pages_to_staging,  # noqa: E402
+                                  tiered_decode_attention, write_through)
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.5e-2}  # ||out - ref|| / ||ref||
+gpu = pytest.mark.gpu
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    out, expected = out.double(), expected.double()
+    return ((out - expected).norm() / expected.norm()).item()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern (NaN-safe, exact comparisons)."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]) if t.is_floating_point() else t
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(bits(a.cpu()), bits(b.cpu()))
+
+
+def same_result(out: torch.Tensor, expected: torch.Tensor, dtype) -> bool:
+    """Two kernels doing the same arithmetic: bit-exact in the interpreter; compiled, allow a last-bit
+    difference should code generation differ between the two kernels."""
+    return torch.equal(out, expected) if DEVICE.type == "cpu" else rel_err(out, expected) < TOL[dtype]
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """Host pool memory: pinned CPU memory when a GPU reads it, plain CPU tensors in the interpreter."""
+    return t.pin_memory() if DEVICE.type == "cuda" else t
+
+
+def i32(value: int) -> torch.Tensor:
+    return torch.tensor([value], dtype=torch.int32, device=DEVICE)
+
+
+class Store:
+    """One layer of a tiered store with known content: ``true_k/v[h, p]`` is logical page (h, p).
+
+    Host slots are a random permutation (spare slots hold junk); a ``spill`` fraction of pages is
+    not in the host pool (host_slot -1); the cache has few slots (direct-mapped conflicts) and each
+    slot holds, with probability ``cache_frac``, a correct copy of one page mapping to it (possibly
+    a spilled one), else junk with tag -1.
+    """
+
+    def __init__(self, hkv, max_pages, P, d, dtype, num_cache_slots=5, spill=0.2, cache_frac=0.7, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.hkv, self.max_pages, self.P, self.d, self.dtype = hkv, max_pages, P, d, dtype
+        n_pages = hkv * max_pages
+        self.true_k = torch.randn(hkv, max_pages, P, d, generator=gen).to(dtype)
+        self.true_v = torch.randn(hkv, max_pages, P, d, generator=gen).to(dtype)
+        num_host = n_pages + 4
+        host_kv = torch.randn(num_host, 2, P, d, generator=gen).to(dtype)  # junk in unused slots
+        host_slot = torch.randperm(num_host, generator=gen)[:n_pages].reshape(hkv, max_pages)
+        host_kv[host_slot, 0] = self.true_k
+        host_kv[host_slot, 1] = self.true_v
+        self.home = host_slot.to(torch.int32).to(DEVICE)  # host slots before spilling (all distinct)
+        host_slot[torch.rand(hkv, max_pages, generator=gen) < spill] = -1
+        cache_slot = torch.randint(0, num_cache_slots, (hkv, max_pages), generator=gen)
+        gpu_k = torch.randn(num_cache_slots, P, d, generator=gen).to(dtype)
+        gpu_v = torch.randn(num_cache_slots, P, d, generator=gen).to(dtype)
+        tag = torch.full((num_cache_slots,), -1, dtype=torch.int32)
+        for s in range(num_cache_slots):
+            claimants = (cache_slot.flatten() == s).nonzero().flatten()
+            if len(claimants) and torch.rand(1, generator=gen).item() < cache_frac:
+                flat = int(claimants[torch.randint(len(claimants), (1,), generator=gen)])
+                h, p = divmod(flat, max_pages)
+                tag[s], gpu_k[s], gpu_v[s] = flat, self.true_k[h, p], self.true_v[h, p]
+        self.gen = gen
+        self.host_kv = to_host(host_kv)
+        self.host_slot = host_slot.to(torch.int32).to(DEVICE)
+        self.cache_slot = cache_slot.to(torch.int32).to(DEVICE)
+        self.gpu_k, self.gpu_v, self.tag = gpu_k.to(DEVICE), gpu_v.to(DEVICE), tag.to(DEVICE)
+
+    def cached(self) -> torch.Tensor:
+        """(Hkv, max_pages) bool on the CPU."""
+        flat = torch.arange(self.hkv * self.max_pages).reshape(self.hkv, self.max_pages)
+        return self.tag.cpu()[self.cache_slot.cpu().long()] == flat
+
+    def select(self, kmax, full_frac=0.6):
+        """Distinct random pages per head; lengths a mix of full, partial (not multiples of P), 0."""
+        pages = torch.stack([torch.randperm(self.max_pages, generator=self.gen)[:kmax] for _ in range(self.hkv)])
+        lens = torch.randint(1, self.P, (self.hkv, kmax), generator=self.gen)
+        lens[torch.rand(self.hkv, kmax, generator=self.gen) < full_frac] = self.P
+        lens[torch.rand(self.hkv, kmax, generator=self.gen) < 0.15] = 0
+        return pages.to(torch.int32).to(DEVICE), lens.to(torch.int32).to(DEVICE)
+
+    def cache_args(self, tag=None):
+        return self.cache_slot, self.tag if tag is None else tag, self.host_slot
+
+    def flat_pool(self):
+        """The true pages as one pool for ``sparse_decode_attention``: (h, p) in slot h * max_pages + p."""
+        shape = (self.hkv * self.max_pages, self.P, self.d)
+        return self.true_k.reshape(shape).to(DEVICE), self.true_v.reshape(shape).to(DEVICE)
+
+
+def decode(store, q, sel_pages, sel_lens, tag=None, num_splits=None, fn=tiered_decode_attention):
+    out = torch.full_like(q, float("nan"))
+    result = fn(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens, *store.cache_args(tag),
+                out=out, num_splits=num_splits)
+    assert result.data_ptr() == out.data_ptr()
+    return out
+
+
+def test_as_kernel_pointer():
+    t = torch.randn(4, 8)
+    assert as_kernel_pointer(t, torch.device("cpu")) is t
+    p = as_kernel_pointer(t, torch.device("cuda"))
+    assert isinstance(p, HostPointer) and p.data_ptr() == t.data_ptr() and p.dtype == t.dtype and p.tensor is t
+
+
+# -- tiered_decode_attention -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("g,d,P,dtype,num_splits", [
+    (1, 64, 16, F32, None), (3, 128, 32, F16, 2), (4, 64, 32, BF16, 3),
+    (8, 128, 16, F16, 1), (4, 128, 16, F32, 2), (8, 64, 32, BF16, None),
+])
+def test_tiered_decode_matches_reference(g, d, P, dtype, num_splits):
+    store = Store(hkv=2, max_pages=11, P=P, d=d, dtype=dtype, seed=g + d + P)
+    sel_pages, sel_lens = store.select(kmax=8)
+    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
+    out = decode(store, q, sel_pages, sel_lens, num_splits=num_splits)
+    expected = ref.tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens,
+                                           *store.cache_args())
+    assert rel_err(out, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("g,d,P,dtype", [(4, 64, 16, F32), (3, 128, 32, F16), (8, 64, 16, BF16)])
+def test_caching_never_changes_the_result(g, d, P, dtype):
+    """With every selected page readable, the result is sparse_decode_attention over one pool of the
+    true pages (bit for bit, same splits), whether pages come from the cache or the host."""
+    store = Store(hkv=3, max_pages=10, P=P, d=d, dtype=dtype, num_cache_slots=6, spill=0.0, seed=d + g)
+    sel_pages, sel_lens = store.select(kmax=7)
+    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
+    pool_k, pool_v = store.flat_pool()
+    heads = torch.arange(store.hkv, device=DEVICE, dtype=torch.int32)[:, None]
+    sel_slots = (heads * store.max_pages + sel_pages).contiguous()
+    expected = sparse_decode_attention(q, pool_k, pool_v, sel_slots, sel_lens, num_splits=2)
+    assert rel_err(expected, ref.tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages,
+                                                         sel_lens, *store.cache_args())) < TOL[dtype]
+    # Cache states: as built; nothing cached (cache poisoned); every selected page admitted.
+    poisoned = torch.full_like(store.gpu_k, float("nan"))
+    admitted = run_admit(store, sel_pages, sel_lens, ref.admit_pages)
+    assert not torch.equal(admitted[0], store.tag)
+    results = []
+    for tag, k, v in [(store.tag, store.gpu_k, store.gpu_v), (torch.full_like(store.tag, -1), poisoned, poisoned),
+                      admitted]:
+        out = torch.full_like(q, float("nan"))
+        tiered_decode_attention(q, k, v, store.host_kv, sel_pages, sel_lens, store.cache_slot, tag,
+                                store.host_slot, out=out, num_splits=2)
+        results.append(out)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert same_result(results[0], expected, dtype)
+
+
+def test_pages_out_of_both_tiers_are_skipped():
+    """An entry whose page is neither cached nor in the host pool counts as length 0; a spilled
+    page still cached is read from the cache."""
+    g, d, P, dtype = 4, 64, 16, F16
+    store = Store(hkv=2, max_pages=12, P=P, d=d, dtype=dtype, spill=0.4, num_cache_slots=7, seed=5)
+    sel_pages, sel_lens = store.select(kmax=9, full_frac=1.0)
+    hs = store.host_slot.cpu()
+    cached = store.cached()
+    pages = sel_pages.cpu().long()
+    heads = torch.arange(store.hkv)[:, None].expand_as(pages)
+    unreadable = (hs[heads, pages] < 0) & ~cached[heads, pages] & (sel_lens.cpu() > 0)
+    spilled_cached = (hs[heads, pages] < 0) & cached[heads, pages] & (sel_lens.cpu() > 0)
+    assert unreadable.any() and spilled_cached.any(), "seed must give both cases"
+    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
+    out = decode(store, q, sel_pages, sel_lens, num_splits=2)
+    pool_k, pool_v = store.flat_pool()
+    sel_slots = (torch.arange(store.hkv, device=DEVICE, dtype=torch.int32)[:, None] * store.max_pages
+                 + sel_pages).contiguous()
+    lens = torch.where(unreadable.to(DEVICE), 0, sel_lens).contiguous()
+    assert same_result(out, sparse_decode_attention(q, pool_k, pool_v, sel_slots, lens, num_splits=2), dtype)
+    # A KV head with nothing readable gets zeros.
+    none = torch.full_like(store.host_slot, -1)
+    out = torch.full_like(q, float("nan"))
+    tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens, store.cache_slot,
+                            torch.full_like(store.tag, -1), none, out=out)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+# -- admit_pages -----------------------------------------------------------------------------------
+
+def run_admit(store, sel_pages, sel_lens, fn=admit_pages):
+    tag, gpu_k, gpu_v = store.tag.clone(), store.gpu_k.clone(), store.gpu_v.clone()
+    fn(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot, store.host_kv, gpu_k, gpu_v)
+    return tag, gpu_k, gpu_v
+
+
+@pytest.mark.parametrize("hkv,d,P,dtype,slots,seed", [
+    (2, 64, 16, F32, 5, 0), (4, 128, 32, F16, 6, 1), (3, 64, 32, BF16, 4, 2), (8, 64, 16, F16, 9, 3),
+])
+def test_admit_pages(hkv, d, P, dtype, slots, seed):
+    store = Store(hkv=hkv, max_pages=10, P=P, d=d, dtype=dtype, num_cache_slots=slots, seed=seed, cache_frac=0.5)
+    sel_pages, sel_lens = store.select(kmax=6)
+    store.gpu_k[store.tag < 0] = float("nan")  # empty slots poisoned
+    tag, gpu_k, gpu_v = run_admit(store, sel_pages, sel_lens)
+    ref_tag, ref_k, ref_v = run_admit(store, sel_pages, sel_lens, ref.admit_pages)
+    assert torch.equal(tag, ref_tag) and same_bits(gpu_k, ref_k) and same_bits(gpu_v, ref_v)
+
+    old_tag = store.tag.cpu()
+    tag, gpu_k, gpu_v = tag.cpu(), gpu_k.cpu(), gpu_v.cpu()
+    changed = (tag != old_tag).nonzero().flatten().tolist()
+    assert changed, "nothing admitted: weak test"
+    hs, cs = store.host_slot.cpu(), store.cache_slot.cpu()
+    host_kv = store.host_kv.cpu()
+    sp, sl, kmax = sel_pages.cpu(), sel_lens.cpu(), sel_pages.shape[1]
+    sel = {(h, int(p)) for h in range(hkv) for p, n in zip(sp[h].tolist(), sl[h].tolist()) if n}
+    was_cached = store.cached()
+    for s in range(slots):
+        if s in changed:  # an admitted page: selected, was uncached and host-resident, now bit-exact
+            h, p = divmod(int(tag[s]), store.max_pages)
+            assert (h, p) in sel and not was_cached[h, p] and hs[h, p] >= 0 and cs[h, p] == s
+            assert same_bits(gpu_k[s], host_kv[hs[h, p], 0]) and same_bits(gpu_v[s], host_kv[hs[h, p], 1])
+            claimants = sorted(h2 * kmax + e for h2 in range(hkv) for e in range(kmax)
+                               if sl[h2, e] and cs[h2, sp[h2, e]] == s and hs[h2, sp[h2, e]] >= 0)
+            assert (h, p) == (claimants[0] // kmax, int(sp.view(-1)[claimants[0]]))  # smallest flat index
+        else:  # untouched, bit for bit (incumbents, slots nobody claimed, slots of lost conflicts)
+            assert same_bits(gpu_k[s], store.gpu_k[s]) and same_bits(gpu_v[s], store.gpu_v[s])
+    for h, p in sel:  # a selected page stays uncached only if not in the host pool or it lost its slot
+        if tag[cs[h, p]] != h * store.max_pages + p:
+            assert hs[h, p] < 0 or divmod(int(tag[cs[h, p]]), store.max_pages) in sel
+
+
+def test_admit_conflicts():
+    """Direct-mapped conflicts: one writer per slot, smallest flat entry index wins; a selected
+    incumbent keeps its slot; spilled pages are not admitted; partial pages copied whole."""
+    hkv, max_pages, P, d, kmax = 2, 6, 16, 64, 3
+    store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=F16, num_cache_slots=4, spill=0.0, cache_frac=0.0)
+    cs = torch.tensor([[0, 1, 2, 3, 1, 2], [2, 3, 0, 1, 3, 0]], dtype=torch.int32)
+    hs = store.host_slot.cpu()
+    hs[0, 5] = -1
+    store.cache_slot, store.host_slot = cs.to(DEVICE), hs.to(DEVICE)
+    # Slot 1 holds page (1, 3), selected below: it stays. Slot 3 holds page (0, 3), not selected.
+    store.tag = torch.tensor([-1, 1 * max_pages + 3, -1, 3], dtype=torch.int32, device=DEVICE)
+    store.gpu_k[1], store.gpu_v[1] = store.true_k[1, 3], store.true_v[1, 3]
+    store.gpu_k[3], store.gpu_v[3] = store.true_k[0, 3], store.true_v[0, 3]
+    # Entries (flat h * kmax + e): 0:(0,2)->slot 2  1:(0,4)->slot 1  2:(0,5)->slot 2 spilled
+    #                              3:(1,0)->slot 2  4:(1,3)->slot 1 incumbent  5:(1,4)->slot 3, len 5
+    sel_pages = torch.tensor([[2, 4, 5], [0, 3, 4]], dtype=torch.int32, device=DEVICE)
+    sel_lens = torch.tensor([[P, P, P], [P, 7, 5]], dtype=torch.int32, device=DEVICE)
+    for fn in (admit_pages, ref.admit_pages):
+        tag, gpu_k, gpu_v = run_admit(store, sel_pages, sel_lens, fn)
+        assert tag.tolist() == [-1, 1 * max_pages + 3, 0 * max_pages + 2, 1 * max_pages + 4], fn
+        assert same_bits(gpu_k[2], store.true_k[0, 2]) and same_bits(gpu_v[2], store.true_v[0, 2])
+        assert same_bits(gpu_k[3], store.true_k[1, 4]) and same_bits(gpu_v[3], store.true_v[1, 4])
+        for s in (0, 1):
+            assert same_bits(gpu_k[s], store.gpu_k[s]) and same_bits(gpu_v[s], store.gpu_v[s])
+    # Once admitted, a second call is a no-op (everything selected and readable is cached or lost).
+    store.tag, store.gpu_k, store.gpu_v = tag, gpu_k, gpu_v
+    again = run_admit(store, sel_pages, sel_lens)
+    assert torch.equal(again[0], tag) and same_bits(again[1], gpu_k) and same_bits(again[2], gpu_v)
+
+
+# -- write_through ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,start,device_start,P,d,dtype", [
+    (1, 37, True, 16, 64, F16), (5, 14, False, 16, 128, F32), (45, 3, True, 32, 64, BF16),
+    (70, 0, False, 16, 64, F16), (1, 0, False, 32, 128, F32), (33, 64, True, 32, 128, F16),
+])
+def test_write_through(T, start, device_start, P, d, dtype):
+    hkv, max_pages = 3, -(-(start + T) // P) + 2
+    store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=dtype, num_cache_slots=5, spill=0.3,
+                  seed=T + start, cache_frac=0.9)
+    hs, home = store.host_slot.cpu(), store.home.cpu()
+    written = list(range(start // P, (start + T - 1) // P + 1))
+    hs[:, written] = home[:, written]  # the caller guarantees host slots for the pages being written
+    store.host_slot = hs.to(DEVICE)
+    # Page (0, first) cached; page (1, first) not (its slot's tag names another page or none).
+    p = written[0]
+    cs = store.cache_slot.cpu()
+    store.tag[cs[1, p]] = -1
+    store.tag[cs[0, p]] = p
+    store.gpu_k[cs[0, p]], store.gpu_v[cs[0, p]] = store.true_k[0, p].to(DEVICE), store.true_v[0, p].to(DEVICE)
+    assert store.cached()[0, p] and not store.cached()[1, p]
+    k_new = torch.randn(T, hkv, d, generator=store.gen).to(dtype).to(DEVICE)
+    v_new = torch.randn(T, hkv, d, generator=store.gen).to(dtype).to(DEVICE)
+    start_arg = torch.tensor([start], device=DEVICE) if device_start else start  # int64 tensor
+    results = []
+    for fn in (write_through, ref.write_through):
+        host_kv, gpu_k, gpu_v = to_host(store.host_kv.clone()), store.gpu_k.clone(), store.gpu_v.clone()
+        fn(k_new, v_new, start_arg, host_kv, store.host_slot, gpu_k, gpu_v, store.cache_slot, store.tag)
+        results.append((host_kv, gpu_k, gpu_v))
+    (host_kv, gpu_k, gpu_v), expected = results
+    for a, b in zip(results[0], expected):
+        assert same_bits(a, b)
+    # Direct checks: every token at its page's host slot and offset; cached copies updated; the
+    # rest of the host pool and every other cache row bit-exact.
+    host_kv, gpu_k, gpu_v = host_kv.cpu(), gpu_k.cpu(), gpu_v.cpu()
+    want_host, want_k, want_v = store.host_kv.cpu().clone(), store.gpu_k.cpu().clone(), store.gpu_v.cpu().clone()
+    cached, cs, kc, vc = store.cached(), store.cache_slot.cpu(), k_new.cpu(), v_new.cpu()
+    for t in range(T):
+        p, off = divmod(start + t, P)
+        for h in range(hkv):
+            want_host[hs[h, p], 0, off], want_host[hs[h, p], 1, off] = kc[t, h], vc[t, h]
+            if cached[h, p]:
+                want_k[cs[h, p], off], want_v[cs[h, p], off] = kc[t, h], vc[t, h]
+    assert same_bits(host_kv, want_host) and same_bits(gpu_k, want_k) and same_bits(gpu_v, want_v)
+
+
+# -- gather_pages_to_staging -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("hkv,P,d,dtype,num_pages", [
+    (2, 16, 64, F16, 7), (3, 32, 128, BF16, 5), (2, 16, 128, F32, 9), (1, 32, 64, F16, 1), (2, 16, 64, F32, 0),
+])
+def test_gather_pages_to_staging(hkv, P, d, dtype, num_pages):
+    store = Store(hkv=hkv, max_pages=10, P=P, d=d, dtype=dtype, spill=0.0, seed=num_pages)
+    capacity = num_pages * P + 3 * P + 5
+    results = []
+    for fn in (gather_pages_to_staging, ref.gather_pages_to_staging):
+        staging_k = torch.full((hkv, capacity, d), float("nan"), dtype=dtype, device=DEVICE)
+        staging_v = torch.full_like(staging_k, float("nan"))
+        fn(store.host_kv, store.host_slot, num_pages, staging_k, staging_v)
+        results.append((staging_k.cpu(), staging_v.cpu()))
+    (staging_k, staging_v), expected = results
+    assert same_bits(staging_k, expected[0]) and same_bits(staging_v, expected[1])
+    n = num_pages * P
+    assert same_bits(staging_k[:, :n], store.true_k[:, :num_pages].reshape(hkv, n, d))
+    assert same_bits(staging_v[:, :n], store.true_v[:, :num_pages].reshape(hkv, n, d))
+    assert staging_k[:, n:].isnan().all() and staging_v[:, n:].isnan().all()
+
+
+# -- GPU only --------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
+    """All four kernels on CUDA with host_kv in a real HostPagePool (cudaHostRegister, zero-copy
+    through HostPointer) against the references; write-through + decode + admission replay in a
+    CUDA graph (capture fails on any host synchronisation)."""
+    from lcrun.offload.host_pool import HostPagePool
+    hkv, g, d, P, max_pages, kmax, dtype = 4, 4, 128, 32, 40, 12, BF16
+    store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=dtype, num_cache_slots=24, spill=0.2, seed=11)
+    slot_bytes = 2 * P * d * 2
+    with HostPagePool(store.host_kv.shape[0], slot_bytes, pin=True) as pool:
+        assert pool.pinned
+        host_kv = pool.slots_view(dtype, (2, P, d))
+        host_kv.copy_(store.host_kv)
+        store.host_kv = host_kv
+        sel_pages, sel_lens = store.select(kmax)
+        q = torch.randn(hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
+        out = decode(store, q, sel_pages, sel_lens)
+        expected = decode(store, q, sel_pages, sel_lens, fn=ref.tiered_decode_attention)
+        assert rel_err(out, expected) < TOL[dtype]
+
+        admitted, expected_admit = run_admit(store, sel_pages, sel_lens), run_admit(store, sel_pages, sel_lens,
+                                                                                    ref.admit_pages)
+        assert all(same_bits(a, b) for a, b in zip(admitted, expected_admit))
+
+        staging = [torch.full((hkv, max_pages * P, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
+        full = store.home  # every page resident: the gather needs no spilled page
+        gather_pages_to_staging(host_kv, full, 30, staging[0], staging[1])
+        ref.gather_pages_to_staging(host_kv, full, 30, staging[2], staging[3])
+        assert same_bits(staging[0], staging[2]) and same_bits(staging[1], staging[3])
+
+        # One graph: write the new token, attend, admit the misses; replayed at two positions.
+        store.tag, store.gpu_k, store.gpu_v = admitted
+        store.host_slot = full
+        seq = torch.tensor([20 * P + 3], dtype=torch.int32, device=DEVICE)
+        k_new = torch.randn(1, hkv, d, generator=store.gen).to(dtype).to(DEVICE)
+        v_new = torch.randn(1, hkv, d, generator=store.gen).to(dtype).to(DEVICE)
+        out = torch.empty_like(q)
+
+        def step():
+            write_through(k_new, v_new, seq, host_kv, store.host_slot, store.gpu_k, store.gpu_v,
+                          store.cache_slot, store.tag)
+            tiered_decode_attention(q, store.gpu_k, store.gpu_v, host_kv, sel_pages, sel_lens,
+                                    *store.cache_args(), out=out)
+            admit_pages(sel_pages, sel_lens, *store.cache_args()[:2], store.host_slot, host_kv,
+                        store.gpu_k, store.gpu_v)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for pos in (20 * P + 3, 21 * P):
+            seq.fill_(pos)
+            before = [t.clone() for t in (store.tag, store.gpu_k, store.gpu_v)]
+            host_before = host_kv.clone()
+            graph.replay()
+            torch.cuda.synchronize()
+            p, off = divmod(pos, P)
+            for h in range(hkv):
+                slot = int(store.host_slot[h, p])
+                assert same_bits(host_kv[slot, 0, off], k_new[0, h]) and same_bits(host_kv[slot, 1, off], v_new[0, h])
+            # Replay the same step with the references from the saved state.
+            tag, gpu_k, gpu_v = before
+            ref.write_through(k_new, v_new, seq, host_before, store.host_slot, gpu_k, gpu_v, store.cache_slot, tag)
+            assert same_bits(host_before, host_kv)
+            expected = ref.tiered_decode_attention(q, gpu_k, gpu_v, host_before, sel_pages, sel_lens,
+                                                   store.cache_slot, tag, store.host_slot)
+            assert rel_err(out, expected) < TOL[dtype]
+            ref.admit_pages(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot, host_before, gpu_k, gpu_v)
+            assert torch.equal(tag, store.tag) and same_bits(gpu_k, store.gpu_k) and same_bits(gpu_v, store.gpu_v)
+        del host_kv, store
+        torch.cuda.synchronize()
