@@ -24,6 +24,7 @@ from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
 from lcrun.units import format_bytes
 
+TIERED_ALLOCATOR_SLACK = 1 << 30  # bytes of the plan's page slots left unallocated
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -69,8 +70,10 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                 f"this plan puts {plan.nvme_pages:,} KV pages on NVMe, which the runtime does not run yet: "
                 "raise --host-mem or lower --ctx (see `lcrun plan`)")
         from lcrun.runtime.tiered_cache import TieredTopKCache
+        # The plan fills the cap with page slots; keep back room for allocator fragmentation.
+        slack_slots = TIERED_ALLOCATOR_SLACK // plan.page_bytes
         return TieredTopKCache(model_cfg, config.ctx_tokens, device, dtype,
-                               cache_slots_per_layer=plan.gpu_slots // model_cfg.num_layers,
+                               cache_slots_per_layer=max(1, (plan.gpu_slots - slack_slots) // model_cfg.num_layers),
                                page_size=plan.page_size, budget=config.budget, sink_tokens=config.sink_tokens,
                                window_tokens=config.window_tokens, group_score=config.group_score,
                                prefill_block=plan.prefill_chunk)

@@ -1,7 +1,7 @@
 """Attention that also returns its log-sum-exp, and the merge of partial results.
 
 Chunked prefill over a tiered KV store attends to the past in blocks streamed from the host; each
-block gives a partial output and its log-sum-exp, and the partials merge exactly. On CUDA the
+block gives a partial output and its log-sum-exp, and the partials merge exactly (RunningAttention, one block at a time). On CUDA the
 partials come from PyTorch's flash kernel (which returns the LSE); elsewhere from plain torch.
 """
 from __future__ import annotations
@@ -29,11 +29,17 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     return out.to(q.dtype), lse
 
 
-def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """Exact softmax attention over the union of the key sets behind each partial.
-    outs: (H, T, D) each; lses: (H, T) fp32 each. Returns (H, T, D) in the outs' dtype."""
-    lse = torch.stack(lses)                                   # (n, H, T)
-    total = torch.logsumexp(lse, dim=0)                       # (H, T)
-    weights = torch.exp(lse - total)                          # (n, H, T)
-    out = sum(w[..., None] * o.float() for w, o in zip(weights, outs))
-    return out.to(outs[0].dtype)
+class RunningAttention:
+    """Softmax attention merged block by block (online log-sum-exp), so the memory of a prefill
+    over a long past stays one partial, however many blocks stream in."""
+
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor):
+        self.out, self.lse = out.float(), lse
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        total = torch.logaddexp(self.lse, lse)
+        self.out.mul_(torch.exp(self.lse - total)[..., None]).add_(out.float() * torch.exp(lse - total)[..., None])
+        self.lse = total
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.out.to(dtype)

@@ -230,7 +230,7 @@ def tiered_decode_attention(q: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.T
         kmax, max_pages, pages_per_split,
         G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
         DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=1,  # no cp.async pipelining: loads may come from host memory
     )
     if out is None:
         out = torch.empty((hq, d), device=device, dtype=q.dtype)
@@ -329,7 +329,7 @@ def admit_pages(sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: tor
         n, kmax, cache_slot.shape[1], sel_pages.stride(0), cache_slot.stride(0), host_kv.stride(0),
         host_kv.stride(1), gpu_k.stride(0),
         PD=pd, BLOCK_PD=next_pow2(pd), BLOCK_E=min(1024, next_pow2(n)),
-        num_warps=4 if pd * gpu_k.element_size() <= 8192 else 8,
+        num_warps=4 if pd * gpu_k.element_size() <= 8192 else 8, num_stages=1,
     )
 
 
@@ -413,7 +413,7 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
         host_kv.stride(0), host_kv.stride(1), host_kv.stride(2), gpu_k.stride(0), gpu_k.stride(1),
         host_slot.stride(0),
         START_IS_TENSOR=isinstance(start, torch.Tensor), P=page_size, D=d, BLOCK_D=next_pow2(d),
-        BLOCK_T=block_t, num_warps=4,
+        BLOCK_T=block_t, num_warps=4, num_stages=1,
     )
 
 
@@ -473,5 +473,5 @@ def gather_pages_to_staging(host_kv: torch.Tensor, host_slot: torch.Tensor, num_
     _gather_pages_kernel[(-(-num_pages // pages), hkv)](
         as_kernel_pointer(host_kv, device), host_slot, staging_k, staging_v, num_pages,
         host_kv.stride(0), host_kv.stride(1), host_slot.stride(0), staging_k.stride(0),
-        PD=pd, BLOCK_PD=block_pd, PAGES=pages, num_warps=8,
+        PD=pd, BLOCK_PD=block_pd, PAGES=pages, num_warps=8, num_stages=1,
     )

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 
 from lcrun.errors import ContextOverflowError
+from lcrun.runtime.decode_graph import DecodeStepper
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model import LlamaModel
 from lcrun.runtime.sampling import Sampler, SamplingParams
@@ -33,6 +34,7 @@ class Generator:
         self.cache = cache
         self.prefill_chunk = prefill_chunk
         self.cached_ids: list[int] = []  # exactly the tokens whose K/V the cache holds
+        self.stepper = DecodeStepper(model, cache)
         self.last_stats = GenerationStats()
 
     @property
@@ -101,7 +103,7 @@ class Generator:
                     stats.finish_reason = "context"
                     return
                 ids = torch.tensor([token], dtype=torch.long, device=self.model.device)
-                logits = self.model.forward(ids, self.cache)[-1]
+                logits = self.stepper.step(ids)
                 self.cached_ids.append(token)
         finally:
             stats.decode_s = time.perf_counter() - t1

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lcrun.errors import ContextOverflowError
+from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
 
@@ -40,6 +41,12 @@ class AttentionCache(ABC):
         self._positions = positions
         self._plan(positions)
 
+    def begin_replay(self, n: int) -> None:
+        """Host bookkeeping of a forward whose device work is a replayed CUDA graph."""
+        if self.length + n > self.capacity:
+            raise ContextOverflowError(f"the context of {self.capacity} tokens is full")
+        self._pending = n
+
     def end_forward(self) -> None:
         self.length += self._pending
         self._pending = 0
@@ -63,11 +70,28 @@ class AttentionCache(ABC):
         return 0
 
 
+def _chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, g: int,
+                     sm_scale: float) -> torch.Tensor:
+    """q: (T, Hq, D) post-RoPE at positions start..start+T-1; keys/values: (Hkv, start+T, D)."""
+    t, _, d = q.shape
+    hkv = keys.shape[0]
+    own_k = keys[:, start:].repeat_interleave(g, 0)
+    own_v = values[:, start:].repeat_interleave(g, 0)
+    o, lse = attention_with_lse(q.transpose(0, 1).contiguous(), own_k, own_v, True, sm_scale)
+    if start == 0:
+        return o.transpose(0, 1)
+    acc = RunningAttention(o.view(hkv, g, t, d).reshape(hkv, g * t, d), lse.view(hkv, g * t))
+    rows = q.view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)
+    acc.add(*attention_with_lse(rows, keys[:, :start], values[:, :start], False, sm_scale))
+    return acc.result(q.dtype).view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hkv * g, d)
+
+
 class DenseCache(AttentionCache):
     """Every token's post-RoPE K/V in one preallocated buffer per layer; SDPA over all of it."""
 
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype):
         super().__init__(cfg, capacity, device, dtype)
+        self.sm_scale = cfg.head_dim ** -0.5
         shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
         self.k = torch.empty(shape, device=self.device, dtype=dtype)
         self.v = torch.empty(shape, device=self.device, dtype=dtype)
@@ -93,11 +117,15 @@ class DenseCache(AttentionCache):
         self.v[layer, :, start:start + t] = v.transpose(0, 1)
         keys = self.k[layer, :, : start + t]
         values = self.v[layer, :, : start + t]
-        if start == 0 and t > 1 and q.is_cuda:
-            # First chunk: plain causal attention, which SDPA's flash kernel runs in O(T) memory.
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
-                                                 is_causal=True, enable_gqa=True)
+        if t == 1 and q.is_cuda:
+            # One query: flash decoding with GQA (folded rows would take a slow SDPA path here).
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], enable_gqa=True)
             return out[0].transpose(0, 1)
+        if t > 1 and q.is_cuda:
+            # Flash attention in O(T) memory: the chunk's causal self-attention, merged by
+            # log-sum-exp with its attention to the cached past (an explicit mask would make SDPA
+            # fall back to materialising every score).
+            return _chunk_attention(q, keys, values, start, g, self.sm_scale)
         # Fold each GQA group's query heads into rows against its one KV head: no K/V repeat,
         # and far faster than SDPA's enable_gqa path on the CPU.
         rows = q.view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)

@@ -60,12 +60,16 @@ class LlamaModel:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: AttentionCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: AttentionCache, all_logits: bool = False,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (T,) int64 on the model's device, continuing what ``cache`` holds.
+        positions: (T,) int64 device tensor, default cache.length onwards (a captured decode step
+        passes a static tensor it refills before each replay).
         Returns fp32 logits (T, vocab) if ``all_logits`` else (1, vocab) for the last token."""
         cfg = self.cfg
         t = input_ids.shape[0]
-        positions = torch.arange(cache.length, cache.length + t, device=self.device)
+        if positions is None:
+            positions = torch.arange(cache.length, cache.length + t, device=self.device)
         cache.begin_forward(positions)
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         x = F.embedding(input_ids, self.embed)

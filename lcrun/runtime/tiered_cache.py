@@ -25,7 +25,7 @@ import torch
 
 from lcrun.errors import ConfigError
 from lcrun.kernels import kernel_backend, plan_selection, select_with_plan
-from lcrun.kernels.attention_lse import attention_with_lse, merge_partials
+from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
 from lcrun.offload.host_pool import HostPagePool
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
@@ -104,7 +104,6 @@ class TieredTopKCache(AttentionCache):
         if self.device.type == "cuda":
             self.side = torch.cuda.Stream(self.device)
             self._prefetched = [torch.cuda.Event() for _ in range(L)]
-            self._admitted = [torch.cuda.Event() for _ in range(L)]
             self._staging = [(torch.empty((hkv, self.prefill_block, d), device=self.device, dtype=dtype),
                               torch.empty((hkv, self.prefill_block, d), device=self.device, dtype=dtype))
                              for _ in range(2)]
@@ -121,13 +120,13 @@ class TieredTopKCache(AttentionCache):
         self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
         self._pos = positions
         if t == 1:
-            self._start.fill_(start)
+            self._start.copy_(positions[:1])  # from the device: the step can be graph-captured
             torch.add(self._start, 1, out=self._seq_len)
             torch.floor_divide(self._seq_len, self.page_size, out=self._num_full)
             self._selection = plan_selection(self._seq_len, self.max_pages, self.page_size, self.sink_tokens,
                                              self.window_tokens, self.budget, self.ops.selection_bounds)
             self._spec = [None] * self.cfg.num_layers
-            self.stats.decode_steps += 1
+            self.stats.decode_steps += 1  # host count; replays add theirs in begin_replay
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos, sin = self._cos_sin
@@ -136,14 +135,12 @@ class TieredTopKCache(AttentionCache):
         v = v.to(self.dtype)
         t = q.shape[0]
         start = self.length if t > 1 else self._start
-        if self.side is not None:
-            # Admissions into this layer's cache (last step's demand misses, this step's prediction)
-            # must land before the new token is written through, or a page being admitted could
-            # miss the token (its host copy read first, its tag set after the write checked it).
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(self._admitted[layer])
-            if t == 1 and self.prefetch and self._spec[layer] is not None:
-                main.wait_event(self._prefetched[layer])
+        if t == 1 and self.prefetch and self._spec[layer] is not None:
+            # This step's predicted admissions into this layer must land before the new token is
+            # written through, or a page being admitted could miss the token (its host copy read
+            # first, its tag set after the write checked it). Earlier steps' side work was joined
+            # at the end of their forward.
+            torch.cuda.current_stream(self.device).wait_event(self._prefetched[layer])
         self.tier_ops.write_through(k, v, start, self.host_kv[layer], self.host_slot, self.gpu_k[layer],
                                     self.gpu_v[layer], self.cache_slot, self.tag[layer])
         self._update_abstracts(layer, k)
@@ -204,7 +201,6 @@ class TieredTopKCache(AttentionCache):
         with torch.cuda.stream(self.side):
             # Demand admission: pages this step read from the host become cached for the next.
             self._admit(layer, pages, lens)
-            self._admitted[layer].record(self.side)
             nxt = layer + 1
             if self.prefetch and nxt < self.cfg.num_layers:
                 # Speculative: layer l's query scores layer l+1's pages; admit what is missing.
@@ -212,9 +208,9 @@ class TieredTopKCache(AttentionCache):
                 self._admit(nxt, spec_pages, spec_lens)
                 self._spec[nxt] = spec_pages
                 self._prefetched[nxt].record(self.side)
-        pages.record_stream(self.side)
-        lens.record_stream(self.side)
-        q1.record_stream(self.side)
+        if not torch.cuda.is_current_stream_capturing():  # a graph's pool keeps its own tensors
+            for t in (pages, lens, q1):
+                t.record_stream(self.side)
         return out
 
     # -- prefill -----------------------------------------------------------------------------------
@@ -228,17 +224,16 @@ class TieredTopKCache(AttentionCache):
         t, start = q.shape[0], self.length
         hkv, g, d, P = self.cfg.num_kv_heads, self.cfg.gqa_group, self.cfg.head_dim, self.page_size
         rows = q.view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)
-        outs, lses = [], []
         # Self-attention of the chunk (causal), heads expanded: the chunk is small.
         o, lse = attention_with_lse(q.transpose(0, 1).contiguous(),
                                     k.transpose(0, 1).repeat_interleave(g, 0).contiguous(),
                                     v.transpose(0, 1).repeat_interleave(g, 0).contiguous(), True, self.sm_scale)
-        outs.append(o.view(hkv, g, t, d).reshape(hkv, g * t, d))
-        lses.append(lse.view(hkv, g * t))
-        # The past, whole pages only up to `start` (the partial page's old tokens are included;
-        # its newer slots are masked by taking exactly `start` tokens).
+        acc = RunningAttention(o.view(hkv, g, t, d).reshape(hkv, g * t, d), lse.view(hkv, g * t))
+        # The past (exactly `start` tokens: a partial page's newer slots belong to this chunk),
+        # in blocks streamed from the host pool.
         block_pages = self.prefill_block // P
-        blocks = [(p0, min(block_pages, -(-start // P) - p0)) for p0 in range(0, -(-start // P), block_pages)]
+        past_pages = -(-start // P)
+        blocks = [(p0, min(block_pages, past_pages - p0)) for p0 in range(0, past_pages, block_pages)]
         cuda = self.side is not None
         if cuda and blocks:
             main = torch.cuda.current_stream(self.device)
@@ -259,15 +254,26 @@ class TieredTopKCache(AttentionCache):
                 self._stage_block(layer, p0, n, buf)
             k_st, v_st = self._staging[buf]
             tokens = min(n * P, start - p0 * P)
-            o, lse = attention_with_lse(rows, k_st[:, :tokens], v_st[:, :tokens], False, self.sm_scale)
-            outs.append(o)
-            lses.append(lse)
+            acc.add(*attention_with_lse(rows, k_st[:, :tokens], v_st[:, :tokens], False, self.sm_scale))
             if cuda:
                 self._consumed[buf].record(main)
-        out = merge_partials(outs, lses) if len(outs) > 1 else outs[0]
-        return out.view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hkv * g, d)
+        return acc.result(q.dtype).view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hkv * g, d)
 
     # -- bookkeeping -------------------------------------------------------------------------------
+    # Every per-step quantity of a decode step lives on the device, and the step captures; but on
+    # the H100 its replays failed with cudaErrorInvalidAddressSpace at contexts of 64K and more
+    # (32K ran, 27 ms/token), while the same step runs eagerly. Until that is understood, eager.
+    graph_safe_decode = False
+
+    def end_forward(self) -> None:
+        if self.side is not None:  # join the side stream: a step's work ends with the step
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+        super().end_forward()
+
+    def begin_replay(self, n: int) -> None:
+        super().begin_replay(n)
+        self.stats.decode_steps += 1
+
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 

@@ -1,0 +1,44 @@
+"""One decode step captured as a CUDA graph and replayed, so a step costs its GPU time rather
+than hundreds of Python-launched kernels. Caches that keep every per-step quantity on the device
+(``graph_safe_decode``) can be captured; the others, and the CPU, run eagerly."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lcrun.runtime.kv_cache import AttentionCache
+from lcrun.runtime.model import LlamaModel
+
+
+class DecodeStepper:
+    def __init__(self, model: LlamaModel, cache: AttentionCache, use_graph: bool = True):
+        self.model, self.cache = model, cache
+        use_graph = use_graph and os.environ.get("LCRUN_CUDA_GRAPH", "1") != "0"
+        self.use_graph = (use_graph and model.device.type == "cuda"
+                          and getattr(cache, "graph_safe_decode", False))
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._eager_steps = 0
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (1,) int64 on the model's device, the last sampled token -> fp32 logits (vocab,)."""
+        if not self.use_graph or self._eager_steps < 2:
+            # Eager steps first: Triton compiles, cuBLAS sets up, then the step can be captured.
+            self._eager_steps += 1
+            return self.model.forward(token, self.cache)[-1]
+        if self.graph is None:
+            self._static_token = token.clone()
+            self._static_pos = torch.tensor([self.cache.length], device=self.model.device)
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._logits = self.model.forward(self._static_token, self.cache, positions=self._static_pos)
+            # Capture ran no kernel but did the host bookkeeping of one step; replay runs it.
+            self.graph.replay()
+            return self._logits[-1]
+        self._static_token.copy_(token)
+        self._static_pos.fill_(self.cache.length)
+        self.cache.begin_replay(1)
+        self.graph.replay()
+        self.cache.end_forward()
+        return self._logits[-1]
