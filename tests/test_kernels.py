@@ -26,6 +26,8 @@ from lcrun.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
 from lcrun.kernels.score import score_pages  # noqa: E402
 from lcrun.kernels.select_kernels import assemble_selection, selection_bounds  # noqa: E402
 from lcrun.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from lcrun.kernels import topk  # noqa: E402
+from lcrun.kernels.backend import kernel_backend  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # ||out - ref|| / ||ref|| bounds: output rounding of the dtype plus fp32 reordering.
@@ -136,18 +138,24 @@ def test_update_abstracts_partial_page_ignores_unwritten_tokens():
 
 # -- score_pages -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("g,d,dtype,reduce,block_pages", [
-    (1, 64, F32, "max", None), (3, 128, F16, "sum", None), (4, 64, BF16, "max", 16),
-    (8, 128, F32, "sum", 16), (4, 128, F16, "max", None), (3, 64, F32, "max", 16),
+@pytest.mark.parametrize("g,d,dtype,reduce,block_pages,kernel,programs", [
+    (1, 64, F32, "max", None, "grid", None), (3, 128, F16, "sum", None, "grid", None),
+    (4, 64, BF16, "max", 16, "grid", None), (8, 128, F32, "sum", 16, "grid", None),
+    (4, 128, F16, "max", None, "grid", None), (3, 64, F32, "max", 16, "grid", None),
+    (4, 128, BF16, "max", 16, "mma", 2), (3, 64, F16, "sum", 32, "mma", 1), (4, 64, F32, "max", 16, "mma", 5),
+    (8, 128, BF16, "sum", 64, "mma", None), (1, 64, BF16, "max", None, "mma", 3),
 ])
-def test_score_pages(g, d, dtype, reduce, block_pages):
+def test_score_pages(g, d, dtype, reduce, block_pages, kernel, programs):
+    """kernel: one program per block of pages (CUDA cores) or a few pipelined programs per KV head
+    (tensor cores: relu(Q) kmax^T + min(Q, 0) kmin^T)."""
     hkv, max_pages, num_full = 2, 50, 37
     gen = torch.Generator().manual_seed(g * d)
     keys = torch.randn(hkv, max_pages, 8, d, generator=gen)
     kmin, kmax = keys.amin(2).to(dtype).to(DEVICE), keys.amax(2).to(dtype).to(DEVICE)
     q = torch.randn(hkv * g, d, generator=gen).to(dtype).to(DEVICE)
     out = torch.full((hkv, max_pages), float("nan"), device=DEVICE)
-    scores = score_pages(q, kmin, kmax, i32(num_full), reduce, block_pages=block_pages, out=out)
+    scores = score_pages(q, kmin, kmax, i32(num_full), reduce, block_pages=block_pages, out=out,
+                         kernel=kernel, programs_per_head=programs)
     ref = reference.score_pages(q, kmin, kmax, i32(num_full), reduce)
     assert scores.data_ptr() == out.data_ptr()
     assert torch.isinf(scores[:, num_full:]).all() and (scores[:, num_full:] < 0).all()
@@ -304,17 +312,148 @@ def test_triton_selection_matches_torch_selection(P, S, W, B):
         masked = score_pages(q, kmin, kmax, num_full, candidates=bounds)
         ref = reference.score_pages(q, kmin, kmax, num_full, candidates=bounds)
         assert torch.equal(masked.isinf(), ref.isinf()) and torch.allclose(masked, ref, rtol=1e-5)
+        mma = score_pages(q, kmin, kmax, num_full, candidates=bounds, kernel="mma", block_pages=16, programs_per_head=2)
+        assert torch.equal(mma.isinf(), ref.isinf()) and torch.allclose(mma, ref, rtol=1e-5)
         plan = plan_selection(n, max_pages, P, S, W, B, bounds_fn=selection_bounds)
         expected = select_with_plan(plain, table, plan)
         got = select_with_plan(masked, table, plan, assemble=assemble_selection, masked=True)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), seq_len
 
 
+# -- fused top-k selection (lcrun.kernels.topk) -----------------------------------------------------
+
+def _check_topk(scores, k, method="filter", **kw):
+    """topk_indices picks k distinct in-range columns whose values are torch.topk's values."""
+    idx = topk.topk_indices(scores, k, method=method, **kw)
+    assert idx.shape == (scores.shape[0], k) and idx.dtype == torch.int32
+    idx = idx.long()
+    assert ((idx >= 0) & (idx < scores.shape[1])).all()
+    for row in idx.tolist():
+        assert len(set(row)) == k, "an index chosen twice"
+    expected = torch.topk(scores, k, dim=1).values
+    assert torch.equal(scores.gather(1, idx).sort(dim=1, descending=True).values, expected)
+    return idx
+
+
+@pytest.mark.parametrize("n,k", [(7, 3), (100, 46), (129, 65), (1000, 46), (3001, 65), (4096, 200), (50, 50)])
+@pytest.mark.parametrize("kind", ["random", "ties", "neg_inf", "few_finite"])
+def test_topk_indices_matches_torch_topk(n, k, kind):
+    """Exact against torch.topk on the values: distinct scores, heavy ties, -inf entries, rows with
+    fewer finite entries than k (the k-th value is -inf). Both the threshold path and the bisection."""
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    scores = torch.randn(3, n, generator=gen)
+    if kind == "ties":
+        scores = torch.randint(0, 4, (3, n), generator=gen).float()  # the threshold path falls back
+    elif kind == "neg_inf":
+        scores[torch.rand(3, n, generator=gen) < 0.5] = float("-inf")
+    elif kind == "few_finite":
+        scores[:, max(1, k // 2):] = float("-inf")
+        scores[1] = float("-inf")  # no finite entry at all
+    scores = scores.to(DEVICE)
+    _check_topk(scores, k)
+    _check_topk(scores, k, method="bisect")
+
+
+def test_topk_indices_order_and_ties():
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, 5000, generator=gen).to(DEVICE)
+    idx = _check_topk(scores, 46)
+    assert torch.equal(idx, torch.topk(scores, 46, dim=1).indices)  # fast path: sorted by falling score
+    assert torch.equal(topk.topk_indices(scores, 46), topk.topk_indices(scores, 46))  # deterministic
+    equal = torch.zeros(2, 3000, device=DEVICE)  # all tied: the smallest indices win, both paths
+    for method in topk.METHODS:
+        assert topk.topk_indices(equal, 10, method=method).tolist() == [list(range(10))] * 2
+    assert topk.topk_indices(scores, 0).shape == (4, 0)
+    half = scores.half()  # fp16/bf16 rows are ranked in fp32
+    _check_topk(half, 8)
+
+
+@pytest.mark.parametrize("hkv", [1, 2, 8])
+@pytest.mark.parametrize("P,S,W,B,max_pages", [
+    (32, 64, 512, 2048, 600), (16, 32, 64, 256, 90), (16, 0, 0, 64, 300), (32, 40, 70, 142, 2100),
+])
+def test_fused_selection_matches_select_with_plan(hkv, P, S, W, B, max_pages):
+    """select_top_pages (one launch) gives select_with_plan's selection: identical entries for distinct
+    scores (masked by the plan or not), the same set per head under ties and with the bisection."""
+    gen = torch.Generator().manual_seed(hkv * 1000 + max_pages)
+    table = torch.randperm(hkv * max_pages + 3, generator=gen)[: hkv * max_pages].reshape(hkv, max_pages)
+    table = table.to(torch.int32).to(DEVICE)
+    capacity = max_pages * P
+    lengths = [1, P - 1, B - 3, B + 1, B + P + 3, capacity // 3 + 5, capacity - 7, capacity]
+    # Fewer lengths with more heads: the interpreter runs the programs one by one.
+    for seq_len in {1: lengths, 2: lengths[::2]}.get(hkv, lengths[1::4]):
+        n = i32(seq_len)
+        plan = plan_selection(n, max_pages, P, S, W, B, bounds_fn=selection_bounds)
+        scores = torch.randn(hkv, max_pages, generator=gen).to(DEVICE)
+        scores[:, seq_len // P:] = float("-inf")
+        expected = select_with_plan(scores, table, plan)
+        got = topk.select_top_pages(scores, table, plan)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), seq_len
+        masked = torch.where(torch_select.candidate_mask(plan.bounds, max_pages), scores, float("-inf"))
+        got = topk.select_top_pages(masked, table, plan, masked=True)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), seq_len
+        bisect = topk.select_top_pages(scores, table, plan, method="bisect")
+        assert torch.equal(bisect[0].sort(dim=1).values, expected[0].sort(dim=1).values), seq_len
+        assert torch.equal(bisect[1].sort(dim=1).values, expected[1].sort(dim=1).values), seq_len
+        # Ties: the chosen pages may differ from torch.topk's, their scores may not.
+        tied = scores.round()
+        got = topk.select_top_pages(tied, table, plan)
+        want = select_with_plan(tied, table, plan)
+        assert torch.equal(got[1].sum(dim=1), want[1].sum(dim=1))
+        assert torch.equal(_top_scores(got, tied, table), _top_scores(want, tied, table)), seq_len
+
+
+def _top_scores(selection, scores, table):
+    """Per KV head, the sorted scores of the selected pages (slot -> page through the table)."""
+    slots, lens = selection
+    rows = []
+    for h in range(slots.shape[0]):
+        page_of = {int(s): p for p, s in enumerate(table[h].tolist())}
+        pages = [page_of[int(s)] for s, n in zip(slots[h].tolist(), lens[h].tolist()) if n]
+        rows.append(scores[h, pages].sort().values)
+    return torch.stack(rows)
+
+
+def test_backends_register_the_fused_selection():
+    triton_ops, torch_ops = kernel_backend(DEVICE), kernel_backend(DEVICE, "torch")
+    assert triton_ops.select_top_pages is topk.select_top_pages
+    assert torch_ops.select_top_pages is torch_select.select_top_pages
+    gen = torch.Generator().manual_seed(3)
+    table = torch.arange(2 * 200, dtype=torch.int32).reshape(2, 200).to(DEVICE)
+    plan = plan_selection(i32(200 * 16 - 5), 200, 16, 32, 64, 256, bounds_fn=selection_bounds)
+    scores = torch.randn(2, 200, generator=gen).to(DEVICE)
+    a, b = triton_ops.select_top_pages(scores, table, plan), torch_ops.select_top_pages(scores, table, plan)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 # -- GPU only --------------------------------------------------------------------------------------
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_decode_step_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("max_pages,num_warps", [(4096, None), (32768, None), (32768, 32), (20000, None)])
+def test_fused_selection_at_scale(max_pages, num_warps):
+    """Compiled kernel at runtime sizes (128K..1.25M tokens at P = 32): equal to torch.topk + assembly."""
+    hkv, P = 8, 32
+    gen = torch.Generator().manual_seed(max_pages)
+    table = torch.randperm(hkv * max_pages, generator=gen).reshape(hkv, max_pages).to(torch.int32).to(DEVICE)
+    for seq_len in (max_pages * P - 100, max_pages * P // 2 + 7):
+        plan = plan_selection(i32(seq_len), max_pages, P, 64, 512, 2048, bounds_fn=selection_bounds)
+        scores = torch.randn(hkv, max_pages, generator=gen).to(DEVICE)
+        expected = select_with_plan(scores, table, plan)
+        got = topk.select_top_pages(scores, table, plan, num_warps=num_warps)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        slow = topk.select_top_pages(scores, table, plan, num_warps=num_warps, method="bisect")
+        assert torch.equal(slow[0].sort(dim=1).values, expected[0].sort(dim=1).values)
+    scores = torch.randn(hkv, max_pages, generator=gen).to(DEVICE)
+    _check_topk(scores, 65, num_warps=num_warps)
+    _check_topk(scores.round(), 65, num_warps=num_warps)  # ties: the fallback
+
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused,kernel", [(False, "grid"), (True, "grid"), (True, "mma")])
+def test_decode_step_captures_in_a_cuda_graph(fused, kernel):
     """Score + select + attend, with lengths only on the device, replays in a CUDA graph
     (capture fails on any host synchronisation) and tracks a changing seq_len."""
     hkv, g, d, P, max_pages = 8, 4, 128, 32, 256
@@ -328,8 +467,11 @@ def test_decode_step_captures_in_a_cuda_graph():
 
     def step():
         plan = plan_selection(seq_len, max_pages, P, 64, 512, 2048, bounds_fn=selection_bounds)
-        scores = score_pages(q, kmin, kmax, num_full, "max", candidates=plan.bounds)
-        slots, lens = select_with_plan(scores, table, plan, assemble=assemble_selection, masked=True)
+        scores = score_pages(q, kmin, kmax, num_full, "max", candidates=plan.bounds, kernel=kernel)
+        if fused:
+            slots, lens = topk.select_top_pages(scores, table, plan)
+        else:
+            slots, lens = select_with_plan(scores, table, plan, assemble=assemble_selection, masked=True)
         sparse_decode_attention(q, k_pool, v_pool, slots, lens, out=out)
         return slots, lens
 
@@ -348,3 +490,6 @@ def test_decode_step_captures_in_a_cuda_graph():
         ref = reference.sparse_decode_attention(q, k_pool, v_pool, slots, lens)
         assert rel_err(out, ref) < TOL[BF16]
         assert int(lens.sum(dim=1).max()) <= 2048
+        plan = plan_selection(seq_len, max_pages, P, 64, 512, 2048)
+        expected = select_with_plan(score_pages(q, kmin, kmax, num_full, "max"), table, plan)
+        assert torch.equal(slots.sort(dim=1).values, expected[0].sort(dim=1).values), n

@@ -37,7 +37,7 @@ def test_equals_dense_when_budget_covers_context(cache_slots):
     steps = _steps([37, 50, 21], decode=12)      # 108 + 12 tokens: pages partial at every boundary
     dense = _run(DenseCache(CFG, 160, "cpu", torch.float32), steps)
     tiered = TieredTopKCache(CFG, 160, "cpu", torch.float32, cache_slots_per_layer=cache_slots, page_size=16,
-                             budget=256, sink_tokens=16, window_tokens=32, prefill_block=32)
+                             budget=256, sink_tokens=16, window_tokens=32, prefill_block=32, backend="torch")
     got = _run(tiered, steps)
     for a, b in zip(got, dense):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -51,7 +51,7 @@ def test_equals_dense_when_budget_covers_context(cache_slots):
 def test_small_budget_selects_and_reports():
     steps = _steps([200], decode=10, seed=1)
     tiered = TieredTopKCache(CFG, 256, "cpu", torch.float32, cache_slots_per_layer=64, page_size=16,
-                             budget=96, sink_tokens=16, window_tokens=32, prefill_block=64)
+                             budget=96, sink_tokens=16, window_tokens=32, prefill_block=64, backend="torch")
     dense = _run(DenseCache(CFG, 256, "cpu", torch.float32), steps)
     got = _run(tiered, steps)
     torch.testing.assert_close(got[0], dense[0], rtol=1e-4, atol=1e-4)   # prefill is exact
@@ -63,7 +63,7 @@ def test_small_budget_selects_and_reports():
 
 def test_host_pool_released_on_close():
     before = pinned_bytes_in_use()
-    tiered = TieredTopKCache(CFG, 128, "cpu", torch.float32, cache_slots_per_layer=8, page_size=16)
+    tiered = TieredTopKCache(CFG, 128, "cpu", torch.float32, cache_slots_per_layer=8, page_size=16, backend="torch")
     assert pinned_bytes_in_use() > before
     tiered.close()
     assert pinned_bytes_in_use() == before

@@ -22,6 +22,8 @@ class KernelBackend:
     paged_prefill_attention: Callable[..., torch.Tensor]
     selection_bounds: Callable[..., torch.Tensor]
     assemble_selection: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # (scores, page_table, plan, masked=False) -> sel_slots, sel_lens: top-k + assembly in one call.
+    select_top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 TORCH_BACKEND = KernelBackend(
@@ -32,6 +34,7 @@ TORCH_BACKEND = KernelBackend(
     paged_prefill_attention=reference.paged_prefill_attention,
     selection_bounds=select.selection_bounds,
     assemble_selection=select.assemble_selection,
+    select_top_pages=select.select_top_pages,
 )
 
 
@@ -41,8 +44,9 @@ def _triton_backend() -> KernelBackend:
     from lcrun.kernels.score import score_pages
     from lcrun.kernels.select_kernels import assemble_selection, selection_bounds
     from lcrun.kernels.sparse_decode import sparse_decode_attention
+    from lcrun.kernels.topk import select_top_pages
     return KernelBackend("triton", update_abstracts, score_pages, sparse_decode_attention, paged_prefill_attention,
-                         selection_bounds, assemble_selection)
+                         selection_bounds, assemble_selection, select_top_pages)
 
 
 def kernel_backend(device: torch.device | str, prefer: str = "auto") -> KernelBackend:

@@ -17,7 +17,9 @@ partial page allows B // P full pages plus that page. Entries are laid out
 
 Everything except the top-k depends only on seq_len, so ``plan_selection`` runs once per decode
 step, and per layer ``select_with_plan`` runs a top-k and one assembly step (a Triton kernel on
-the GPU, torch ops on CPU: the ``assemble`` argument). All on the device, no host synchronisation.
+the GPU, torch ops on CPU: the ``assemble`` argument). A backend's ``select_top_pages`` does the
+same in one launch on the GPU (lcrun.kernels.topk), ``select_top_pages`` below on CPU. All on the
+device, no host synchronisation.
 """
 from __future__ import annotations
 
@@ -106,6 +108,13 @@ def select_with_plan(scores: torch.Tensor, page_table: torch.Tensor, plan: Selec
         scores = torch.where(candidate_mask(plan.bounds, max_pages), scores, float("-inf"))
     top_pages = torch.topk(scores, plan.top_k, dim=1, sorted=True).indices
     return assemble(top_pages, page_table, plan)
+
+
+def select_top_pages(scores: torch.Tensor, page_table: torch.Tensor, plan: SelectionPlan,
+                     masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch path of a backend's ``select_top_pages`` (the Triton one is lcrun.kernels.topk: one
+    launch for top-k + assembly): torch.topk + assemble_selection. Same arguments as select_with_plan."""
+    return select_with_plan(scores, page_table, plan, assemble_selection, masked=masked)
 
 
 def select_pages(scores: torch.Tensor, page_table: torch.Tensor, seq_len: torch.Tensor, page_size: int,

@@ -14,9 +14,10 @@ from lcrun.runtime.model import LlamaModel
 class DecodeStepper:
     def __init__(self, model: LlamaModel, cache: AttentionCache, use_graph: bool = True):
         self.model, self.cache = model, cache
-        use_graph = use_graph and os.environ.get("LCRUN_CUDA_GRAPH", "1") != "0"
-        self.use_graph = (use_graph and model.device.type == "cuda"
-                          and getattr(cache, "graph_safe_decode", False))
+        # LCRUN_CUDA_GRAPH: 0 = never, force = also caches not marked safe (for testing them).
+        mode = os.environ.get("LCRUN_CUDA_GRAPH", "auto")
+        safe = getattr(cache, "graph_safe_decode", False) or (mode == "force" and hasattr(cache, "begin_replay"))
+        self.use_graph = use_graph and mode != "0" and model.device.type == "cuda" and safe
         self.graph: torch.cuda.CUDAGraph | None = None
         self._eager_steps = 0
 

@@ -15,7 +15,7 @@ import math
 import torch
 
 from lcrun.errors import ConfigError
-from lcrun.kernels import kernel_backend, plan_selection, select_with_plan, write_kv
+from lcrun.kernels import kernel_backend, plan_selection, write_kv
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
@@ -110,7 +110,7 @@ class PagedTopKCache(AttentionCache):
         else:
             plan = self._selection
             scores = self.ops.score_pages(q1, kmin, kmax, self._num_full, self.group_score, candidates=plan.bounds)
-            slots, lens = select_with_plan(scores, table, plan, self.ops.assemble_selection, masked=True)
+            slots, lens = self.ops.select_top_pages(scores, table, plan, masked=True)
             out = self.ops.sparse_decode_attention(q1, k_pool, v_pool, slots, lens, self.sm_scale)
         return out[None]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lcrun.errors import ConfigError
-from lcrun.kernels import kernel_backend, plan_selection, select_with_plan
+from lcrun.kernels import kernel_backend, plan_selection
 from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
 from lcrun.offload.host_pool import HostPagePool
 from lcrun.runtime.kv_cache import AttentionCache
@@ -174,7 +174,8 @@ class TieredTopKCache(AttentionCache):
         plan = self._selection
         scores = self.ops.score_pages(q1, self.kmin[layer], self.kmax[layer], self._num_full, self.group_score,
                                       candidates=plan.bounds)
-        return select_with_plan(scores, self.logical, plan, self.ops.assemble_selection, masked=True)
+        # The identity table makes the selected "slots" logical page ids.
+        return self.ops.select_top_pages(scores, self.logical, plan, masked=True)
 
     def _admit(self, layer: int, pages: torch.Tensor, lens: torch.Tensor) -> None:
         self.tier_ops.admit_pages(pages, lens, self.cache_slot, self.tag[layer], self.host_slot,

@@ -1,0 +1,16 @@
+"""Test-session setup. Triton fixes interpreter-or-GPU when a kernel is decorated, i.e. when its
+module is first imported; so on a machine without CUDA the interpreter is switched on here,
+before any test module imports lcrun, and every CPU test sees the same kernel mode."""
+import os
+import shutil
+import subprocess
+
+if os.environ.get("TRITON_INTERPRET") is None and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
+elif os.environ.get("TRITON_INTERPRET") is None:
+    try:
+        has_gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        has_gpu = False
+    if not has_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
