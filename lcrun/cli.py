@@ -258,6 +258,23 @@ def plan(config: LcrunConfig, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--kv-dir", default=None, help="Also measure the disk under this folder (writes 256 MiB).")
+@handle_errors
+def calibrate(device: str, kv_dir: str | None) -> None:
+    """Measure host->GPU, GPU memory and disk speeds once; `lcrun plan` uses them after."""
+    from lcrun.api import resolve_device
+    from lcrun.offload.calibrate import calibrate as run_calibration
+    from lcrun.planner import calibration_path, format_rate
+
+    cal = run_calibration(resolve_device(device), kv_dir)
+    for name in ("h2d_bytes_per_s", "gpu_mem_bytes_per_s", "disk_read_bytes_per_s", "disk_write_bytes_per_s"):
+        value = getattr(cal, name)
+        click.echo(f"{name.replace('_bytes_per_s', ''):12} {format_rate(value) if value else 'not measured'}")
+    click.echo(f"saved to {calibration_path()}")
+
+
+@main.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 def models(folders: tuple[Path, ...]) -> None:
     """List the models lcrun can find: the demo model, models under FOLDERS, synthetic specs."""

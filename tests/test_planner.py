@@ -341,3 +341,17 @@ def test_prefetch_two_layers_ahead_when_the_link_is_slow():
     assert p.bottleneck.startswith("host->GPU")
     assert p.decode_s_per_token == pytest.approx(expected_decode_s(p))
     assert make_plan(LLAMA_8B, "128k", machine(24 * GiB, 64 * GiB, 60 * GiB)).prefetch_depth == 1
+
+
+def test_calibrate_measures_disk_and_the_plan_uses_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lcrun.cli import main
+    monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+    res = CliRunner().invoke(main, ["calibrate", "--device", "cpu", "--kv-dir", str(tmp_path / "kv")])
+    assert res.exit_code == 0, res.output
+    cal = Calibration.load(None)
+    assert cal.disk_read_bytes_per_s > 0 and cal.disk_write_bytes_per_s > 0
+    assert not list((tmp_path / "kv").iterdir())  # the measurement's page files are gone
+    hw = detect_hardware(None, None, kv_dir=str(tmp_path / "kv"))
+    assert hw.source("disk_read_bytes_per_s") == "measured"

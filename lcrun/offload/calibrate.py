@@ -1,0 +1,84 @@
+"""A short measurement of this machine's links, cached for the planner (``lcrun calibrate``).
+
+h2d: pinned host -> GPU gathers of random pages by the zero-copy Triton kernel, the way the
+tiered store moves pages (not one big memcpy); gpu_mem: a large device-to-device copy (bytes read
+plus written); disk: sequential writes and random page reads of real files under --kv-dir through
+the NVMe store (O_DIRECT where the filesystem allows). On a machine without a GPU only the disk
+is measured. Each number is the median of a few repetitions.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lcrun.offload.host_pool import HostPagePool
+from lcrun.offload.nvme_store import NvmeStore
+from lcrun.planner import Calibration
+
+PAGE_BYTES = 16 * 1024
+
+
+def _median_rate(nbytes: int, run, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times)
+
+
+def measure_gpu(device: torch.device, pages: int = 8192) -> tuple[float, float]:
+    """(h2d, gpu_mem) bytes/s."""
+    from lcrun.kernels.tiered import gather_pages_to_staging
+    P, d = 32, 128
+    pool = HostPagePool(pages, 2 * P * d * 2)
+    try:
+        host_kv = pool.slots_view(torch.bfloat16, (2, P, d))
+        host_kv.view(-1)[:: 997] = 1  # touch the pages
+        slots = torch.randperm(pages, device=device).to(torch.int32).view(1, pages)
+        staging = [torch.empty((1, pages * P, d), device=device, dtype=torch.bfloat16) for _ in range(2)]
+
+        def gather():
+            gather_pages_to_staging(host_kv, slots, pages, *staging)
+            torch.cuda.synchronize(device)
+        gather()
+        h2d = _median_rate(pages * 2 * P * d * 2, gather)
+    finally:
+        pool.close()
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def copy():
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+    copy()
+    hbm = _median_rate(2 * src.numel(), copy)
+    return h2d, hbm
+
+
+def measure_disk(kv_dir: str, slots: int = 16384) -> tuple[float, float]:
+    """(read, write) bytes/s: random page reads, sequential page writes (256 MiB of 16 KiB pages)."""
+    with NvmeStore(kv_dir, PAGE_BYTES, slots) as store:
+        buf = torch.randint(0, 255, (slots, PAGE_BYTES), dtype=torch.uint8)
+        t0 = time.perf_counter()
+        store.write(range(slots), buf)
+        write = slots * PAGE_BYTES / (time.perf_counter() - t0)
+        order = torch.randperm(slots)[: slots // 4].tolist()
+        dst = torch.empty((len(order), PAGE_BYTES), dtype=torch.uint8)
+        read = _median_rate(len(order) * PAGE_BYTES, lambda: store.read_into_sync(order, dst), repeats=3)
+    return read, write
+
+
+def calibrate(device: torch.device, kv_dir: str | None = None, path: Path | None = None) -> Calibration:
+    gpu_name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else None
+    cal = Calibration(gpu_name=gpu_name)
+    if device.type == "cuda":
+        cal.h2d_bytes_per_s, cal.gpu_mem_bytes_per_s = measure_gpu(device)
+    if kv_dir is not None:
+        cal.disk_read_bytes_per_s, cal.disk_write_bytes_per_s = measure_disk(kv_dir)
+        cal.disk_dir = str(Path(kv_dir).resolve())
+    cal.save(path)
+    return cal
