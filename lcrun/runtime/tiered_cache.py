@@ -119,6 +119,7 @@ class TieredTopKCache(AttentionCache):
         t, start = positions.numel(), self.length
         self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
         self._pos = positions
+        self._cross_stream_refs: list[torch.Tensor] = []
         if t == 1:
             self._start.copy_(positions[:1])  # from the device: the step can be graph-captured
             torch.add(self._start, 1, out=self._seq_len)
@@ -209,9 +210,11 @@ class TieredTopKCache(AttentionCache):
                 self._admit(nxt, spec_pages, spec_lens)
                 self._spec[nxt] = spec_pages
                 self._prefetched[nxt].record(self.side)
-        if not torch.cuda.is_current_stream_capturing():  # a graph's pool keeps its own tensors
-            for t in (pages, lens, q1):
-                t.record_stream(self.side)
+        # Tensors made on the main stream and read on the side stream stay referenced until the
+        # streams join at the end of the step: freed earlier, the allocator could hand their
+        # memory to a later main-stream tensor while the side stream still reads it (inside a
+        # CUDA-graph capture record_stream does not protect them).
+        self._cross_stream_refs += (pages, lens, q1)
         return out
 
     # -- prefill -----------------------------------------------------------------------------------
@@ -261,14 +264,12 @@ class TieredTopKCache(AttentionCache):
         return acc.result(q.dtype).view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hkv * g, d)
 
     # -- bookkeeping -------------------------------------------------------------------------------
-    # Every per-step quantity of a decode step lives on the device, and the step captures; but on
-    # the H100 its replays failed with cudaErrorInvalidAddressSpace at contexts of 64K and more
-    # (32K ran, 27 ms/token), while the same step runs eagerly. Until that is understood, eager.
-    graph_safe_decode = False
+    graph_safe_decode = True  # every per-step quantity of a decode step lives on the device
 
     def end_forward(self) -> None:
         if self.side is not None:  # join the side stream: a step's work ends with the step
             torch.cuda.current_stream(self.device).wait_stream(self.side)
+        self._cross_stream_refs = []
         super().end_forward()
 
     def begin_replay(self, n: int) -> None:
