@@ -90,6 +90,7 @@ class TieredTopKCache(AttentionCache):
             torch.int32).view(hkv, self.max_pages)
         self.kmin = torch.zeros((L, hkv, self.max_pages, d), device=self.device, dtype=dtype)
         self.kmax = torch.zeros_like(self.kmin)
+        self._head_base = (torch.arange(hkv, device=self.device, dtype=torch.int32) * self.max_pages)[:, None]
         # select_with_plan maps pages through a table: the identity gives logical page ids.
         self.logical = torch.arange(self.max_pages, device=self.device, dtype=torch.int32)[None].expand(
             hkv, -1).contiguous()
@@ -154,7 +155,15 @@ class TieredTopKCache(AttentionCache):
         """Running per-page key min/max of the pages these tokens land in (a page restarts its
         running values at its first token), so a page's abstract is right the step it fills."""
         P, t = self.page_size, k.shape[0]
+        kmin, kmax = self.kmin[layer], self.kmax[layer]
         pos = self._pos
+        if t == 1:  # decode: one page, few kernels (this runs for every layer of every step)
+            page = pos // P
+            fresh = (pos % P == 0)[:, None, None]
+            kt = k.transpose(0, 1)  # (Hkv, 1, D)
+            kmin.index_copy_(1, page, torch.where(fresh, kt, torch.minimum(kmin.index_select(1, page), kt)))
+            kmax.index_copy_(1, page, torch.where(fresh, kt, torch.maximum(kmax.index_select(1, page), kt)))
+            return
         first = pos[:1] // P                                          # device, no sync
         n = (self.length + t - 1) // P - self.length // P + 1         # pages touched (host arithmetic)
         page_ids = first + torch.arange(n, device=self.device)
@@ -164,7 +173,6 @@ class TieredTopKCache(AttentionCache):
                              dtype=self.dtype).scatter_reduce_(1, local, kt, "amin")
         tmp_max = torch.full_like(tmp_min, float("-inf")).scatter_reduce_(1, local, kt, "amax")
         continuing = ((torch.arange(n, device=self.device) == 0) & (pos[0] % P != 0))[None, :, None]
-        kmin, kmax = self.kmin[layer], self.kmax[layer]
         kmin.index_copy_(1, page_ids, torch.where(continuing, torch.minimum(kmin.index_select(1, page_ids), tmp_min),
                                                   tmp_min))
         kmax.index_copy_(1, page_ids, torch.where(continuing, torch.maximum(kmax.index_select(1, page_ids), tmp_max),
@@ -183,9 +191,9 @@ class TieredTopKCache(AttentionCache):
                                   self.host_kv[layer], self.gpu_k[layer], self.gpu_v[layer])
 
     def _count_hits(self, layer: int, pages: torch.Tensor, lens: torch.Tensor) -> None:
-        flat = pages.long() + torch.arange(pages.shape[0], device=self.device)[:, None] * self.max_pages
-        cached = self.tag[layer].gather(0, self.cache_slot.view(-1).gather(0, flat.view(-1)).long()) == flat.view(-1)
-        valid = lens.view(-1) > 0
+        flat = pages + self._head_base                     # flat page ids h * max_pages + p
+        cached = self.tag[layer][self.cache_slot.view(-1)[flat].long()] == flat
+        valid = lens > 0
         self.stats.selected += valid.sum()
         self.stats.hits += (cached & valid).sum()
 
