@@ -19,7 +19,7 @@ i is attended), merged with the chunk's causal self-attention by log-sum-exp.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -46,10 +46,8 @@ class TierStats:
     """Device-side counters (read once, at report time: no sync in the loop)."""
     selected: torch.Tensor
     hits: torch.Tensor
-    predicted_admits: torch.Tensor
     decode_steps: int = 0
     prefill_bytes_h2d: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class TieredTopKCache(AttentionCache):
@@ -91,7 +89,7 @@ class TieredTopKCache(AttentionCache):
         self.kmin = torch.zeros((L, hkv, self.max_pages, d), device=self.device, dtype=dtype)
         self.kmax = torch.zeros_like(self.kmin)
         self._head_base = (torch.arange(hkv, device=self.device, dtype=torch.int32) * self.max_pages)[:, None]
-        # select_with_plan maps pages through a table: the identity gives logical page ids.
+        # Selection maps pages through a table: the identity gives logical page ids.
         self.logical = torch.arange(self.max_pages, device=self.device, dtype=torch.int32)[None].expand(
             hkv, -1).contiguous()
 
@@ -100,8 +98,7 @@ class TieredTopKCache(AttentionCache):
         self._seq_len = torch.zeros(1, **scalar)
         self._num_full = torch.zeros(1, **scalar)
         self.stats = TierStats(selected=torch.zeros((), device=self.device, dtype=torch.int64),
-                               hits=torch.zeros((), device=self.device, dtype=torch.int64),
-                               predicted_admits=torch.zeros((), device=self.device, dtype=torch.int64))
+                               hits=torch.zeros((), device=self.device, dtype=torch.int64))
         if self.device.type == "cuda":
             self.side = torch.cuda.Stream(self.device)
             self._prefetched = [torch.cuda.Event() for _ in range(L)]
@@ -127,7 +124,7 @@ class TieredTopKCache(AttentionCache):
             torch.floor_divide(self._seq_len, self.page_size, out=self._num_full)
             self._selection = plan_selection(self._seq_len, self.max_pages, self.page_size, self.sink_tokens,
                                              self.window_tokens, self.budget, self.ops.selection_bounds)
-            self._spec = [None] * self.cfg.num_layers
+            self._prefetched_into = [False] * self.cfg.num_layers
             self.stats.decode_steps += 1  # host count; replays add theirs in begin_replay
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -137,7 +134,7 @@ class TieredTopKCache(AttentionCache):
         v = v.to(self.dtype)
         t = q.shape[0]
         start = self.length if t > 1 else self._start
-        if t == 1 and self.prefetch and self._spec[layer] is not None:
+        if t == 1 and self.prefetch and self._prefetched_into[layer]:
             # This step's predicted admissions into this layer must land before the new token is
             # written through, or a page being admitted could miss the token (its host copy read
             # first, its tag set after the write checked it). Earlier steps' side work was joined
@@ -216,7 +213,8 @@ class TieredTopKCache(AttentionCache):
                 # Speculative: layer l's query scores layer l+1's pages; admit what is missing.
                 spec_pages, spec_lens = self._select(nxt, q1)
                 self._admit(nxt, spec_pages, spec_lens)
-                self._spec[nxt] = spec_pages
+                self._prefetched_into[nxt] = True
+                self._cross_stream_refs += (spec_pages, spec_lens)  # as validated on the H100
                 self._prefetched[nxt].record(self.side)
         # Tensors made on the main stream and read on the side stream stay referenced until the
         # streams join at the end of the step: freed earlier, the allocator could hand their
