@@ -41,6 +41,7 @@ import triton.testing  # noqa: E402,F401
 
 from lcrun.kernels import plan_selection, reference, select_with_plan  # noqa: E402
 from lcrun.kernels.abstracts import update_abstracts  # noqa: E402
+from lcrun.kernels.chunk_abstracts import chunk_abstracts_like, select_top_pages_hier, update_chunk_abstracts  # noqa: E402,E501
 from lcrun.kernels.score import score_pages  # noqa: E402
 from lcrun.kernels.select_kernels import assemble_selection, selection_bounds  # noqa: E402
 from lcrun.kernels.sparse_decode import decode_splits, sparse_decode_attention  # noqa: E402
@@ -66,6 +67,26 @@ PREDICTIONS = {
     "plan": "unchanged: one tiny kernel, ~5 us alone (the graph-timing floor), ~1-2 us in the step, once per "
             "step for all 32 layers in the runtime",
     "round 2 / totals (graph, incl. plan)": "32K ~25 us (2.6x), 128K ~30 us (6.4x), 512K ~50 us (14x), 1M ~72 us (19x)",
+    "round 3 / folded plan (bounds computed in the score and top-k kernels, no plan launch)": (
+        "flat total -1.5..2 us: 128K 37.8 -> ~36 us (5.3x), 1M 101.7 -> ~100 us"),
+    "round 3 / hierarchical 32x32 (chunk abstracts of 32 pages, pages of the best 32 chunks)": (
+        "chunk score reads 1/32 of the page abstracts: 4.2 MB at 1M -> ~5 us alone (latency floor), ~4.5 us at "
+        "128K; pages kernel (sort of the chunk row + 32 pages per program) ~5 us; final sort of 1024 keys per head "
+        "~5 us; hier select ~12-15 us alone; hier total (with attend ~15 us alone) ~25-28 us at every context: "
+        "128K ~7x, 1M ~50x"),
+    "round 4 / hier kernels without sorts (after round 3 measured 40.5 us at 128K and 57.2 us at 1M for 32x32: "
+    "tl.sort of 1024 int64 keys ~15-20 us)": (
+        "chunk choice by group leaders + rank by comparison (no sort of the chunk row), final top pages by "
+        "threshold + compaction + rank (no sort of 1024 keys): hier select 30 -> ~15 us at 128K, 46 -> ~17 us at "
+        "1M; hier total 32x32: 128K 40.5 -> ~28 us (~7x), 1M 57.2 -> ~30 us (~45x); 32x64 no longer much slower"),
+    "round 5 / 8 warps and 128 leader groups (round 4 measured no gain: the 256x256 and 128x128 int64 "
+    "comparison tiles in 4 warps are 128-512 values per thread: spilled)": (
+        "64 compared pairs per thread: pages kernel and final top-k ~3-4 us each; hier select alone ~15-18 us; hier "
+        "total 32x32 ~30 us at 128K (~6.4x), ~32 us at 1M (~43x); hot-page recall at 512K/1M ~0.9 (more "
+        "leader collisions with 128 groups)"),
+    "round 3 / recall": ("random keys: low (128K: 32 of 128 chunks, ~0.3-0.5 of flat's top pages; 1M: 32 of 1024 "
+                         "chunks, ~0.05-0.1); structured (24 hot pages per head): hot-page recall 1.0 when top chunks "
+                         ">= 24, attention mass within a few % of flat's"),
 }
 NOTES = {
     "round 1 measured (H100, graph replay, alone)": (
@@ -83,6 +104,25 @@ NOTES = {
         "CUDA-core kernel. Suspected cause, not yet tested: do_bench zeroes a 256 MiB buffer before each run, "
         "leaving L2 (50 MB) full of dirty lines that the kernel's reads must first write back (~16 us at 3 TB/s); "
         "a read-only flush would tell how much of the 17 us above the 43 us read floor is this artifact."),
+    "round 3 measured (H100, first hierarchical version with tl.sort)": (
+        "folded plan: flat total 27.9 / 36.5 / 59.6 / 99.4 us at 32K / 128K / 512K / 1M (was 30.3 / 37.3 / 60.9 / "
+        "101.3 with the plan launch; predicted -1.5..2 us: met). Hierarchical 32x32: 40.1 / 40.5 / 43.4 / 57.2 us "
+        "(1.6 / 4.8 / 16.3 / 24.3x); hier select alone 29-46 us vs ~12-15 predicted. Miss: tl.sort (bitonic, "
+        "55 compare-swap steps for 1024 keys, each a cross-thread exchange) costs ~15-20 us per 1024 int64 keys: "
+        "the final sort of 1024 candidates per head (~15 us at every context) and, at 1M, the sort of the "
+        "1024-chunk row in each pages program (+16 us). Variants with 512 candidates (32x16, 16x32) were ~10 us "
+        "faster. Chunk score: 7.4-8.9 us (latency-bound: 0.5-4 MB). Recall (32x32): random keys 1.00 / 0.33 / "
+        "0.09 / 0.07 of flat's top pages (all pages alike: attention mass equal to flat's, 0.016 at 128K); "
+        "structured keys (24 hot pages per head): hot-page recall 1.00 and attention mass equal to flat's "
+        "(0.961 / 0.889 / 0.742 / 0.633) at every context; 16-chunk variants miss hot pages (0.67-0.93)."),
+    "round 4 measured (sort-free hier kernels, 4 warps, 256 leader groups)": (
+        "hier select alone 25.1 / 32.8 / 38.0 / 39.0 us (round 3: 29.2 / 30.0 / 32.7 / 45.9); hier total 32x32 "
+        "41.9 / 44.8 / 48.8 / 50.4 us (1.5 / 4.3 / 14.5 / 27.6x). Miss (predicted ~15 us select): the "
+        "rank-by-comparison tiles (GROUPS x GROUPS leaders, 128 x 128 candidates, int64) in 4 warps hold "
+        "128-512 values per thread, spilled; hot-page recall at 512K/1M fell to 0.96 (two hot chunks in one leader "
+        "group: only the better competes)."),
+    'round 5 measured (8 warps, 128 leader groups; bench_attention-h100-2026-11-22-hier.json)': (
+        "hier 32x32 total 31.7 / 34.4 / 35.2 / 37.0 us at 32K / 128K / 512K / 1M = 2.0 / 5.6 / 20.1 / 37.7x vs cuDNN (predicted ~30 us, 6.4x at 128K and ~32 us, 43x at 1M: 2-5 us slower); hier select alone 20.5 / 23.3 / 23.6 / 25.3 us (chunk score 7.3-8.9 of it, latency-bound at 18-470 GB/s for 0.5-4 MB); 32x16: 6.0x at 128K, 41.2x at 1M but hot-page recall 0.67-0.74. Flat with the folded plan: 27.8 / 36.1 / 59.5 / 99.6 us (2.3 / 5.3 / 11.9 / 14.0x), score kernel 2220 GB/s at 1M (74% of the 3001 GB/s copy). Structured keys: hot-page recall 32x32 1.00 / 1.00 / 0.93 / 0.92 (128 leader groups: two hot chunks in one group keep only the better one), attention mass 0.961 / 0.889 / 0.692 / 0.585 vs flat 0.961 / 0.889 / 0.742 / 0.633. Random keys: recall of flat's top pages 1.00 / 0.33 / 0.09 / 0.06, attention mass equal to flat's (all pages alike). In the hier step at 128K and 1M the attend (~15 us alone) and the selection's three latency-bound launches (~23-25 us alone) dominate; no byte stream is left to dominate."),
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,6 +149,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--topk-warps", type=int, default=None, help="override the fused top-k's num_warps")
     ap.add_argument("--topk-groups", type=int, default=None, help="override the fused top-k's threshold groups")
     ap.add_argument("--topk-cap", type=int, default=None, help="override the fused top-k's survivor capacity")
+    ap.add_argument("--chunk-pages", type=int, default=32, help="hierarchical selection: pages per chunk abstract")
+    ap.add_argument("--top-chunks", type=int, default=32, help="hierarchical selection: chunks whose pages compete")
+    ap.add_argument("--hier-variants", default="32x16,32x32,32x64,16x32,16x64",
+                    help="CPxTOP hierarchical variants timed and scored for recall at each context")
+    ap.add_argument("--hot-pages", type=int, default=24,
+                    help="structured keys: pages per KV head whose keys lean towards the query")
+    ap.add_argument("--hot-strength", type=float, default=16.0,
+                    help="structured keys: hot keys = randn + strength * unit(mean query of the group)")
     ap.add_argument("--tune", action="store_true",
                     help="first time kernel variants at each context, then benchmark with the best")
     ap.add_argument("--git-commit", default=None, help="record this commit where the checkout has no git history")
@@ -121,6 +169,7 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.contexts, args.hq, args.hkv, args.head_dim = "512,1000", 8, 2, 64
         args.budget, args.page, args.sinks, args.window = 256, 16, 16, 64
+        args.chunk_pages, args.top_chunks, args.hier_variants, args.hot_pages = 4, 4, "4x2,4x4", 4
     return args
 
 
@@ -184,26 +233,44 @@ def device() -> torch.device:
 # -- inputs ----------------------------------------------------------------------------------------
 
 class Layer:
-    """One layer's paged K/V for ``context`` tokens (identity page table) and a decode query."""
+    """One layer's paged K/V for ``context`` tokens (identity page table) and a decode query.
+    hot > 0: structured keys: ``hot`` random candidate pages per KV head get keys along the mean
+    query of their group (strength * unit vector added), so a few pages matter (retrieval-like)."""
 
-    def __init__(self, context: int, args, seed: int = 0):
+    def __init__(self, context: int, args, seed: int = 0, hot: int = 0, chunk_pages=()):
         dev, dtype, P = device(), DTYPES[args.dtype], args.page
         torch.manual_seed(seed)
         self.context, self.P = context, P
         self.max_pages = -(-context // P)
         hkv, d = args.hkv, args.head_dim
         num_slots = hkv * self.max_pages
+        self.q = torch.randn(args.hq, d, device=dev, dtype=dtype)
         self.k_pool = torch.randn(num_slots, P, d, device=dev, dtype=dtype)
         self.v_pool = torch.randn(num_slots, P, d, device=dev, dtype=dtype)
+        self.hot_pages = None
+        if hot:
+            lo = -(-args.sinks // P)
+            hi = max(lo + 1, (context - args.window) // P - 1)
+            direction = self.q.float().view(hkv, -1, d).mean(1)
+            direction = direction / direction.norm(dim=-1, keepdim=True)
+            self.hot_pages = torch.stack([torch.randperm(hi - lo, device=dev)[:hot] + lo for _ in range(hkv)])
+            slots = (torch.arange(hkv, device=dev)[:, None] * self.max_pages + self.hot_pages).flatten()
+            boost = (args.hot_strength * direction).repeat_interleave(hot, 0)[:, None, :]
+            self.k_pool[slots] = (self.k_pool[slots].float() + boost).to(dtype)
         self.table = torch.arange(num_slots, device=dev, dtype=torch.int32).reshape(hkv, self.max_pages)
         self.kmin = torch.empty(hkv, self.max_pages, d, device=dev, dtype=dtype)
         self.kmax = torch.empty_like(self.kmin)
         update_abstracts(self.k_pool, self.table, self.kmin, self.kmax,
                          torch.arange(context // P, device=dev, dtype=torch.int32))
-        self.q = torch.randn(args.hq, d, device=dev, dtype=dtype)
         self.seq_len = torch.tensor([context], device=dev, dtype=torch.int32)
         self.num_full = torch.tensor([context // P], device=dev, dtype=torch.int32)
         self.last_page = torch.tensor([(context - 1) // P], device=dev, dtype=torch.int32)
+        self.chunks = {}  # chunk_pages -> (cmin, cmax)
+        all_pages = torch.arange(self.max_pages, device=dev, dtype=torch.int32)
+        for cp in chunk_pages:
+            cmin, cmax = chunk_abstracts_like(self.kmin, cp)
+            update_chunk_abstracts(self.kmin, self.kmax, cmin, cmax, all_pages, self.num_full, cp)
+            self.chunks[cp] = (cmin, cmax)
 
     def dense_kv(self):
         """(Hkv, context, D) views of the pools: with the identity table, head h's pages are adjacent."""
@@ -219,12 +286,39 @@ def plan(layer: Layer, args):
                           bounds_fn=selection_bounds)
 
 
+def folded_plan(layer: Layer, args):
+    """The plan with nothing launched: the kernels compute the bounds from seq_len."""
+    return plan_selection(layer.seq_len, layer.max_pages, args.page, args.sinks, args.window, args.budget,
+                          fold=True)
+
+
+def hier_select(layer: Layer, args, step_plan, chunk_pages=None, top_chunks=None):
+    cp = chunk_pages or args.chunk_pages
+    cmin, cmax = layer.chunks[cp]
+    return select_top_pages_hier(layer.q, layer.kmin, layer.kmax, cmin, cmax, layer.num_full, layer.table,
+                                 step_plan, cp, top_chunks or args.top_chunks, args.group_score)
+
+
+def hier_step(layer: Layer, args, out=None, chunk_pages=None, top_chunks=None):
+    """Hierarchical layer: folded plan, chunk scores, pages of the best chunks, top-k, attend."""
+    slots, lens = hier_select(layer, args, folded_plan(layer, args), chunk_pages, top_chunks)
+    return attend(layer, args, slots, lens, out)
+
+
+def flat_step_folded(layer: Layer, args, out=None):
+    """Flat layer with the plan folded into the score and top-k kernels (no plan launch)."""
+    step_plan = folded_plan(layer, args)
+    scores = score(layer, args, step_plan)
+    slots, lens = select(layer, scores, step_plan, args)
+    return attend(layer, args, slots, lens, out)
+
+
 def score(layer: Layer, args, step_plan, **variant):
     kw = dict(kernel=args.score_kernel, block_pages=args.score_block_pages, num_warps=args.score_warps,
               programs_per_head=args.score_programs, num_stages=args.score_stages)
     kw.update(variant)
     return score_pages(layer.q, layer.kmin, layer.kmax, layer.num_full, args.group_score,
-                       candidates=step_plan.bounds, **kw)
+                       candidates=step_plan if step_plan.bounds is None else step_plan.bounds, **kw)
 
 
 def select(layer: Layer, scores, step_plan, args=None, **variant):
@@ -353,11 +447,72 @@ def dense_variants(layer: Layer, args) -> dict:
 
 # -- one context -----------------------------------------------------------------------------------
 
+def hier_variants(args) -> list[tuple[int, int]]:
+    out = []
+    for v in args.hier_variants.split(","):
+        if v.strip():
+            cp, tc = v.strip().split("x")
+            out.append((int(cp), int(tc)))
+    if (args.chunk_pages, args.top_chunks) not in out:
+        out.insert(0, (args.chunk_pages, args.top_chunks))
+    return out
+
+
+def page_mask(layer: Layer, slots, lens) -> torch.Tensor:
+    """(Hkv, max_pages) bool: pages selected (identity table: slot = h * max_pages + page)."""
+    hkv = slots.shape[0]
+    pages = (slots.long() - torch.arange(hkv, device=slots.device)[:, None] * layer.max_pages).clamp(0)
+    mask = torch.zeros(hkv, layer.max_pages, dtype=torch.bool, device=slots.device)
+    mask.scatter_(1, pages, lens > 0)
+    return mask
+
+
+class DenseProbs:
+    """Softmax of the decode query over every token (fp32), for attention mass and output error."""
+
+    def __init__(self, layer: Layer, args):
+        k, v = layer.dense_kv()
+        g = args.hq // args.hkv
+        qg = layer.q.float().view(args.hkv, g, -1)
+        self.probs = torch.softmax((qg @ k.float().transpose(1, 2)) / math.sqrt(args.head_dim), dim=-1)
+        self.out = (self.probs @ v.float()).reshape(args.hq, -1)
+
+    def mass(self, layer: Layer, mask: torch.Tensor) -> float:
+        tokens = mask.repeat_interleave(layer.P, dim=1)[:, : layer.context]
+        return (self.probs * tokens[:, None, :]).sum(-1).mean().item()
+
+
+def quality(layer: Layer, args, flat_sel, variants, dense: DenseProbs) -> dict:
+    """Per hierarchical variant: recall of the flat top pages (fraction of flat's top pages, sinks and
+    window excluded, also picked), hot-page recall, attention mass captured, output error vs dense."""
+    bounds = plan(layer, args).bounds
+    cand = torch.zeros(layer.max_pages, dtype=torch.bool, device=bounds.device)
+    cand[int(bounds[1]):int(bounds[2])] = True
+    flat_mask = page_mask(layer, *flat_sel)
+    flat_top = flat_mask & cand
+
+    def describe(sel):
+        mask = page_mask(layer, *sel)
+        d = {"recall_vs_flat": ((mask & flat_top).sum() / flat_top.sum().clamp(min=1)).item(),
+             "attention_mass": dense.mass(layer, mask),
+             "out_rel_err_vs_dense": rel_err(attend(layer, args, *sel), dense.out)}
+        if layer.hot_pages is not None:
+            d["hot_recall"] = mask.gather(1, layer.hot_pages).float().mean().item()
+        return d
+
+    res = {"flat": describe(flat_sel)}
+    for cp, tc in variants:
+        res[f"hier/{cp}x{tc}"] = describe(hier_select(layer, args, folded_plan(layer, args), cp, tc))
+    return res
+
+
 def bench_context(context: int, args) -> dict:
-    layer = Layer(context, args)
+    variants = hier_variants(args)
+    layer = Layer(context, args, chunk_pages=sorted({cp for cp, _ in variants}))
     hkv, d, P = args.hkv, args.head_dim, args.page
     esize = layer.k_pool.element_size()
     step_plan = plan(layer, args)
+    fplan = folded_plan(layer, args)
     scores = score(layer, args, step_plan)
     slots, lens = select(layer, scores, step_plan, args)
     out = torch.empty_like(layer.q)
@@ -367,16 +522,31 @@ def bench_context(context: int, args) -> dict:
     exact, as_sets = same_selection((slots, lens), select_old(layer, scores, step_plan))
     if not as_sets:
         raise SystemExit(f"CORRECTNESS FAILURE at context {context}: fused selection != torch.topk selection")
+    folded_sel = select(layer, score(layer, args, fplan), fplan, args)
+    if not same_selection((slots, lens), folded_sel)[0]:
+        raise SystemExit(f"CORRECTNESS FAILURE at context {context}: the folded plan selects other pages")
     ref = reference.sparse_decode_attention(layer.q, layer.k_pool, layer.v_pool, slots, lens)
     err = rel_err(attend(layer, args, slots, lens), ref)
     if err > 2e-2:
         raise SystemExit(f"CORRECTNESS FAILURE at context {context}: sparse attend vs reference {err:.2e}")
+    # Hierarchical selection against its torch reference (pages differing only by near-ties allowed).
+    cp0, tc0 = args.chunk_pages, args.top_chunks
+    hier_sel = hier_select(layer, args, fplan)
+    hier_ref = reference.select_top_pages_hier(layer.q, layer.kmin, layer.kmax, *layer.chunks[cp0], layer.num_full,
+                                               layer.table, step_plan, cp0, tc0, args.group_score)
+    hier_diff = (page_mask(layer, *hier_sel) ^ page_mask(layer, *hier_ref)).sum(1).max().item()
+    if hier_diff > 2 or not torch.equal(hier_sel[1].sum(1), hier_ref[1].sum(1)):
+        raise SystemExit(f"CORRECTNESS FAILURE at context {context}: hierarchical selection != reference "
+                         f"({hier_diff} pages differ)")
 
     attended_tokens = int(lens.sum())
     scored_pages = int(torch.isfinite(scores[0]).sum())  # candidates: full pages, not sink or window
     score_bytes = 2 * hkv * scored_pages * d * esize + layer.q.numel() * esize + hkv * layer.max_pages * 4
     attend_bytes = 2 * attended_tokens * d * esize + layer.q.numel() * esize * 2 + slots.numel() * 8
     dense_bytes = 2 * hkv * context * d * esize
+    n_chunks = layer.chunks[cp0][0].shape[1]
+    chunk_bytes = 2 * hkv * n_chunks * d * esize
+    hier_pages_bytes = 2 * hkv * min(tc0 * cp0, layer.max_pages) * d * esize
     splits, pages_per_split = decode_splits(hkv, slots.shape[1], P, max(64, P), layer.q.device, args.num_splits)
 
     parts = {
@@ -387,10 +557,21 @@ def bench_context(context: int, args) -> dict:
         "attend": (lambda: attend(layer, args, slots, lens, out), attend_bytes),
         "abstract upkeep (1 page)": (lambda: update_abstracts(layer.k_pool, layer.table, layer.kmin, layer.kmax,
                                                               layer.last_page, layer.seq_len), None),
+        "chunk upkeep (1 chunk)": (lambda: update_chunk_abstracts(layer.kmin, layer.kmax, *layer.chunks[cp0],
+                                                                  layer.last_page, layer.num_full, cp0), None),
         "sparse total": (lambda: sparse_step(layer, args, out), None),
         "sparse total (torch.topk, old)": (lambda: sparse_step(layer, args, out, old=True), None),
         "layer without plan": (lambda: sparse_step(layer, args, out, with_plan=False, step_plan=step_plan), None),
+        "flat total (folded plan)": (lambda: flat_step_folded(layer, args, out), None),
+        "hier: chunk score": (lambda: score_pages(layer.q, *layer.chunks[cp0], layer.num_full, args.group_score,
+                                                  candidates=fplan, row_pages=cp0), chunk_bytes),
+        "hier: select (chunk score + pages + top-k)": (lambda: hier_select(layer, args, fplan),
+                                                       chunk_bytes + hier_pages_bytes),
+        "hier total (folded plan)": (lambda: hier_step(layer, args, out), None),
     }
+    for cp, tc in variants:
+        if (cp, tc) != (cp0, tc0):
+            parts[f"hier total {cp}x{tc}"] = (lambda cp=cp, tc=tc: hier_step(layer, args, out, cp, tc), None)
     timings = {}
     for name, (fn, nbytes) in parts.items():
         timing = time_ms(fn, args)
@@ -403,14 +584,26 @@ def bench_context(context: int, args) -> dict:
                 timing["graph_GBps"] = nbytes / (timing["graph_ms"] * 1e-3) / 1e9
         timings[name] = timing
 
+    # Selection quality of each hierarchical variant against flat selection: random keys, then
+    # structured keys (a few pages per head aligned with the query).
+    qual = {"random": quality(layer, args, (slots, lens), variants, DenseProbs(layer, args))}
     dense = dense_variants(layer, args)
+    del layer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    hot = Layer(context, args, seed=1, hot=args.hot_pages, chunk_pages=sorted({cp for cp, _ in variants}))
+    hot_plan = plan(hot, args)
+    hot_sel = select(hot, score(hot, args, hot_plan), hot_plan, args)
+    qual["structured"] = quality(hot, args, hot_sel, variants, DenseProbs(hot, args))
+    del hot
     ok = {k: v for k, v in dense.items() if "ms" in v}
     best_name = min(ok, key=lambda k: ok[k].get("graph_ms", ok[k]["ms"])) if ok else None
     result = {
         "context": context, "attended_tokens_all_heads": attended_tokens, "kmax": slots.shape[1],
         "num_splits": splits, "pages_per_split": pages_per_split, "sparse_vs_reference_rel_err": err,
         "fused_selection_identical_to_torch_topk": exact, "fused_selection_same_sets": as_sets,
-        "sparse": timings, "dense": dense, "dense_best": best_name,
+        "sparse": timings, "dense": dense, "dense_best": best_name, "selection_quality": qual,
+        "hier_vs_reference_max_pages_differing": hier_diff, "chunks_per_head": n_chunks,
     }
     if best_name is not None:
         best = ok[best_name]
@@ -423,7 +616,11 @@ def bench_context(context: int, args) -> dict:
             result["speedup_graph"] = best_ms / timings["sparse total"]["graph_ms"]
             result["speedup_graph_old"] = best_ms / timings["sparse total (torch.topk, old)"]["graph_ms"]
             result["speedup_graph_without_plan"] = best_ms / timings["layer without plan"]["graph_ms"]
-    del layer
+            result["speedup_graph_flat_folded"] = best_ms / timings["flat total (folded plan)"]["graph_ms"]
+            result["speedup_graph_hier"] = best_ms / timings["hier total (folded plan)"]["graph_ms"]
+            result["speedup_graph_hier_variants"] = {
+                f"{cp}x{tc}": best_ms / timings["hier total (folded plan)" if (cp, tc) == (cp0, tc0)
+                                               else f"hier total {cp}x{tc}"]["graph_ms"] for cp, tc in variants}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
@@ -575,6 +772,29 @@ def print_table(results: list[dict], copy_bw: dict) -> None:
               f"{r.get('speedup_graph_without_plan', 0):5.1f}")
     best = {r["context"]: r["dense_best"] for r in results}
     print(f"dense baseline = fastest SDPA variant per context: {best}")
+    print("\nfolded plan (no plan launch) and hierarchical selection; us graph replay; speedup vs dense;"
+          " quality: recall of flat's top pages / attention mass (random keys | structured keys, hot-page recall)")
+    head = (f"{'context':>8} | {'flat':>6} {'x':>5} | {'chunk':>5} {'GB/s':>5} {'hsel':>5} {'hier':>6} {'x':>5} | "
+            f"variant: us x recall(rand) mass(rand) | recall(str) hot mass(str)")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        s = r["sparse"]
+        t = lambda part: s[part].get("graph_ms", s[part]["ms"]) * 1e3  # noqa: E731
+        q = r["selection_quality"]
+        print(f"{r['context']:>8} | {t('flat total (folded plan)'):6.1f} {r.get('speedup_graph_flat_folded', 0):5.1f} | "
+              f"{t('hier: chunk score'):5.1f} {s['hier: chunk score'].get('graph_GBps', 0):5.0f} "
+              f"{t('hier: select (chunk score + pages + top-k)'):5.1f} {t('hier total (folded plan)'):6.1f} "
+              f"{r.get('speedup_graph_hier', 0):5.1f} | flat mass {q['random']['flat']['attention_mass']:.3f} | "
+              f"{q['structured']['flat']['attention_mass']:.3f} hot {q['structured']['flat'].get('hot_recall', 0):.2f}")
+        for name, vr in q["random"].items():
+            if name == "flat":
+                continue
+            key = name.split("/")[1]
+            vs = q["structured"][name]
+            print(f"{'':>8} | {'':>12} | {'':>31} | {key:>7}: {r.get('speedup_graph_hier_variants', {}).get(key, 0):5.1f}x "
+                  f"{vr['recall_vs_flat']:.2f} {vr['attention_mass']:.3f} | {vs['recall_vs_flat']:.2f} "
+                  f"{vs.get('hot_recall', 0):.2f} {vs['attention_mass']:.3f}")
 
 
 def main() -> None:

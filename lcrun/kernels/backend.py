@@ -24,6 +24,9 @@ class KernelBackend:
     assemble_selection: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     # (scores, page_table, plan, masked=False) -> sel_slots, sel_lens: top-k + assembly in one call.
     select_top_pages: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # Hierarchical selection (lcrun.kernels.chunk_abstracts): chunk abstracts, then pages in the best chunks.
+    update_chunk_abstracts: Callable[..., None] | None = None
+    select_top_pages_hier: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 TORCH_BACKEND = KernelBackend(
@@ -35,10 +38,13 @@ TORCH_BACKEND = KernelBackend(
     selection_bounds=select.selection_bounds,
     assemble_selection=select.assemble_selection,
     select_top_pages=select.select_top_pages,
+    update_chunk_abstracts=reference.update_chunk_abstracts,
+    select_top_pages_hier=reference.select_top_pages_hier,
 )
 
 
 def _triton_backend() -> KernelBackend:
+    from lcrun.kernels import chunk_abstracts
     from lcrun.kernels.abstracts import update_abstracts
     from lcrun.kernels.paged_prefill import paged_prefill_attention
     from lcrun.kernels.score import score_pages
@@ -46,7 +52,9 @@ def _triton_backend() -> KernelBackend:
     from lcrun.kernels.sparse_decode import sparse_decode_attention
     from lcrun.kernels.topk import select_top_pages
     return KernelBackend("triton", update_abstracts, score_pages, sparse_decode_attention, paged_prefill_attention,
-                         selection_bounds, assemble_selection, select_top_pages)
+                         selection_bounds, assemble_selection, select_top_pages,
+                         update_chunk_abstracts=chunk_abstracts.update_chunk_abstracts,
+                         select_top_pages_hier=chunk_abstracts.select_top_pages_hier)
 
 
 def kernel_backend(device: torch.device | str, prefer: str = "auto") -> KernelBackend:

@@ -30,7 +30,8 @@ def update_abstracts(k_pool, page_table, kmin, kmax, pages, seq_len=None) -> Non
 
 
 def score_pages(q, kmin, kmax, num_full_pages, group_reduce="max", block_pages=None, num_warps=None,
-                candidates=None, out=None) -> torch.Tensor:
+                candidates=None, out=None, kernel=None, programs_per_head=None, num_stages=None,
+                row_pages=1) -> torch.Tensor:
     hkv, max_pages, d = kmin.shape
     qg = q.float().reshape(hkv, -1, 1, d)  # (Hkv, G, 1, D)
     parts = []
@@ -40,10 +41,17 @@ def score_pages(q, kmin, kmax, num_full_pages, group_reduce="max", block_pages=N
         bound = torch.maximum(qg * low, qg * high).sum(dim=-1)  # (Hkv, G, chunk)
         parts.append(bound.amax(dim=1) if group_reduce == "max" else bound.sum(dim=1))
     scores = torch.cat(parts, dim=1).nan_to_num(-_FINITE, _FINITE, -_FINITE)
-    pages = torch.arange(max_pages, device=kmin.device)
-    scored = pages < num_full_pages.reshape(1).long()
+    lo = torch.zeros(1, dtype=torch.long, device=kmin.device)
+    hi = num_full_pages.reshape(1).long()
     if candidates is not None:
-        scored &= (pages >= candidates[1]) & (pages < candidates[2])
+        bounds = candidates.device_bounds() if hasattr(candidates, "device_bounds") else candidates
+        lo, hi = bounds[1:2].long(), torch.minimum(hi, bounds[2:3].long())
+    if row_pages > 1:  # chunk rows: those holding a page in [lo, hi)
+        nonempty = hi > lo
+        lo = lo // row_pages
+        hi = torch.where(nonempty, (hi + row_pages - 1) // row_pages, lo)
+    rows = torch.arange(max_pages, device=kmin.device)
+    scored = (rows >= lo) & (rows < hi)
     return _into(out, torch.where(scored[None, :], scores, float("-inf")))
 
 
@@ -82,6 +90,68 @@ def paged_prefill_attention(q, k_pool, v_pool, page_table, start, sm_scale=None,
     attended = F.scaled_dot_product_attention(q.float().transpose(0, 1)[None], keys[None], values[None],
                                               attn_mask=visible, scale=sm_scale, enable_gqa=hq != hkv)
     return _into(out, attended[0].transpose(0, 1).contiguous().to(q.dtype))
+
+
+def update_chunk_abstracts(kmin, kmax, cmin, cmax, pages, num_full_pages, chunk_pages) -> None:
+    """chunk_abstracts.update_chunk_abstracts in torch."""
+    hkv, max_pages, d = kmin.shape
+    chunks = torch.unique(pages.long() // chunk_pages)
+    page = chunks[:, None] * chunk_pages + torch.arange(chunk_pages, device=kmin.device)  # (n, CP)
+    full = (page < num_full_pages.reshape(1).long()) & (page < max_pages)
+    page = page.clamp(max=max_pages - 1)
+    low = kmin[:, page].float().masked_fill(~full[None, :, :, None], float("inf")).amin(dim=2)
+    high = kmax[:, page].float().masked_fill(~full[None, :, :, None], float("-inf")).amax(dim=2)
+    cmin[:, chunks] = low.to(cmin.dtype)
+    cmax[:, chunks] = high.to(cmax.dtype)
+
+
+def select_top_pages_hier(q, kmin, kmax, cmin, cmax, num_full_pages, page_table, plan, chunk_pages: int,
+                          top_chunks: int = 32, group_reduce: str = "max", score_kw=None,
+                          hier_warps=None, leader_groups: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """chunk_abstracts.select_top_pages_hier in torch: same arguments and result."""
+    hkv, max_pages, d = kmin.shape
+    P, kmax_entries = plan.page_size, plan.kmax
+    n, n_sink, window_first, n_top = (int(x) for x in plan.device_bounds().tolist())
+    lo, hi = n_sink, min(int(num_full_pages.reshape(-1)[0]), window_first)
+    n_chunks = cmin.shape[1]
+    chunks_pad = 1 << max(0, (n_chunks - 1).bit_length())
+    top_chunks = min(top_chunks, chunks_pad)
+    leader_groups = min(leader_groups, chunks_pad)
+    chunk_scores = score_pages(q, cmin, cmax, num_full_pages, group_reduce, candidates=plan.device_bounds(),
+                               row_pages=chunk_pages)
+    page_scores = score_pages(q, kmin, kmax, num_full_pages, group_reduce)
+    slots = torch.zeros((hkv, kmax_entries), dtype=torch.int32, device=kmin.device)
+    lens = torch.zeros_like(slots)
+    n_forced = n_sink + (n + P - 1) // P - window_first
+    forced = [e if e < n_sink else window_first + e - n_sink for e in range(min(n_forced, kmax_entries))]
+    pages = torch.arange(max_pages, device=kmin.device)
+    for h in range(hkv):
+        c_ok = torch.isfinite(chunk_scores[h]) if hi > lo else torch.zeros(n_chunks, dtype=torch.bool)
+        # Leaders: the best chunk of each group c % leader_groups (chunk_abstracts.LEADER_GROUPS).
+        order = _order(chunk_scores[h], c_ok)
+        group_of = order % leader_groups
+        first = torch.ones_like(order, dtype=torch.bool)
+        seen = set()
+        for i, grp in enumerate(group_of.tolist()):
+            first[i] = grp not in seen
+            seen.add(grp)
+        c_rank = order[first][:top_chunks]
+        chosen = torch.zeros(max_pages, dtype=torch.bool, device=kmin.device)
+        for c in c_rank.tolist():
+            chosen[c * chunk_pages:(c + 1) * chunk_pages] = True
+        chosen &= (pages >= lo) & (pages < hi)
+        top = _order(page_scores[h], chosen)[:max(0, min(n_top, kmax_entries - n_forced))].tolist()
+        chosen_pages = torch.tensor(forced + top, dtype=torch.long, device=kmin.device)
+        slots[h, :len(chosen_pages)] = page_table[h, chosen_pages]
+        lens[h, :len(chosen_pages)] = torch.clamp(n - chosen_pages * P, 0, P).to(torch.int32)
+    return slots, lens
+
+
+def _order(scores: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Indices with ok set, by falling score then rising index."""
+    idx = ok.nonzero().flatten()
+    order = torch.sort(scores[idx].float(), descending=True, stable=True).indices
+    return idx[order]
 
 
 def _into(out, result):

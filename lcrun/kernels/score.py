@@ -3,10 +3,31 @@ from __future__ import annotations
 
 import torch
 
+from lcrun.kernels.select import SelectionPlan
+from lcrun.kernels.select_kernels import plan_bounds, plan_kernel_args, quest_bound
 from lcrun.kernels.triton_support import dot_precision, dot_upcast, jit, next_pow2, tl, triton
 
 GROUP_REDUCES = ("max", "sum")
 FINITE = tl.constexpr(3.0e38)  # clamp for scored pages: they must rank above -inf
+
+
+@jit
+def _row_range(num_full_pages, candidates, HAS_CANDIDATES: tl.constexpr, FOLD: tl.constexpr, P: tl.constexpr,
+               SINK_PAGES: tl.constexpr, WINDOW: tl.constexpr, BUDGET: tl.constexpr, ROW_PAGES: tl.constexpr):
+    """Rows [lo, hi) to score: full pages, within the selection's candidates [sink pages, first
+    window page) if given; rows of ROW_PAGES pages (chunk abstracts): the rows holding such a page."""
+    lo = tl.zeros([], tl.int32)
+    hi = tl.load(num_full_pages)
+    if HAS_CANDIDATES:  # selection bounds: only pages in [bounds[1], bounds[2]) compete
+        _n, n_sink, window_first, _top = plan_bounds(candidates, FOLD, P, SINK_PAGES, WINDOW, BUDGET)
+        lo = n_sink
+        hi = tl.minimum(hi, window_first)
+    if ROW_PAGES > 1:
+        hi = tl.maximum(hi, lo)
+        lo_row = lo // ROW_PAGES
+        hi = tl.where(hi > lo, (hi + ROW_PAGES - 1) // ROW_PAGES, lo_row)
+        lo = lo_row
+    return lo, hi
 
 
 @jit
@@ -15,16 +36,14 @@ def _score_pages_kernel(
     stride_q_h, stride_abs_h, stride_abs_p, stride_scores_h,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAGES: tl.constexpr,
     REDUCE_MAX: tl.constexpr, HAS_CANDIDATES: tl.constexpr,
+    FOLD: tl.constexpr, P: tl.constexpr, SINK_PAGES: tl.constexpr, WINDOW: tl.constexpr, BUDGET: tl.constexpr,
+    ROW_PAGES: tl.constexpr,
 ):
     block = tl.program_id(0)
     head = tl.program_id(1)
     offs_p = block * BLOCK_PAGES + tl.arange(0, BLOCK_PAGES)
     offs_d = tl.arange(0, BLOCK_D)
-    lo = 0
-    hi = tl.load(num_full_pages)
-    if HAS_CANDIDATES:  # selection bounds: only pages in [bounds[1], bounds[2]) compete
-        lo = tl.load(candidates + 1)
-        hi = tl.minimum(hi, tl.load(candidates + 2))
+    lo, hi = _row_range(num_full_pages, candidates, HAS_CANDIDATES, FOLD, P, SINK_PAGES, WINDOW, BUDGET, ROW_PAGES)
     out = scores + head * stride_scores_h + offs_p
     if (block * BLOCK_PAGES >= hi) | ((block + 1) * BLOCK_PAGES <= lo):
         # Capacity-sized grid: blocks with no page to score only write -inf, reading nothing.
@@ -35,19 +54,7 @@ def _score_pages_kernel(
         src = head * stride_abs_h + offs_p.to(tl.int64)[:, None] * stride_abs_p + offs_d[None, :]
         low = tl.load(kmin + src, mask=mask, other=0.0).to(tl.float32)
         high = tl.load(kmax + src, mask=mask, other=0.0).to(tl.float32)
-        if REDUCE_MAX:
-            acc = tl.full([BLOCK_PAGES], float("-inf"), tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_PAGES], tl.float32)
-        # Every query head of the group reuses the abstracts already in registers.
-        for g in tl.static_range(G):
-            qg = tl.load(q + (head * G + g) * stride_q_h + offs_d, mask=offs_d < D, other=0.0)
-            qg = qg.to(tl.float32)[None, :]
-            bound = tl.sum(tl.maximum(qg * low, qg * high), axis=1)
-            if REDUCE_MAX:
-                acc = tl.maximum(acc, bound)
-            else:
-                acc = acc + bound
+        acc = quest_bound(q, low, high, head, stride_q_h, offs_d, D, G, REDUCE_MAX, BLOCK_PAGES)
         # Finite scores (nan -> lowest) always rank above the -inf of pages that do not compete.
         acc = tl.minimum(tl.maximum(tl.where(acc == acc, acc, -FINITE), -FINITE), FINITE)
         tl.store(out, tl.where(valid, acc, float("-inf")), mask=offs_p < max_pages)
@@ -60,6 +67,8 @@ def _score_pages_mma_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAGES: tl.constexpr,
     REDUCE_MAX: tl.constexpr, HAS_CANDIDATES: tl.constexpr, NUM_STAGES: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    FOLD: tl.constexpr, P: tl.constexpr, SINK_PAGES: tl.constexpr, WINDOW: tl.constexpr, BUDGET: tl.constexpr,
+    ROW_PAGES: tl.constexpr,
 ):
     """Same scores on the tensor cores. Since kmax >= kmin, max(q * kmin, q * kmax) is q * kmax
     where q > 0 and q * kmin where q < 0, so the bound of the G query heads over a block of pages
@@ -80,11 +89,7 @@ def _score_pages_mma_kernel(
     zero = tl.zeros_like(qt)
     q_pos = tl.where(qt > 0, qt, zero)
     q_neg = tl.where(qt < 0, qt, zero)
-    lo = 0
-    hi = tl.load(num_full_pages)
-    if HAS_CANDIDATES:
-        lo = tl.load(candidates + 1)
-        hi = tl.minimum(hi, tl.load(candidates + 2))
+    lo, hi = _row_range(num_full_pages, candidates, HAS_CANDIDATES, FOLD, P, SINK_PAGES, WINDOW, BUDGET, ROW_PAGES)
     num_blocks = tl.cdiv(max_pages, BLOCK_PAGES)
     first = tl.minimum(lo // BLOCK_PAGES, num_blocks)
     last = tl.maximum(tl.minimum(tl.cdiv(hi, BLOCK_PAGES), num_blocks), first)
@@ -132,7 +137,7 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
                 group_reduce: str = "max", block_pages: int | None = None, num_warps: int | None = None,
                 candidates: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 kernel: str | None = None, programs_per_head: int | None = None,
-                num_stages: int | None = None) -> torch.Tensor:
+                num_stages: int | None = None, row_pages: int = 1) -> torch.Tensor:
     """Upper-bound attention score of each full page for one decode token.
 
     q: (Hq, D) post-RoPE query, Hq = G * Hkv (head i belongs to KV head i // G), last dim contiguous;
@@ -141,7 +146,10 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
     reduce_g sum_c max(q_gc * kmin_c, q_gc * kmax_c) with reduce = max or sum over the G query heads
     of the group, clamped into fp32's finite range; -inf for the other pages. Each abstract is read
     at most once. ``candidates``: optional selection bounds (SelectionPlan.bounds, (4,) int32):
-    only pages in [bounds[1], bounds[2]) are scored, the rest -inf, ready for the top-k.
+    only pages in [bounds[1], bounds[2]) are scored, the rest -inf, ready for the top-k; or the
+    SelectionPlan itself (a folded plan, bounds None, is computed in the kernel from seq_len).
+    ``row_pages``: kmin/kmax hold chunk abstracts, one row per ``row_pages`` pages (num_full_pages
+    and candidates still count pages): rows holding a scored page are scored.
     ``out``: optional preallocated (Hkv, max_pages) fp32 contiguous result.
     ``kernel``: "grid" (one program per block of pages, CUDA cores) or "mma" (tensor cores, a
     fixed number of pipelined programs per KV head: ``programs_per_head``, ``num_stages``);
@@ -156,8 +164,15 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
     assert kmin.dtype == kmax.dtype and kmin.dtype in (torch.float16, torch.bfloat16, torch.float32)
     assert num_full_pages.numel() == 1 and num_full_pages.dtype == torch.int32
     assert len({q.device, kmin.device, kmax.device, num_full_pages.device}) == 1
+    plan_kw = dict(FOLD=False, P=1, SINK_PAGES=0, WINDOW=0, BUDGET=0, ROW_PAGES=row_pages)
+    if isinstance(candidates, SelectionPlan):
+        plan_kw["P"] = candidates.page_size
+        candidates, kw = plan_kernel_args(candidates)
+        plan_kw.update(kw)
     if candidates is not None:
-        assert candidates.shape == (4,) and candidates.dtype == torch.int32 and candidates.device == q.device
+        assert candidates.dtype == torch.int32 and candidates.device == q.device
+        assert candidates.shape == ((1,) if plan_kw["FOLD"] else (4,))
+    assert row_pages >= 1
     block_d = next_pow2(d)
     g = hq // hkv
     kernel = kernel or DEFAULT_KERNEL
@@ -174,7 +189,7 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
             q, kmin, kmax, num_full_pages, cand, scores, max_pages,
             q.stride(0), kmin.stride(0), kmin.stride(1), scores.stride(0),
             G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, BLOCK_PAGES=block_pages,
-            REDUCE_MAX=group_reduce == "max", HAS_CANDIDATES=candidates is not None, NUM_STAGES=stages,
+            REDUCE_MAX=group_reduce == "max", HAS_CANDIDATES=candidates is not None, NUM_STAGES=stages, **plan_kw,
             DOT_FP32=dot_upcast(kmin.dtype), PRECISION=dot_precision(kmin.dtype),
             num_warps=num_warps or MMA_DEFAULTS["num_warps"], num_stages=stages,
         )
@@ -189,6 +204,7 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
         q.stride(0), kmin.stride(0), kmin.stride(1), scores.stride(0),
         G=g, D=d, BLOCK_D=block_d, BLOCK_PAGES=block_pages,
         REDUCE_MAX=group_reduce == "max", HAS_CANDIDATES=candidates is not None, num_warps=num_warps or 8,
+        **plan_kw,
     )
     return scores
 

@@ -43,8 +43,20 @@ class SelectionPlan:
     page_size: int
     kmax: int              # entries per KV head
     top_k: int             # k of the top-k call: min(kmax, max_pages)
-    bounds: torch.Tensor   # (4,) int32 on the device: seq_len, sink pages, first window page, top pages
+    bounds: torch.Tensor | None  # (4,) int32 on the device: seq_len, sink pages, first window page, top pages
     # Candidates for the top-k are the pages in [bounds[1], bounds[2]): full, neither sink nor window.
+    # Folded plan (plan_selection(fold=True)): bounds is None and the Triton kernels compute them
+    # from seq_len and the rules below (no plan launch); device_bounds() computes them for torch.
+    seq_len: torch.Tensor | None = None
+    sink_tokens: int = 0
+    window_tokens: int = 0
+    budget: int = 0
+
+    def device_bounds(self) -> torch.Tensor:
+        """bounds, computed with torch ops when the plan is folded."""
+        if self.bounds is not None:
+            return self.bounds
+        return selection_bounds(self.seq_len, self.page_size, self.sink_tokens, self.window_tokens, self.budget)
 
 
 def selection_bounds(seq_len: torch.Tensor, page_size: int, sink_tokens: int, window_tokens: int,
@@ -62,12 +74,16 @@ def selection_bounds(seq_len: torch.Tensor, page_size: int, sink_tokens: int, wi
 
 
 def plan_selection(seq_len: torch.Tensor, max_pages: int, page_size: int, sink_tokens: int,
-                   window_tokens: int, budget: int, bounds_fn: Callable = selection_bounds) -> SelectionPlan:
+                   window_tokens: int, budget: int, bounds_fn: Callable = selection_bounds,
+                   fold: bool = False) -> SelectionPlan:
     """seq_len: 1-element int32 device tensor, tokens cached including the current one.
-    bounds_fn: a backend's selection_bounds (one Triton program on the GPU)."""
+    bounds_fn: a backend's selection_bounds (one Triton program on the GPU).
+    fold: launch nothing; the Triton kernels that take the plan (score_pages(candidates=plan),
+    select_top_pages, the hierarchical selection) compute the bounds from seq_len themselves."""
     kmax = min(max_entries(page_size, sink_tokens, window_tokens, budget), max_pages)
-    bounds = bounds_fn(seq_len, page_size, sink_tokens, window_tokens, budget)
-    return SelectionPlan(page_size=page_size, kmax=kmax, top_k=kmax, bounds=bounds)
+    bounds = None if fold else bounds_fn(seq_len, page_size, sink_tokens, window_tokens, budget)
+    return SelectionPlan(page_size=page_size, kmax=kmax, top_k=kmax, bounds=bounds, seq_len=seq_len,
+                         sink_tokens=sink_tokens, window_tokens=window_tokens, budget=budget)
 
 
 def candidate_mask(bounds: torch.Tensor, max_pages: int) -> torch.Tensor:
@@ -82,7 +98,7 @@ def assemble_selection(top_pages: torch.Tensor, page_table: torch.Tensor,
     top_pages: (Hkv, top_k) int64, candidate pages by falling score."""
     hkv = page_table.shape[0]
     P, kmax = plan.page_size, plan.kmax
-    n, n_sink, window_first, n_top = plan.bounds.long().unbind()
+    n, n_sink, window_first, n_top = plan.device_bounds().long().unbind()
     entry = torch.arange(kmax, device=page_table.device)
     n_forced = n_sink + (n + P - 1) // P - window_first
     is_window = (entry >= n_sink) & (entry < n_forced)
@@ -105,7 +121,7 @@ def select_with_plan(scores: torch.Tensor, page_table: torch.Tensor, plan: Selec
     hkv, max_pages = scores.shape
     assert page_table.shape == (hkv, max_pages) and page_table.dtype == torch.int32
     if not masked:  # forced and non-full pages drop to -inf, below every (finite) candidate score
-        scores = torch.where(candidate_mask(plan.bounds, max_pages), scores, float("-inf"))
+        scores = torch.where(candidate_mask(plan.device_bounds(), max_pages), scores, float("-inf"))
     top_pages = torch.topk(scores, plan.top_k, dim=1, sorted=True).indices
     return assemble(top_pages, page_table, plan)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from lcrun.kernels.select import SelectionPlan
+from lcrun.kernels.select_kernels import plan_bounds, plan_kernel_args, store_forced
 from lcrun.kernels.triton_support import jit, next_pow2, tl
 
 MAX_ROW = 1 << 16  # pages per KV head held in one program's registers (2M tokens at P = 32)
@@ -81,6 +82,7 @@ def _topk_select_kernel(
     K: tl.constexpr, ASSEMBLE: tl.constexpr, KMAX: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr,
     ROWS: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr,
     FORCE_BISECT: tl.constexpr,
+    FOLD: tl.constexpr = False, SINK_PAGES: tl.constexpr = 0, WINDOW: tl.constexpr = 0, BUDGET: tl.constexpr = 0,
 ):
     head = tl.program_id(0)
     row = scores + head * stride_s
@@ -96,22 +98,13 @@ def _topk_select_kernel(
         tl.atomic_xchg(work + 2 * CAP, 0)  # compaction counter
     if ASSEMBLE:
         # Plan of the step (same arithmetic as select.assemble_selection).
-        n = tl.load(bounds + 0)
-        n_sink = tl.load(bounds + 1)
-        window_first = tl.load(bounds + 2)
-        n_top = tl.load(bounds + 3)
+        n, n_sink, window_first, n_top = plan_bounds(bounds, FOLD, P, SINK_PAGES, WINDOW, BUDGET)
         lo = n_sink
         hi = tl.minimum(window_first, n_cols)  # candidates: pages in [lo, hi)
         n_forced = n_sink + (n + P - 1) // P - window_first
         # Forced (sink, window) and unused entries; the top entries are written below.
-        f_entry = tl.arange(0, BLOCK_K)
-        f_forced = f_entry < n_forced
-        f_page = tl.where((f_entry >= n_sink) & f_forced, window_first + f_entry - n_sink, f_entry)
-        f_slot = tl.load(page_table + head * stride_t + f_page, mask=f_forced, other=0)
-        f_len = tl.where(f_forced, tl.minimum(tl.maximum(n - f_page * P, 0), P), 0)
-        f_keep = (f_entry < KMAX) & (f_forced | (f_entry >= n_forced + n_top))
-        tl.store(sel_slots + head * stride_sel + f_entry, f_slot, mask=f_keep)
-        tl.store(sel_lens + head * stride_sel + f_entry, f_len, mask=f_keep)
+        store_forced(page_table, sel_slots, sel_lens, head, stride_t, stride_sel, n, n_sink, window_first,
+                     n_forced, n_top, P, KMAX, BLOCK_K)
     else:
         n = 0
         lo = 0
@@ -232,16 +225,17 @@ def select_top_pages(scores: torch.Tensor, page_table: torch.Tensor, plan: Selec
         return torch_path(scores, page_table, plan, masked)
     assert scores.dtype == torch.float32 and scores.stride(1) == 1
     assert page_table.shape == (hkv, max_pages) and page_table.dtype == torch.int32 and page_table.stride(1) == 1
-    assert plan.bounds.shape == (4,) and plan.bounds.dtype == torch.int32 and plan.bounds.device == scores.device
+    plan_ptr, plan_kw = plan_kernel_args(plan)  # bounds, or seq_len of a folded plan
+    assert plan_ptr.dtype == torch.int32 and plan_ptr.device == scores.device
     assert method in METHODS
     sel_slots = torch.empty((hkv, plan.kmax), device=scores.device, dtype=torch.int32)
     sel_lens = torch.empty_like(sel_slots)
     cfg, num_warps = _config(max_pages, plan.top_k, groups, cap, num_warps)
     scratch = torch.empty((hkv, 2 * cfg["CAP"] + 1), device=scores.device, dtype=torch.int32)
     _topk_select_kernel[(hkv,)](
-        scores, plan.bounds, page_table, sel_slots, sel_lens, sel_slots, scratch,
+        scores, plan_ptr, page_table, sel_slots, sel_lens, sel_slots, scratch,
         max_pages, scores.stride(0), page_table.stride(0), sel_slots.stride(0), 0,
         K=plan.top_k, ASSEMBLE=True, KMAX=plan.kmax, BLOCK_K=next_pow2(plan.kmax), P=plan.page_size,
-        FORCE_BISECT=method == "bisect", num_warps=num_warps, maxnreg=_maxnreg(num_warps), **cfg,
+        FORCE_BISECT=method == "bisect", num_warps=num_warps, maxnreg=_maxnreg(num_warps), **cfg, **plan_kw,
     )
     return sel_slots, sel_lens
