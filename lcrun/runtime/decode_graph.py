@@ -32,7 +32,10 @@ class DecodeStepper:
             self._static_pos = torch.tensor([self.cache.length], device=self.model.device)
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: the NVMe promoter and spill threads keep querying and syncing their
+            # events while this thread captures; in the default global mode that would
+            # invalidate the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self._logits = self.model.forward(self._static_token, self.cache, positions=self._static_pos)
             # Capture ran no kernel but did the host bookkeeping of one step; replay runs it.
             self.graph.replay()

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 
 from lcrun.errors import ContextOverflowError
+from lcrun.profiling.ranges import named_range
 from lcrun.runtime.decode_graph import DecodeStepper
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model import LlamaModel
@@ -68,9 +69,14 @@ class Generator:
         device = self.model.device
         todo = torch.tensor(ids[common:], dtype=torch.long, device=device)
         logits = None
+        if getattr(self.cache, "layerwise_prefill", False) and todo.numel() > 0:
+            logits = self.model.forward_layerwise(todo, self.cache, self.prefill_chunk, progress)
+            self.cached_ids = list(ids)
+            return logits[-1]
         for start in range(0, todo.numel(), self.prefill_chunk):
             chunk = todo[start:start + self.prefill_chunk]
-            logits = self.model.forward(chunk, self.cache)
+            with named_range("prefill_chunk"):
+                logits = self.model.forward(chunk, self.cache)
             self.cached_ids.extend(ids[common + start: common + start + chunk.numel()])
             if progress is not None:
                 progress(start + chunk.numel(), todo.numel())
@@ -103,7 +109,8 @@ class Generator:
                     stats.finish_reason = "context"
                     return
                 ids = torch.tensor([token], dtype=torch.long, device=self.model.device)
-                logits = self.stepper.step(ids)
+                with named_range("decode_step"):  # the unit `lcrun profile` splits
+                    logits = self.stepper.step(ids)
                 self.cached_ids.append(token)
         finally:
             stats.decode_s = time.perf_counter() - t1
