@@ -60,23 +60,59 @@ def plan_memory(config: LcrunConfig, model_cfg: ModelConfig, device: torch.devic
                      prefill_chunk=config.prefill_chunk, attention="topk")
 
 
+def resolve_positions(config: LcrunConfig, model_cfg: ModelConfig) -> str:
+    """'true' or 'window' for --positions auto|true|window. The trained window is the model's
+    max_position_embeddings (GGUF context_length): for llama3-scaled models that is the length
+    they were fine-tuned to with the scaling (131072 for Llama 3.1), not the original 8192."""
+    if config.positions == "window" and config.attention != "topk":
+        raise ConfigError("--positions window needs --attention topk (dense attention attends to every "
+                          "token, so there is no window to place them in)")
+    if config.positions != "auto":
+        return config.positions
+    beyond = config.ctx_tokens > model_cfg.max_position_embeddings
+    return "window" if beyond and config.attention == "topk" else "true"
+
+
+def _nvme_slots(plan, kv_dir: str) -> int:
+    """Page-file slots: a copy of every page when the disk has room (then evicting a host page
+    never writes), else the plan's NVMe pages plus room for pages evicted during decode."""
+    import shutil
+    try:
+        free = shutil.disk_usage(kv_dir).free
+    except OSError:
+        free = 0
+    if plan.total_pages * plan.page_bytes + (2 << 30) <= free:
+        return plan.total_pages
+    return min(plan.total_pages, plan.nvme_pages + plan.total_pages // 8)
+
+
 def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                plan=None) -> AttentionCache:
+    if resolve_positions(config, model_cfg) == "window":
+        # Keys kept before RoPE, all on this device (no tiers yet for window positions).
+        from lcrun.runtime.window_cache import WindowTopKCache
+        return WindowTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
+                               budget=config.budget, sink_tokens=config.sink_tokens,
+                               window_tokens=config.window_tokens, group_score=config.group_score)
     if config.attention == "dense":
         return DenseCache(model_cfg, config.ctx_tokens, device, dtype)
     if plan is not None and not plan.all_on_gpu:
-        if plan.nvme_pages:
-            raise CapacityError(
-                f"this plan puts {plan.nvme_pages:,} KV pages on NVMe, which the runtime does not run yet: "
-                "raise --host-mem or lower --ctx (see `lcrun plan`)")
         from lcrun.runtime.tiered_cache import TieredTopKCache
         # The plan fills the cap with page slots; keep back room for allocator fragmentation.
         slack_slots = TIERED_ALLOCATOR_SLACK // plan.page_bytes
+        layers = model_cfg.num_layers
+        tiers = {}
+        if plan.nvme_pages:
+            # Host pages per layer: the plan's homes plus its staging slots for promoted pages; the
+            # staging share is the free reserve the promoter keeps.
+            tiers = dict(host_slots_per_layer=(plan.host_pages + plan.host_staging_pages) // layers,
+                         promotion_reserve=max(1, plan.host_staging_pages // layers), kv_dir=config.kv_dir,
+                         nvme_slots=_nvme_slots(plan, config.kv_dir))
         return TieredTopKCache(model_cfg, config.ctx_tokens, device, dtype,
-                               cache_slots_per_layer=max(1, (plan.gpu_slots - slack_slots) // model_cfg.num_layers),
+                               cache_slots_per_layer=max(1, (plan.gpu_slots - slack_slots) // layers),
                                page_size=plan.page_size, budget=config.budget, sink_tokens=config.sink_tokens,
                                window_tokens=config.window_tokens, group_score=config.group_score,
-                               prefill_block=plan.prefill_chunk)
+                               prefill_block=plan.prefill_chunk, sparse_prefill=config.prefill == "topk", **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
     return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,
@@ -110,7 +146,9 @@ class LLM:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         # Check before allocating anything: with top-k attention on a GPU the planner places the
         # KV cache (and says what is short); otherwise weights plus the whole KV must fit the cap.
-        self.plan = plan_memory(config, model_cfg, self.device, self.dtype)
+        self.positions = resolve_positions(config, model_cfg)  # 'true' or 'window': what make_cache builds
+        # Window positions keep every page on this device: the tier planner does not apply.
+        self.plan = None if self.positions == "window" else plan_memory(config, model_cfg, self.device, self.dtype)
         if self.plan is None:
             self._check_gpu_budget(model_cfg.num_parameters() * elem,
                                    model_cfg.kv_bytes_per_token(elem) * config.ctx_tokens)

@@ -90,6 +90,9 @@ def load_llm(config: LcrunConfig):
     llm = LLM(config=config)
     info(f"loaded {llm.model_config.arch} model, {llm.model_config.num_layers} layers, on {llm.device} "
          f"({str(llm.dtype).replace('torch.', '')})")
+    window = llm.model_config.max_position_embeddings
+    info(f"positions: {llm.positions} ({'kept inside' if llm.positions == 'window' else 'real positions;'} "
+         f"the trained window of {window} tokens)")
     return llm
 
 
@@ -272,6 +275,125 @@ def calibrate(device: str, kv_dir: str | None) -> None:
         value = getattr(cal, name)
         click.echo(f"{name.replace('_bytes_per_s', ''):12} {format_rate(value) if value else 'not measured'}")
     click.echo(f"saved to {calibration_path()}")
+
+
+def _token_list(value: str | None) -> list[int]:
+    from lcrun.units import parse_tokens
+    return [parse_tokens(v) for v in value.split(",") if v.strip()] if value else []
+
+
+@main.command()
+@config_options
+@click.option("--contexts", default=None, help="Comma-separated context lengths to sweep, e.g. 32k,128k,512k "
+              "(default: --ctx). Each prefills that many random tokens.")
+@click.option("--steps", type=int, default=32, show_default=True, help="Decode steps timed per context.")
+@click.option("--dense-contexts", default=None, help="Also run lcrun with --attention dense at these contexts.")
+@click.option("--transformers", "transformers_caches", default=None,
+              help="Also run transformers' Llama on the same shape: dense (its GPU cache), offloaded, or both.")
+@click.option("--transformers-contexts", default=None, help="Contexts for transformers (default: --contexts).")
+@click.option("--transformers-steps", type=int, default=None, help="Decode steps for transformers (default: --steps).")
+@click.option("--transformers-cap/--no-transformers-cap", default=True, show_default=True,
+              help="Hold transformers to --gpu-mem as well.")
+@click.option("--trace", default=None, help="Write a Chrome trace (.json.gz) of 3 decode steps at the first context.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file to write (default: bench-GPU-DATE.json here).")
+@handle_errors
+def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts: str | None,
+          transformers_caches: str | None, transformers_contexts: str | None, transformers_steps: int | None,
+          transformers_cap: bool, trace: str | None, out: Path | None) -> None:
+    """Prefill tokens/s and decode ms/token over context lengths (JSON), optionally beside transformers."""
+    import json
+
+    from lcrun.profiling.bench import Sweep, format_rows, run_sweep
+    from lcrun.profiling.meta import gpu_slug
+
+    config.resolve()
+    if config.model is None:
+        from lcrun.runtime.loading import default_model
+        config.model = default_model()
+    sweep = Sweep(contexts=_token_list(contexts) or [config.ctx_tokens], steps=steps,
+                  dense_contexts=_token_list(dense_contexts),
+                  transformers=[c.strip() for c in transformers_caches.split(",")] if transformers_caches else [],
+                  transformers_contexts=_token_list(transformers_contexts) or None,
+                  transformers_steps=transformers_steps, transformers_capped=transformers_cap, trace=trace)
+    state: dict[str, Path] = {}
+
+    def save(doc: dict) -> None:  # after every measurement: a sweep cut short keeps its rows
+        if "path" not in state:
+            state["path"] = out or Path(f"bench-{gpu_slug(doc['meta'])}-{doc['meta']['date'][:10]}.json")
+            state["path"].parent.mkdir(parents=True, exist_ok=True)
+        state["path"].write_text(json.dumps(doc, indent=2))
+
+    result = run_sweep(config, sweep, log=info, checkpoint=save)
+    path = state["path"]
+    click.echo(format_rows(result["rows"]))
+    for r in result["ratios"]:
+        click.echo(f"{r['context']:>8} tokens: decode {r['decode_speedup']:.1f}x, prefill {r['prefill_speedup']:.1f}x "
+                   f"against {r['baseline']}")
+    info(f"wrote {path}")
+
+
+@main.command("profile")
+@config_options
+@click.option("--prompt-tokens", type=int, default=None,
+              help="Tokens to prefill (random ids) before decoding; default: the context less the decode steps.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Prefill this text instead of random ids (models with a tokenizer).")
+@click.option("--steps", type=int, default=8, show_default=True, help="Decode steps under the profiler.")
+@click.option("--timed-steps", type=int, default=32, show_default=True,
+              help="Decode steps timed without the profiler, as generation runs them.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("lcrun-profile"),
+              show_default=True, help="Folder for report.html, report.json and the trace.")
+@handle_errors
+def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Path | None, steps: int,
+                timed_steps: int, out_dir: Path) -> None:
+    """Profile prefill and decode; write a self-contained HTML report, its JSON and a Chrome trace."""
+    from lcrun.profiling.collect import ProfileOptions, run_profile
+    from lcrun.profiling.report import check_dependencies, write_report
+
+    check_dependencies()
+    config.resolve()
+    opts = ProfileOptions(prompt_tokens=prompt_tokens or 0, steps=steps, timed_steps=timed_steps)
+    if prompt_file is None and prompt_tokens is None:
+        opts.prompt_tokens = config.ctx_tokens - opts.decode_tokens() - 1
+    if prompt_file is None:
+        opts.check(config.ctx_tokens)  # fail before loading the model
+    llm = load_llm(config)
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LcrunError(f"{prompt_file}: cannot read the prompt ({exc})") from None
+        if llm.tokenizer is None:
+            raise LcrunError(f"{llm.model_spec} has no tokenizer: profile it on random ids (--prompt-tokens)")
+        opts.prompt_ids = llm.tokenizer.encode(text)
+        opts.prompt_tokens = len(opts.prompt_ids)
+    data = run_profile(llm, opts, out_dir, log=info)
+    html, js = write_report(data, out_dir)
+    d = data["decode"]
+    click.echo(f"decode {d['timed_ms_median']:.2f} ms/token (floor {data['links']['weight_floor_ms']:.2f} ms); "
+               f"prefill {data['prefill']['tok_s']:,.0f} tok/s")
+    click.echo(f"wrote {html}, {js.name} and {data['trace']} in {out_dir}")
+
+
+@main.command("eval", context_settings=dict(ignore_unknown_options=True, allow_extra_args=True),
+              add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def eval_cmd(args: tuple[str, ...]) -> None:
+    """Long-context quality: passkey / needle tasks by length and depth, dense vs top-k, and the
+    teacher-forced fidelity test (perf/eval_longctx.py; `lcrun eval --help` lists its options)."""
+    import lcrun
+    root = Path(lcrun.__file__).resolve().parent.parent
+    if not (root / "perf" / "eval_longctx.py").is_file():
+        raise LcrunError(f"lcrun eval runs from a source checkout: {root / 'perf' / 'eval_longctx.py'} is missing")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from perf.eval_longctx import main as eval_main
+    try:
+        sys.exit(eval_main(list(args)))
+    except ValueError as exc:  # a bad task, length or mode name
+        raise LcrunError(str(exc)) from None
 
 
 @main.command()

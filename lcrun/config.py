@@ -34,6 +34,8 @@ class LcrunConfig:
     group_score: str = _opt("max", "topk: combine page scores over a GQA group by max or sum.", choices=["max", "sum"])
     positions: str = _opt("auto", "true: real positions; window: keep attended positions inside the trained window; auto.",
                           choices=["auto", "true", "window"])
+    prefill: str = _opt("exact", "topk + tiered KV: prefill chunks attend to the whole past (exact) or to sinks, window "
+                        "and their top pages within --budget (topk: faster, approximate).", choices=["exact", "topk"])
     gpu_mem: str | None = _opt(None, "Cap on GPU memory lcrun may hold, e.g. 24GiB.")
     host_mem: str | None = _opt(None, "Cap on pinned host memory for the KV cache, e.g. 32GiB.")
     kv_dir: str | None = _opt(None, "Folder for KV pages spilled to disk (NVMe).")

@@ -1,46 +1,16 @@
-"""Shared bits of the perf scripts: run metadata and result files."""
+"""Shared bits of the perf scripts: run metadata (from lcrun.profiling.meta) and result files."""
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 from pathlib import Path
 
+from lcrun.profiling.meta import git_commit, gpu_slug, run_metadata
+
 RESULTS = Path(__file__).resolve().parent / "results"
+REPORTS = Path(__file__).resolve().parent / "reports"
 
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def run_metadata() -> dict:
-    import torch
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__,
-            "host": platform.node()}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        meta["gpu"] = props.name
-        meta["gpu_memory_bytes"] = props.total_memory
-    else:
-        meta["gpu"] = None
-    return meta
-
-
-def gpu_slug(meta: dict) -> str:
-    return (meta.get("gpu") or "cpu").replace("NVIDIA ", "").replace(" ", "-").lower()
+__all__ = ["RESULTS", "REPORTS", "git_commit", "gpu_slug", "median", "run_metadata", "write_result"]
 
 
 def write_result(name: str, payload: dict, out: str | None = None) -> Path:

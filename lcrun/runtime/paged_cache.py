@@ -16,6 +16,7 @@ import torch
 
 from lcrun.errors import ConfigError
 from lcrun.kernels import kernel_backend, plan_selection, write_kv
+from lcrun.profiling.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
@@ -24,9 +25,17 @@ from lcrun.runtime.rope import Rotary
 class PagedTopKCache(AttentionCache):
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype, page_size: int = 32,
                  budget: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
-                 group_score: str = "max", dense_layers: int = 0, backend: str = "auto"):
+                 group_score: str = "max", dense_layers: int = 0, backend: str = "auto",
+                 chunk_pages: int | str = 0, top_chunks: int = 32):
         """dense_layers: the first N layers attend to every page in decode too (Quest leaves the
-        first layers dense). backend: auto | triton | torch (see lcrun.kernels.backend)."""
+        first layers dense). backend: auto | triton | torch (see lcrun.kernels.backend).
+        chunk_pages: 0 = flat selection (every page abstract scored each step); a power of two =
+        hierarchical selection (lcrun.kernels.chunk_abstracts): chunk abstracts of that many pages
+        are kept too, scored first, and only the pages of the best ``top_chunks`` chunks compete;
+        "auto" = hierarchical (32-page chunks) from 4096 pages per KV head (chunk_abstracts.auto_chunk_pages)."""
+        if chunk_pages == "auto":
+            from lcrun.kernels.chunk_abstracts import auto_chunk_pages
+            chunk_pages = auto_chunk_pages(-(-capacity // page_size))
         super().__init__(cfg, capacity, device, dtype)
         if page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"page size must be a power of two, got {page_size}")
@@ -34,7 +43,11 @@ class PagedTopKCache(AttentionCache):
             raise ConfigError(f"budget {budget} is smaller than one page of {page_size} tokens")
         if group_score not in ("max", "sum"):
             raise ConfigError(f"group_score must be max or sum, got {group_score!r}")
+        if chunk_pages < 0 or chunk_pages & (chunk_pages - 1) or top_chunks < 1 or top_chunks & (top_chunks - 1):
+            raise ConfigError(f"chunk_pages ({chunk_pages}) and top_chunks ({top_chunks}) must be powers of two")
         self.page_size = page_size
+        self.chunk_pages = chunk_pages
+        self.top_chunks = top_chunks
         self.budget = budget
         self.sink_tokens = sink_tokens
         self.window_tokens = window_tokens
@@ -51,6 +64,9 @@ class PagedTopKCache(AttentionCache):
         self.v_pool = torch.zeros(pool_shape, device=self.device, dtype=dtype)
         self.kmin = torch.zeros((layers, hkv, self.max_pages, d), device=self.device, dtype=dtype)
         self.kmax = torch.zeros_like(self.kmin)
+        if chunk_pages:
+            from lcrun.kernels.chunk_abstracts import chunk_abstracts_like
+            self.cmin, self.cmax = chunk_abstracts_like(self.kmin, chunk_pages)
         # Identity mapping for now (all pages resident); a tiered store will rewrite entries.
         identity = torch.arange(num_slots, device=self.device, dtype=torch.int32).reshape(hkv, self.max_pages)
         self.page_table = identity[None].repeat(layers, 1, 1).contiguous()
@@ -84,6 +100,7 @@ class PagedTopKCache(AttentionCache):
             # Pages that this chunk completes; a partly filled page is refreshed by later writes.
             first, end = start // P, (start + t) // P
             self._filled_pages = torch.arange(first, end, device=self.device, dtype=torch.int32)
+            self._full_after_chunk = torch.tensor([end], device=self.device, dtype=torch.int32)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos, sin = self._cos_sin
@@ -97,21 +114,40 @@ class PagedTopKCache(AttentionCache):
             write_kv(k_pool, v_pool, table, k, v, start)
             out = self.ops.paged_prefill_attention(q.contiguous(), k_pool, v_pool, table, start, self.sm_scale)
             self.ops.update_abstracts(k_pool, table, kmin, kmax, self._filled_pages)
+            if self.chunk_pages:
+                self.ops.update_chunk_abstracts(kmin, kmax, self.cmin[layer], self.cmax[layer], self._filled_pages,
+                                                self._full_after_chunk, self.chunk_pages)
             return out
 
-        write_kv(k_pool, v_pool, table, k, v, self._start)
-        # Refresh the abstract of the page being filled every step (cheap: one page per KV head),
-        # so it is right the step the page becomes full, with no host-side branch.
-        self.ops.update_abstracts(k_pool, table, kmin, kmax, self._last_page, self._seq_len)
+        with named_range("kv_write"):
+            write_kv(k_pool, v_pool, table, k, v, self._start)
+            # Refresh the abstract of the page being filled every step (cheap: one page per KV head),
+            # so it is right the step the page becomes full, with no host-side branch.
+            self.ops.update_abstracts(k_pool, table, kmin, kmax, self._last_page, self._seq_len)
+            if self.chunk_pages:  # the chunk of that page: it counts the page once it is full
+                self.ops.update_chunk_abstracts(kmin, kmax, self.cmin[layer], self.cmax[layer], self._last_page,
+                                                self._num_full, self.chunk_pages)
         q1 = q[0].contiguous()
         if layer < self.dense_layers:
-            out = self.ops.sparse_decode_attention(q1, k_pool, v_pool, table, self._dense_lens,
-                                                   self.sm_scale, num_entries=self._num_pages)
+            with named_range("attend"):
+                out = self.ops.sparse_decode_attention(q1, k_pool, v_pool, table, self._dense_lens,
+                                                       self.sm_scale, num_entries=self._num_pages)
         else:
             plan = self._selection
-            scores = self.ops.score_pages(q1, kmin, kmax, self._num_full, self.group_score, candidates=plan.bounds)
-            slots, lens = self.ops.select_top_pages(scores, table, plan, masked=True)
-            out = self.ops.sparse_decode_attention(q1, k_pool, v_pool, slots, lens, self.sm_scale)
+            if self.chunk_pages:
+                with named_range("topk"):
+                    slots, lens = self.ops.select_top_pages_hier(
+                        q1, kmin, kmax, self.cmin[layer], self.cmax[layer], self._num_full, table, plan,
+                        self.chunk_pages, self.top_chunks, self.group_score)
+                with named_range("attend"):
+                    return self.ops.sparse_decode_attention(q1, k_pool, v_pool, slots, lens, self.sm_scale)[None]
+            with named_range("score"):
+                scores = self.ops.score_pages(q1, kmin, kmax, self._num_full, self.group_score,
+                                              candidates=plan.bounds)
+            with named_range("topk"):
+                slots, lens = self.ops.select_top_pages(scores, table, plan, masked=True)
+            with named_range("attend"):
+                out = self.ops.sparse_decode_attention(q1, k_pool, v_pool, slots, lens, self.sm_scale)
         return out[None]
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -122,4 +158,6 @@ class PagedTopKCache(AttentionCache):
 
     def memory_bytes(self) -> int:
         tensors = (self.k_pool, self.v_pool, self.kmin, self.kmax, self.page_table)
+        if self.chunk_pages:
+            tensors += (self.cmin, self.cmax)
         return sum(t.numel() * t.element_size() for t in tensors)

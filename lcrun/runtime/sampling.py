@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lcrun.profiling.ranges import named_range
+
 
 @dataclass
 class SamplingParams:
@@ -25,6 +27,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (vocab,) fp32 -> 0-dim int64 tensor on the same device."""
+        with named_range("sampling"):  # a profiled decode step's "sampling" part
+            return self._choose(logits)
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         if p.temperature <= 0:
             return logits.argmax(-1)

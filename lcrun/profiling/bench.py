@@ -1,0 +1,315 @@
+"""The `lcrun bench` sweep: prefill tokens/s and decode ms/token over context lengths, for lcrun
+under the run's caps and, in the same process on the same shape, for transformers' own Llama with
+its GPU cache and its offloaded cache, so ratios come from one run on one machine.
+
+Each measurement prefills ``context`` random token ids (chunked, as the runtime does), then times
+single-token decode steps, each CUDA-synchronised; the reported decode time is the median over the
+steps after the first ``WARMUP_STEPS`` (Triton compilation, cuBLAS setup, CUDA-graph capture).
+A context that does not fit is recorded as a row with an ``error``, and the sweep goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from lcrun.config import LcrunConfig
+from lcrun.errors import ConfigError, LcrunError
+from lcrun.profiling.meta import run_metadata
+
+WARMUP_STEPS = 3
+TRANSFORMERS_CACHES = ("dense", "offloaded")
+Log = Callable[[str], None]
+
+
+@dataclass
+class Sweep:
+    """What to measure. ``contexts`` run lcrun with the given config; the others are the baselines."""
+
+    contexts: list[int]
+    steps: int = 32
+    dense_contexts: list[int] = field(default_factory=list)       # lcrun, --attention dense
+    transformers: list[str] = field(default_factory=list)         # "dense" and/or "offloaded"
+    transformers_contexts: list[int] | None = None                # default: contexts
+    transformers_steps: int | None = None                         # default: steps
+    transformers_capped: bool = True                              # under --gpu-mem as lcrun is
+    trace: str | None = None                                      # Chrome trace of 3 steps, first context
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or (self.transformers_steps is not None and self.transformers_steps < 1):
+            raise ConfigError("--steps must be at least 1")
+        unknown = sorted(set(self.transformers) - set(TRANSFORMERS_CACHES))
+        if unknown:
+            raise ConfigError(f"--transformers takes {', '.join(TRANSFORMERS_CACHES)}; got {', '.join(unknown)}")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak() -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def warm_median(ms: list[float]) -> float:
+    """Median step time, leaving out the warm-up steps when there are enough to spare."""
+    warm = ms[WARMUP_STEPS:] if len(ms) > 2 * WARMUP_STEPS else ms
+    return statistics.median(warm) if warm else float("nan")
+
+
+def random_prompt(vocab_size: int, n: int, seed: int = 0) -> list[int]:
+    """Random token ids: synthetic specs have no tokenizer, and decode speed does not depend on text."""
+    return torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _prefill_progress(label: str, total: int):
+    """A tqdm bar on stderr for long prefills (tqdm switches itself off when stderr is no terminal)."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=f"prefill {label}", unit="tok", leave=False, file=sys.stderr, disable=None)
+
+    def progress(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+        if done >= _total:
+            bar.close()
+    return progress
+
+
+def _plan_summary(plan) -> dict | None:
+    if plan is None:
+        return None
+    return {"page_size": plan.page_size, "gpu_slots": plan.gpu_slots, "host_pages": plan.host_pages,
+            "nvme_pages": plan.nvme_pages, "prefill_chunk": plan.prefill_chunk, "all_on_gpu": plan.all_on_gpu,
+            "predicted_decode_ms": 1e3 * plan.decode_s_per_token, "bottleneck": plan.bottleneck}
+
+
+def time_steps(step: Callable[[], None], steps: int) -> list[float]:
+    """ms per call of ``step``, each synchronised (the GPU's work, not just its launch)."""
+    times = []
+    for _ in range(steps):
+        _sync()
+        t = time.perf_counter()
+        step()
+        _sync()
+        times.append(1e3 * (time.perf_counter() - t))
+    return times
+
+
+def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None = None) -> dict:
+    """One lcrun measurement at ``context`` tokens with ``config``'s settings and caps."""
+    from lcrun.api import LLM
+    _free()
+    cfg = dataclasses.replace(config, ctx=context + steps + 8)
+    llm = LLM(config=cfg, progress=False)
+    try:
+        prompt = random_prompt(llm.model_config.vocab_size, context, config.seed)
+        _sync()
+        t0 = time.perf_counter()
+        logits = llm.generator.prefill(prompt, _prefill_progress(f"{config.attention} {context}", context))
+        _sync()
+        prefill_s = time.perf_counter() - t0
+        state = {"token": logits.argmax(-1, keepdim=True)}
+        stepper = llm.generator.stepper  # the CUDA-graph step the generator uses, where the cache allows
+
+        def step() -> None:
+            state["token"] = stepper.step(state["token"]).argmax(-1, keepdim=True)
+
+        times = time_steps(step, steps)
+        row: dict[str, Any] = {
+            "impl": "lcrun", "attention": config.attention, "context": context, "prefill_s": prefill_s,
+            "prefill_tok_s": context / prefill_s, "decode_ms": warm_median(times), "decode_ms_steps": times,
+            "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
+            "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes(),
+            "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
+        if hasattr(llm.cache, "report"):
+            row["tiers"] = llm.cache.report()
+        if trace:
+            row.update(_trace_steps(step, trace))
+        return row
+    finally:
+        if hasattr(llm.cache, "close"):
+            llm.cache.close()
+        del llm
+
+
+def _trace_steps(step: Callable[[], None], path: str) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from lcrun.profiling.ranges import named_range
+    from lcrun.profiling.trace import export_trace_gz, overlap_from_trace
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            with named_range("decode_step"):
+                step()
+        _sync()
+    out = export_trace_gz(prof, path if path.endswith(".gz") else path + ".gz")
+    return {"trace": out.name, "overlap": overlap_from_trace(out)}
+
+
+def _hf_config(cfg):
+    import transformers
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_eps,
+              rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+              max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
+    classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config}
+    if cfg.arch not in classes:
+        raise ConfigError(f"no transformers baseline for architecture {cfg.arch!r}")
+    return classes[cfg.arch](**kw)
+
+
+def _model_config(config: LcrunConfig):
+    from lcrun.runtime.loading import default_model, open_source
+    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
+    spec = config.model or default_model()
+    return synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
+
+
+def _set_cap(device: torch.device, cap: int | None) -> None:
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0, device)
+
+
+def bench_transformers(config: LcrunConfig, context: int, steps: int, cache_kind: str, capped: bool = True) -> dict:
+    """transformers' own Llama with random weights of the same shape, SDPA, and its dynamic
+    ("dense": every layer's K/V on the GPU) or offloaded cache (layers parked in host memory)."""
+    import transformers
+
+    from lcrun.api import resolve_device, resolve_dtype
+    device = resolve_device(config.device)
+    if cache_kind == "offloaded" and device.type != "cuda":
+        raise ConfigError("transformers' offloaded cache moves layers between GPU and host: it needs a GPU")
+    cfg = _model_config(config)
+    cap = config.gpu_mem_bytes if capped else None
+    _free()
+    _set_cap(device, cap)
+    torch.manual_seed(config.seed)
+    done = 0
+    row: dict[str, Any] = {"impl": f"transformers-{cache_kind}", "context": context,
+                           "transformers": transformers.__version__, "gpu_cap_bytes": cap}
+    try:
+        with torch.device(device):
+            ref = transformers.AutoModelForCausalLM.from_config(
+                _hf_config(cfg), dtype=resolve_dtype(config.dtype, device), attn_implementation="sdpa").eval()
+        cache = transformers.DynamicCache(config=ref.config, offloading=cache_kind == "offloaded")
+        ids = torch.tensor([random_prompt(cfg.vocab_size, context, config.seed)], device=device)
+        chunk = config.prefill_chunk
+        progress = _prefill_progress(f"transformers-{cache_kind} {context}", context)
+        _sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for s in range(0, context, chunk):  # chunked, as lcrun, so the prefill's activations fit
+                out = ref(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                done = min(context, s + chunk)
+                progress(done, context)
+        _sync()
+        prefill_s = time.perf_counter() - t0
+        state = {"token": out.logits[:, -1:].argmax(-1)}
+
+        def step() -> None:
+            with torch.no_grad():
+                o = ref(input_ids=state["token"], past_key_values=cache, use_cache=True)
+            state["token"] = o.logits[:, -1:].argmax(-1)
+
+        times = time_steps(step, steps)
+        row.update(prefill_s=prefill_s, prefill_tok_s=context / prefill_s, decode_ms=warm_median(times),
+                   decode_ms_steps=times, peak_gpu_bytes=_peak())
+        return row
+    except torch.cuda.OutOfMemoryError as exc:
+        row.update(error=f"out of GPU memory ({str(exc).splitlines()[0]})", prefill_tokens_done=done,
+                   peak_gpu_bytes=_peak())
+        return row
+    finally:
+        _set_cap(device, None)
+
+
+def _guarded(label: str, log: Log, fn: Callable[[], dict], row: dict) -> dict:
+    """Run one measurement; a context that does not fit becomes a row with its error, not the end."""
+    try:
+        result = fn()
+    except (LcrunError, torch.cuda.OutOfMemoryError) as exc:
+        result = {**row, "error": str(exc).splitlines()[0], "peak_gpu_bytes": _peak()}
+    _free()
+    if "error" in result:
+        log(f"{label}: {result['error']}")
+    else:
+        log(f"{label}: prefill {result['prefill_tok_s']:,.0f} tok/s, decode {result['decode_ms']:.2f} ms/token")
+    return result
+
+
+def ratios(rows: list[dict], attention: str) -> list[dict]:
+    """Baseline / lcrun, per context where both were measured (higher = lcrun faster)."""
+    ours = {r["context"]: r for r in rows if r["impl"] == "lcrun" and r.get("attention") == attention
+            and "error" not in r}
+    out = []
+    for r in rows:
+        mine = ours.get(r["context"])
+        if r is mine or mine is None or "error" in r:
+            continue
+        out.append({"context": r["context"], "baseline": r["impl"] + (f"-{r['attention']}" if r["impl"] == "lcrun" else ""),
+                    "decode_speedup": r["decode_ms"] / mine["decode_ms"],
+                    "prefill_speedup": mine["prefill_tok_s"] / r["prefill_tok_s"]})
+    return out
+
+
+def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
+              checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Every measurement of ``sweep``, in one JSON-ready document. ``checkpoint(document)`` is
+    called after every measurement, so a sweep stopped by a time limit keeps what it finished."""
+    config.resolve()
+    rows: list[dict] = []
+    doc = {"kind": "lcrun.bench", "meta": run_metadata(), "model": config.model, "settings": config.to_header(),
+           "sweep": dataclasses.asdict(sweep), "warmup_steps": WARMUP_STEPS, "rows": rows, "ratios": []}
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        doc["ratios"] = ratios(rows, config.attention)
+        if checkpoint is not None:
+            checkpoint(doc)
+
+    for i, context in enumerate(sweep.contexts):
+        label = f"lcrun {config.attention} {context}"
+        add(_guarded(label, log, lambda: bench_lcrun(config, context, sweep.steps, sweep.trace if i == 0 else None),
+                     {"impl": "lcrun", "attention": config.attention, "context": context}))
+    dense = dataclasses.replace(config, attention="dense")
+    for context in sweep.dense_contexts:
+        add(_guarded(f"lcrun dense {context}", log, lambda: bench_lcrun(dense, context, sweep.steps),
+                     {"impl": "lcrun", "attention": "dense", "context": context}))
+    t_steps = sweep.transformers_steps or sweep.steps
+    for context in sweep.transformers_contexts or sweep.contexts:
+        for kind in sweep.transformers:
+            add(_guarded(f"transformers-{kind} {context}", log,
+                         lambda: bench_transformers(config, context, t_steps, kind, sweep.transformers_capped),
+                         {"impl": f"transformers-{kind}", "context": context}))
+    return doc
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The sweep as a plain-text table."""
+    lines = [f"{'impl':24} {'context':>8} {'prefill tok/s':>14} {'decode ms':>10} {'tok/s':>8} {'peak GiB':>9}"]
+    for r in rows:
+        impl = r["impl"] + (f" {r['attention']}" if r["impl"] == "lcrun" else "")
+        if "error" in r:
+            lines.append(f"{impl:24} {r['context']:>8}  {r['error']}")
+            continue
+        peak = f"{r['peak_gpu_bytes'] / 2**30:9.2f}" if r.get("peak_gpu_bytes") else f"{'-':>9}"
+        lines.append(f"{impl:24} {r['context']:>8} {r['prefill_tok_s']:>14,.0f} {r['decode_ms']:>10.2f} "
+                     f"{1e3 / r['decode_ms']:>8.1f} {peak}")
+    return "\n".join(lines)

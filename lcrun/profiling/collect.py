@@ -1,0 +1,181 @@
+"""A profiled generation: what `lcrun profile` measures, as one JSON-ready dict.
+
+1. prefill ``prompt_tokens`` (random ids unless given), timing every chunk: throughput over the prompt;
+2. a few eager decode steps to warm up (Triton compiles, cuBLAS sets up);
+3. ``steps`` eager decode steps under the torch profiler, each inside a ``decode_step`` range, with
+   CUDA graphs off (a replayed graph is one opaque launch: no per-range attribution), split into
+   the runtime's named ranges (``lcrun.profiling.attribution``) and exported as a Chrome trace;
+4. ``timed_steps`` steps the way generation runs them (CUDA-graph replay where the cache allows),
+   unprofiled: the real ms/token beside the profiled split.
+The cache's counters (``lcrun.profiling.counters``) are sampled after every decode step.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lcrun.errors import ConfigError, LcrunError
+from lcrun.profiling import attribution, counters, links
+from lcrun.profiling.bench import WARMUP_STEPS, random_prompt, warm_median
+from lcrun.profiling.meta import run_metadata
+from lcrun.profiling.ranges import named_range
+from lcrun.profiling.trace import export_trace_gz
+
+TRACE_NAME = "trace.json.gz"
+Log = Callable[[str], None]
+
+
+@dataclass
+class ProfileOptions:
+    prompt_tokens: int
+    steps: int = 8            # profiled eager steps
+    timed_steps: int = 32     # unprofiled steps, as generation runs them
+    warmup_steps: int = 2
+    prompt_ids: list[int] | None = None
+
+    def decode_tokens(self) -> int:
+        return self.warmup_steps + self.steps + self.timed_steps
+
+    def check(self, capacity: int) -> None:
+        if self.steps < 1 or self.timed_steps < 1:
+            raise ConfigError("--steps and --timed-steps must be at least 1")
+        if self.prompt_tokens < 1:
+            raise ConfigError(f"no room for a prompt: {self.decode_tokens()} decode steps need most of --ctx "
+                              f"{capacity}; raise --ctx or lower --steps/--timed-steps" if self.prompt_ids is None
+                              and self.prompt_tokens <= 0 else f"--prompt-tokens must be at least 1")
+        need = self.prompt_tokens + self.decode_tokens() + 1
+        if need > capacity:
+            raise ConfigError(f"{self.prompt_tokens} prompt tokens and {self.decode_tokens()} decode steps need "
+                              f"a context of {need} tokens, over --ctx {capacity} by {need - capacity}: "
+                              "raise --ctx or lower --prompt-tokens")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prefill(llm, ids: list[int], log: Log) -> dict:
+    """Prefill with every chunk timed (synchronised in the progress callback)."""
+    points: list[dict] = []
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        _sync(llm.device)
+        points.append({"tokens": done, "seconds": time.perf_counter() - t0})
+        if len(points) % 16 == 0 or done >= total:
+            log(f"prefill {done:,}/{total:,} tokens, {done / points[-1]['seconds']:,.0f} tok/s")
+
+    _sync(llm.device)
+    logits = llm.generator.prefill(ids, progress)
+    _sync(llm.device)
+    seconds = time.perf_counter() - t0
+    prev_t, prev_n = 0.0, 0
+    for p in points:
+        dt = p["seconds"] - prev_t
+        p["chunk_tok_s"] = (p["tokens"] - prev_n) / dt if dt > 0 else None
+        prev_t, prev_n = p["seconds"], p["tokens"]
+    return {"logits": logits, "tokens": len(ids), "seconds": seconds, "tok_s": len(ids) / seconds, "points": points}
+
+
+def _plan_info(llm) -> dict:
+    """The plan this run used, or (CPU, dense) the planner's plan for the same settings, marked so."""
+    from lcrun.planner import ModelSpec, format_plan, make_plan
+    plan, used = llm.plan, True
+    if plan is None:
+        used = False
+        try:
+            cfg, elem = llm.model_config, llm.dtype.itemsize
+            spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=cfg.num_parameters() * elem, kv_dtype_bytes=elem,
+                                       name=cfg.name or str(llm.model_spec))
+            c = llm.config
+            plan = make_plan(spec, c.ctx_tokens, links.hardware_for(llm), budget_tokens=c.budget,
+                             sink_tokens=c.sink_tokens, window_tokens=c.window_tokens, attention=c.attention,
+                             prefill_chunk=c.prefill_chunk)
+        except LcrunError as exc:
+            return {"used_by_run": False, "error": str(exc)}
+    why = ("" if used else "this run places its KV cache without the planner (it does so for top-k attention on "
+           "a GPU); shown: the planner's plan for the same settings")
+    return {"used_by_run": used, "note": why, "text": format_plan(plan), "plan": plan.to_dict()}
+
+
+def _model_info(llm) -> dict:
+    cfg = llm.model_config
+    return {"spec": str(llm.model_spec), "name": cfg.name, "arch": cfg.arch, "layers": cfg.num_layers,
+            "hidden_size": cfg.hidden_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "parameters": cfg.num_parameters(), "weight_bytes": llm.model.weight_bytes(),
+            "device": str(llm.device), "dtype": str(llm.dtype).replace("torch.", "")}
+
+
+def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: None) -> dict:
+    """Run the profiled generation on ``llm`` (fresh: nothing cached) and return its data; the
+    Chrome trace is written to ``out_dir / TRACE_NAME``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lcrun.runtime.decode_graph import DecodeStepper
+    from lcrun.runtime.sampling import Sampler, SamplingParams
+
+    opts.check(llm.cache.capacity)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = opts.prompt_ids if opts.prompt_ids is not None else random_prompt(
+        llm.model_config.vocab_size, opts.prompt_tokens, llm.config.seed)
+    pre = _prefill(llm, ids, log)
+    cache, device = llm.cache, llm.device
+    sampler = Sampler(SamplingParams(temperature=0.0), device)
+    state = {"token": sampler(pre.pop("logits")).reshape(1)}
+    eager = DecodeStepper(llm.model, cache, use_graph=False)  # profiled steps: one launch per kernel
+
+    samples, phases = [counters.read_counters(cache)[0]], []
+
+    def run_steps(stepper, n: int, phase: str, wall: list[float], profiled: bool = False) -> None:
+        for _ in range(n):
+            _sync(device)
+            t = time.perf_counter()
+            with named_range(attribution.STEP_RANGE) if profiled else nullcontext():
+                state["token"] = sampler(stepper.step(state["token"])).reshape(1)
+            _sync(device)
+            wall.append(1e3 * (time.perf_counter() - t))
+            samples.append(counters.read_counters(cache)[0])
+            phases.append(phase)
+
+    warm: list[float] = []
+    run_steps(eager, opts.warmup_steps, "warm-up (eager)", warm)
+    log(f"profiling {opts.steps} eager decode steps")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    profiled: list[float] = []
+    with profile(activities=activities) as prof:
+        run_steps(eager, opts.steps, "profiled (eager)", profiled, profiled=True)
+    trace = export_trace_gz(prof, out_dir / TRACE_NAME)
+    split = attribution.split_steps(prof.events(), profiled, set(attribution.LABELS))
+    del prof
+
+    stepper = llm.generator.stepper  # as generation runs: CUDA-graph replay where the cache allows
+    log(f"timing {opts.timed_steps} decode steps as generation runs them")
+    timed: list[float] = []
+    run_steps(stepper, opts.timed_steps, "timed (graph)" if stepper.use_graph else "timed (eager)", timed)
+    source = counters.read_counters(cache)[1]
+    series = counters.per_step(samples)
+    for row, phase in zip(series, phases):
+        row["phase"] = phase
+    timed_ms = warm_median(timed)
+    link_info = links.link_rows(llm, timed_ms / 1e3, [r for r, p in zip(series, phases) if p.startswith("timed")])
+    categories = attribution.mean_components(split["steps"])
+    return {
+        "kind": "lcrun.profile", "meta": run_metadata(), "header": llm.config.to_header(), "model": _model_info(llm),
+        "cache": type(cache).__name__, "plan": _plan_info(llm),
+        "prefill": pre,
+        "decode": {"basis": split["basis"], "steps": split["steps"], "mean_components_ms": categories,
+                   "labels": {c: attribution.label(c) for c in categories},
+                   "warmup_ms": warm, "profiled_ms": profiled, "profiled_ms_median": warm_median(profiled),
+                   "timed_ms": timed, "timed_ms_median": timed_ms, "timed_warmup_steps": WARMUP_STEPS,
+                   "cuda_graph": getattr(stepper, "graph", None) is not None},
+        "counters": {"source": source, "steps": series,
+                     "final_report": cache.report() if hasattr(cache, "report") else None},
+        "links": link_info,
+        "trace": trace.name,
+    }

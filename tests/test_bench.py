@@ -1,0 +1,80 @@
+"""`lcrun bench`: the sweep's JSON, its baselines and ratios, and contexts that fail without ending it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcrun.errors import ConfigError
+from lcrun.profiling.bench import Sweep, ratios, warm_median
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # As a user on a CPU runs it: torch page kernels, not the test session's Triton interpreter.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "lcrun.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+
+
+TOPK = ["--attention", "topk", "--page-size", "16", "--sink-tokens", "16", "--window-tokens", "64", "--budget", "128"]
+
+
+def test_bench_sweep_with_baselines_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    res = cli("bench", "--model", "synthetic:tiny", "--device", "cpu", *TOPK, "--contexts", "256,512", "--steps", "4",
+              "--dense-contexts", "256", "--transformers", "dense,offloaded", "--transformers-contexts", "256",
+              "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["kind"] == "lcrun.bench"
+    assert data["meta"]["commit"] and "gpu" in data["meta"]
+    assert data["settings"]["attention"] == "topk" and data["settings"]["budget"] == 128
+    rows = {(r["impl"], r.get("attention"), r["context"]): r for r in data["rows"]}
+    assert set(rows) == {("lcrun", "topk", 256), ("lcrun", "topk", 512), ("lcrun", "dense", 256),
+                         ("transformers-dense", None, 256), ("transformers-offloaded", None, 256)}
+    for key in [("lcrun", "topk", 256), ("lcrun", "topk", 512), ("lcrun", "dense", 256),
+                ("transformers-dense", None, 256)]:
+        r = rows[key]
+        assert "error" not in r, r
+        assert r["prefill_tok_s"] > 0 and r["decode_ms"] > 0
+        assert len(r["decode_ms_steps"]) == 4
+        assert "peak_gpu_bytes" in r
+    # The offloaded cache needs a GPU: recorded as that context's error, the sweep went on.
+    assert "needs a GPU" in rows[("transformers-offloaded", None, 256)]["error"]
+    baselines = {(r["context"], r["baseline"]) for r in data["ratios"]}
+    assert baselines == {(256, "lcrun-dense"), (256, "transformers-dense")}
+    assert "transformers-dense" in res.stdout and "needs a GPU" in res.stdout
+
+
+def test_bench_rejects_unknown_transformers_cache(tmp_path):
+    res = cli("bench", "--model", "synthetic:tiny", "--device", "cpu", "--transformers", "static",
+              "--out", str(tmp_path / "x.json"))
+    assert res.returncode == 1
+    assert "--transformers takes dense, offloaded" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_warm_median_leaves_out_warmup_only_when_there_is_enough():
+    assert warm_median([100, 90, 80, 1, 2, 3, 4]) == 2.5
+    assert warm_median([100, 1, 2]) == 2
+
+
+def test_ratios_pair_baselines_with_the_swept_config():
+    rows = [{"impl": "lcrun", "attention": "topk", "context": 1, "decode_ms": 10, "prefill_tok_s": 100},
+            {"impl": "lcrun", "attention": "dense", "context": 1, "decode_ms": 40, "prefill_tok_s": 50},
+            {"impl": "transformers-offloaded", "context": 1, "decode_ms": 1000, "prefill_tok_s": 25},
+            {"impl": "transformers-dense", "context": 2, "decode_ms": 5, "prefill_tok_s": 1},
+            {"impl": "transformers-dense", "context": 1, "error": "out of GPU memory"}]
+    got = {r["baseline"]: r for r in ratios(rows, "topk")}
+    assert set(got) == {"lcrun-dense", "transformers-offloaded"}
+    assert got["transformers-offloaded"]["decode_speedup"] == 100
+    assert got["lcrun-dense"]["prefill_speedup"] == 2
+
+
+def test_sweep_validates_steps():
+    with pytest.raises(ConfigError):
+        Sweep(contexts=[1], steps=0)
