@@ -38,3 +38,20 @@ def test_gpu_mem_cap_is_enforced():
     from lcrun.errors import CapacityError
     with pytest.raises(CapacityError, match="--gpu-mem"):
         LLM("synthetic:llama-3.2-1b", ctx="1M", gpu_mem="4GiB", progress=False)
+
+
+@pytest.mark.parametrize("attention", ["dense", "topk"])
+def test_graph_replayed_decode_matches_eager(attention, monkeypatch):
+    """The captured decode step (DecodeStepper) gives the tokens of eager steps, for the dense
+    cache and the on-GPU paged top-k cache (context past the budget, so selection is live)."""
+    from lcrun import LLM
+
+    def run(graph: str) -> list[int]:
+        monkeypatch.setenv("LCRUN_CUDA_GRAPH", graph)
+        llm = LLM("synthetic:llama-3.2-1b", ctx="8k", attention=attention, budget=512, dtype="float32",
+                  progress=False)
+        assert llm.generator.stepper.use_graph == (graph != "0")
+        prompt = torch.randint(0, llm.model_config.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
+        return list(llm.stream_ids(prompt.tolist(), max_new_tokens=24))
+
+    assert run("auto") == run("0")

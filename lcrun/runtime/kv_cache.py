@@ -87,20 +87,45 @@ def _chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 class DenseCache(AttentionCache):
-    """Every token's post-RoPE K/V in one preallocated buffer per layer; SDPA over all of it."""
+    """Every token's post-RoPE K/V in one preallocated buffer per layer; attention over all of it.
+
+    Decode on a GPU reads the buffer as pages of DECODE_PAGE tokens with flash decoding (the
+    sparse-decode kernel given every page), with the position and lengths in device tensors: the
+    step can be captured as a CUDA graph like the top-k caches', so dense and top-k decode are
+    compared on the same footing."""
+
+    DECODE_PAGE = 32
+    graph_safe_decode = True
 
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype):
         super().__init__(cfg, capacity, device, dtype)
         self.sm_scale = cfg.head_dim ** -0.5
-        shape = (cfg.num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
+        P = self.DECODE_PAGE
+        self.num_pages = -(-capacity // P)
+        # Rounded up to whole pages so each layer's buffer views as (Hkv * pages, P, D).
+        shape = (cfg.num_layers, cfg.num_kv_heads, self.num_pages * P, cfg.head_dim)
         self.k = torch.empty(shape, device=self.device, dtype=dtype)
         self.v = torch.empty(shape, device=self.device, dtype=dtype)
+        if self.device.type == "cuda":
+            from lcrun.kernels import kernel_backend
+            self._decode_attention = kernel_backend(self.device, "auto").sparse_decode_attention
+            hkv = cfg.num_kv_heads
+            self._slots = torch.arange(hkv * self.num_pages, device=self.device, dtype=torch.int32).view(hkv, -1)
+            self._page_starts = torch.arange(self.num_pages, device=self.device, dtype=torch.int32) * P
+            self._lens = torch.zeros((hkv, self.num_pages), device=self.device, dtype=torch.int32)
+            self._n_pages = torch.zeros(1, device=self.device, dtype=torch.int32)
 
     def _plan(self, positions: torch.Tensor) -> None:
         t, start = positions.numel(), self.length
         self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
+        self._positions = positions
         if t == 1:
             self._mask = None
+            if self.device.type == "cuda":
+                # Tokens per page after this step's token is written, from the device position.
+                seq_len = positions[:1].to(torch.int32) + 1
+                self._lens.copy_(torch.clamp(seq_len - self._page_starts, 0, self.DECODE_PAGE).expand_as(self._lens))
+                self._n_pages.copy_(torch.div(seq_len + self.DECODE_PAGE - 1, self.DECODE_PAGE, rounding_mode="floor"))
         else:
             # Causal over (cached + new) keys: query i sees keys 0 .. start+i; one row per
             # (group member, query), matching the folded query layout of attend().
@@ -113,14 +138,18 @@ class DenseCache(AttentionCache):
         hkv, g, d = self.cfg.num_kv_heads, self.cfg.gqa_group, self.cfg.head_dim
         cos, sin = self._cos_sin
         q = Rotary.apply(q, cos, sin)
+        if t == 1 and q.is_cuda:
+            # Written at the device position, read as pages: nothing here depends on host lengths.
+            self.k[layer].index_copy_(1, self._positions, Rotary.apply(k, cos, sin).transpose(0, 1))
+            self.v[layer].index_copy_(1, self._positions, v.transpose(0, 1))
+            P, d = self.DECODE_PAGE, self.cfg.head_dim
+            out = self._decode_attention(q[0].contiguous(), self.k[layer].view(-1, P, d), self.v[layer].view(-1, P, d),
+                                         self._slots, self._lens, self.sm_scale, num_entries=self._n_pages)
+            return out[None]
         self.k[layer, :, start:start + t] = Rotary.apply(k, cos, sin).transpose(0, 1)
         self.v[layer, :, start:start + t] = v.transpose(0, 1)
         keys = self.k[layer, :, : start + t]
         values = self.v[layer, :, : start + t]
-        if t == 1 and q.is_cuda:
-            # One query: flash decoding with GQA (folded rows would take a slow SDPA path here).
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], enable_gqa=True)
-            return out[0].transpose(0, 1)
         if t > 1 and q.is_cuda:
             # Flash attention in O(T) memory: the chunk's causal self-attention, merged by
             # log-sum-exp with its attention to the cached past (an explicit mask would make SDPA

@@ -85,7 +85,7 @@ class PagedTopKCache(AttentionCache):
         self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
         P = self.page_size
         if t == 1:
-            self._start.fill_(start)
+            self._start.copy_(positions[:1])  # from the device, so a captured step replays right
             torch.add(self._start, 1, out=self._seq_len)
             torch.floor_divide(self._seq_len, P, out=self._num_full)
             torch.floor_divide(self._start, P, out=self._last_page)
@@ -151,6 +151,8 @@ class PagedTopKCache(AttentionCache):
         return out[None]
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    graph_safe_decode = True  # a decode step reads its position and lengths from device tensors
+
     def truncate(self, length: int) -> None:
         # Abstracts of pages that are no longer full are ignored (num_full shrinks) and rebuilt
         # when the page fills again.
