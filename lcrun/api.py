@@ -112,7 +112,8 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                                cache_slots_per_layer=max(1, (plan.gpu_slots - slack_slots) // layers),
                                page_size=plan.page_size, budget=config.budget, sink_tokens=config.sink_tokens,
                                window_tokens=config.window_tokens, group_score=config.group_score,
-                               prefill_block=plan.prefill_chunk, sparse_prefill=config.prefill == "topk", **tiers)
+                               prefill_block=plan.prefill_chunk, sparse_prefill=config.prefill == "topk",
+                               prefetch=config.prefetch, **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
     return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,
@@ -131,9 +132,12 @@ class LLM:
         self.config = config.resolve()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if self.device.type == "cuda" and config.gpu_mem_bytes:
+        if self.device.type == "cuda":
+            # The fraction is process-wide: set it every time, so an earlier LLM's cap does not
+            # linger on one made without --gpu-mem.
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, config.gpu_mem_bytes / total), self.device)
+            cap = config.gpu_mem_bytes
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0, self.device)
         spec = config.model or default_model()
         self.model_spec = spec
         self.tokenizer: TextTokenizer | None = None

@@ -36,6 +36,10 @@ class LcrunConfig:
                           choices=["auto", "true", "window"])
     prefill: str = _opt("exact", "topk + tiered KV: prefill chunks attend to the whole past (exact) or to sinks, window "
                         "and their top pages within --budget (topk: faster, approximate).", choices=["exact", "topk"])
+    prefetch: str = _opt("auto", "tiered KV: prefetch the next layer's pages with a predicted query: from this layer's "
+                         "input (hidden, as InfiniGen) or this layer's query (layer); off; or auto: probe hidden on "
+                         "the first decode steps and keep it only if enough of what it fetches is used.",
+                         choices=["auto", "hidden", "layer", "off"])
     gpu_mem: str | None = _opt(None, "Cap on GPU memory lcrun may hold, e.g. 24GiB.")
     host_mem: str | None = _opt(None, "Cap on pinned host memory for the KV cache, e.g. 32GiB.")
     kv_dir: str | None = _opt(None, "Folder for KV pages spilled to disk (NVMe).")

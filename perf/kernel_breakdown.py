@@ -75,12 +75,13 @@ def main() -> None:
     ap.add_argument("--host-mem", default=None)
     ap.add_argument("--kv-dir", default=None)
     ap.add_argument("--prefill", default="exact")
+    ap.add_argument("--prefetch", default="auto")
     ap.add_argument("--steps", type=int, default=5, help="profiled eager steps")
     ap.add_argument("--timed-steps", type=int, default=24)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     config = LcrunConfig.from_kwargs(model=a.model, ctx=a.ctx, attention=a.attention, gpu_mem=a.gpu_mem,
-                                     host_mem=a.host_mem, kv_dir=a.kv_dir, prefill=a.prefill,
+                                     host_mem=a.host_mem, kv_dir=a.kv_dir, prefill=a.prefill, prefetch=a.prefetch,
                                      prefill_chunk=8192, positions="true")
     llm = LLM(config=config, progress=False)
     n = llm.config.ctx_tokens - a.steps - a.timed_steps - 16

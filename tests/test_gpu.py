@@ -48,7 +48,7 @@ def test_graph_replayed_decode_matches_eager(attention, monkeypatch):
 
     def run(graph: str) -> list[int]:
         monkeypatch.setenv("LCRUN_CUDA_GRAPH", graph)
-        llm = LLM("synthetic:llama-3.2-1b", ctx="8k", attention=attention, budget=512, dtype="float32",
+        llm = LLM("synthetic:llama-3.2-1b", ctx="8k", attention=attention, budget=512, sink_tokens=32, window_tokens=128, dtype="float32",
                   progress=False)
         assert llm.generator.stepper.use_graph == (graph != "0")
         prompt = torch.randint(0, llm.model_config.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))

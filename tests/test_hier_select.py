@@ -4,20 +4,15 @@ torch references; and the paged cache's hierarchical mode against its flat mode.
 Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET set before lcrun's kernel
 modules are imported). bf16 tests avoid tl.dot-only paths: the interpreter's bf16 dot is wrong.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from lcrun.kernels import plan_selection, reference  # noqa: E402
-from lcrun.kernels.triton_support import can_run_triton  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if not can_run_triton(DEVICE):
-    pytest.skip("Triton kernels cannot run here", allow_module_level=True)
+from triton_env import DEVICE, require_triton  # noqa: E402
+
+require_triton()
 
 from lcrun.kernels.chunk_abstracts import chunk_abstracts_like, select_top_pages_hier, update_chunk_abstracts  # noqa: E402,E501
 from lcrun.kernels.score import score_pages  # noqa: E402

@@ -4,22 +4,16 @@ Without CUDA the Triton kernels run in the interpreter on CPU tensors: TRITON_IN
 set before the kernel modules are imported (Triton reads it when @triton.jit decorates a kernel).
 With CUDA the same tests run the compiled kernels on the GPU.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from lcrun.kernels import max_entries, plan_selection, reference, select_pages, select_with_plan, write_kv  # noqa: E402
 from lcrun.kernels import select as torch_select  # noqa: E402
-from lcrun.kernels.triton_support import can_run_triton  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if not can_run_triton(DEVICE):
-    pytest.skip("Triton kernels cannot run here (set TRITON_INTERPRET=1 before pytest imports lcrun)",
-                allow_module_level=True)
+from triton_env import DEVICE, require_triton  # noqa: E402
+
+require_triton()
 
 from lcrun.kernels.abstracts import update_abstracts  # noqa: E402
 from lcrun.kernels.paged_prefill import paged_prefill_attention  # noqa: E402

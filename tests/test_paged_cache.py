@@ -4,23 +4,18 @@ Without CUDA the Triton backend runs in the interpreter (TRITON_INTERPRET is set
 module is imported); the torch backend is the CPU path users get without it.
 """
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from lcrun.errors import ConfigError, ContextOverflowError  # noqa: E402
-from lcrun.kernels.triton_support import can_run_triton  # noqa: E402
+from triton_env import DEVICE, HAS_TRITON  # noqa: E402
 from lcrun.runtime.kv_cache import DenseCache  # noqa: E402
 from lcrun.runtime.model_config import ModelConfig  # noqa: E402
 from lcrun.runtime.paged_cache import PagedTopKCache  # noqa: E402
 from lcrun.runtime.rope import Rotary  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["triton", "torch"] if can_run_triton(DEVICE) else ["torch"]
+BACKENDS = ["triton", "torch"] if HAS_TRITON else ["torch"]
 CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=512, intermediate_size=128, num_layers=2,
                   num_heads=8, num_kv_heads=2, head_dim=64, rope_theta=10000.0)
 

@@ -5,21 +5,15 @@ before the kernel modules are imported). With CUDA the same tests run the compil
 host_kv in pinned host memory read and written in place (zero-copy); the ``gpu`` test also uses a
 real ``HostPagePool`` (cudaHostRegister) and a CUDA graph.
 """
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from lcrun.kernels import tiered_reference as ref  # noqa: E402
-from lcrun.kernels.triton_support import can_run_triton  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if not can_run_triton(DEVICE):
-    pytest.skip("Triton kernels cannot run here (set TRITON_INTERPRET=1 before pytest imports lcrun)",
-                allow_module_level=True)
+from triton_env import DEVICE, require_triton  # noqa: E402
+
+require_triton()
 
 from lcrun.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
 from lcrun.kernels.tiered import (HostPointer, admit_pages, as_kernel_pointer, gather_pages_to_staging,  # noqa: E402
@@ -279,6 +273,74 @@ def test_admit_conflicts():
     assert torch.equal(again[0], tag) and same_bits(again[1], gpu_k) and same_bits(again[2], gpu_v)
 
 
+def test_admit_counts_hits_and_marks_prefetch():
+    """Demand calls count [selected, cached, unreadable, cached by this step's prefetch] as found
+    before admitting; a speculative call marks the slots it fills with the step and counts them."""
+    hkv, max_pages, P, d = 4, 12, 16, 64
+    store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=F16, num_cache_slots=40, seed=5, cache_frac=0.4,
+                  spill=0.2)
+    sel_pages, sel_lens = store.select(kmax=5)
+    step = i32(7)
+    results = []
+    for fn in (admit_pages, ref.admit_pages):
+        tag = store.tag.clone()
+        gpu_k, gpu_v = store.gpu_k.clone(), store.gpu_v.clone()
+        counters = torch.zeros(5, dtype=torch.int64, device=DEVICE)
+        spec_mark = torch.full_like(tag, -1)
+        args = (store.cache_slot, tag, store.host_slot, store.host_kv, gpu_k, gpu_v, counters, spec_mark, step)
+        fn(sel_pages, sel_lens, *args, speculative=True)  # prefetch: counts only what it admits
+        after_spec = counters.clone()
+        spec_slots = (spec_mark == 7).nonzero().flatten()
+        fn(sel_pages, sel_lens, *args)  # the same selection on demand: every admitted page is a hit
+        results.append((after_spec.cpu(), counters.cpu(), spec_mark.cpu(), tag.cpu()))
+        # expected from first principles
+        used, cached = sel_lens.cpu() > 0, store.cached()
+        sp, hs, cs = sel_pages.cpu().long(), store.host_slot.cpu(), store.cache_slot.cpu()
+        flat_cached = torch.zeros_like(used)
+        for h in range(hkv):
+            for e in range(sp.shape[1]):
+                if used[h, e]:
+                    flat_cached[h, e] = int(tag[cs[h, sp[h, e]]]) == h * max_pages + int(sp[h, e])
+        unreadable = used & ~flat_cached & (hs.gather(1, sp) < 0)
+        assert after_spec.tolist() == [0, 0, 0, 0, spec_slots.numel()]
+        assert spec_slots.numel() > 0 and spec_slots.numel() == int((tag != store.tag).sum())
+        assert counters.tolist() == [int(used.sum()), int(flat_cached.sum()), int(unreadable.sum()),
+                                     spec_slots.numel(), spec_slots.numel()]
+        assert int(flat_cached.sum()) > int((used & cached.gather(1, sp)).sum())
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+
+
+@pytest.mark.parametrize("hkv,d,P,dtype,slots,seed", [(2, 64, 16, F32, 5, 0), (4, 128, 32, F16, 6, 1),
+                                                     (8, 64, 16, F32, 9, 3)])
+def test_admit_read_map_attends_like_tiered(hkv, d, P, dtype, slots, seed):
+    """With a read map, every readable selected page ends up in GPU memory (cache slot, or the
+    entry's overflow slot when it lost a conflict): attention over (read_slot, read_lens) in the
+    pool equals the tiered attention (host reads in place) over the state before admission."""
+    from lcrun.kernels import reference
+    store = Store(hkv=hkv, max_pages=10, P=P, d=d, dtype=dtype, num_cache_slots=slots, seed=seed, cache_frac=0.5,
+                  spill=0.2)
+    sel_pages, sel_lens = store.select(kmax=6)
+    kmax = sel_pages.shape[1]
+    q = torch.randn(hkv * 3, d, generator=store.gen).to(dtype).to(DEVICE)
+    want = ref.tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens,
+                                       store.cache_slot, store.tag, store.host_slot)
+    results = []
+    for fn in (admit_pages, ref.admit_pages):
+        extra = torch.full((hkv * kmax, P, d), float("nan"), dtype=dtype, device=DEVICE)  # poisoned overflow
+        pool_k, pool_v = torch.cat([store.gpu_k, extra]), torch.cat([store.gpu_v, extra])
+        tag = store.tag.clone()
+        read_slot = torch.full_like(sel_pages, -7)
+        read_lens = torch.full_like(sel_lens, -7)
+        fn(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot, store.host_kv, pool_k, pool_v,
+           read_slot=read_slot, read_lens=read_lens, overflow=slots)
+        results.append((tag, read_slot, read_lens))
+        got = reference.sparse_decode_attention(q, pool_k, pool_v, read_slot, read_lens)
+        assert rel_err(got, want) < TOL[dtype]
+        assert int((read_slot >= slots).sum()) > 0 or slots > 8  # conflicts exercised in the small caches
+    for a, b in zip(*results):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
 # -- write_through ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("T,start,device_start,P,d,dtype", [
@@ -323,6 +385,32 @@ def test_write_through(T, start, device_start, P, d, dtype):
             if cached[h, p]:
                 want_k[cs[h, p], off], want_v[cs[h, p], off] = kc[t, h], vc[t, h]
     assert same_bits(host_kv, want_host) and same_bits(gpu_k, want_k) and same_bits(gpu_v, want_v)
+
+
+@pytest.mark.parametrize("start,P,d,dtype", [(37, 16, 64, F16), (32, 32, 128, BF16), (0, 16, 64, F32),
+                                           (63, 32, 128, F32)])
+def test_write_through_running_abstracts(start, P, d, dtype):
+    """A decode token's page gets its running min/max in the write-through launch: restarted at
+    the page's first token, folded in otherwise; other pages untouched."""
+    hkv, max_pages = 3, start // P + 3
+    store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=dtype, num_cache_slots=5, spill=0.0, seed=start)
+    k_new = torch.randn(1, hkv, d, generator=store.gen).to(dtype).to(DEVICE)
+    v_new = torch.randn(1, hkv, d, generator=store.gen).to(dtype).to(DEVICE)
+    kmin0 = torch.randn(hkv, max_pages, d, generator=store.gen).to(dtype).to(DEVICE)
+    kmax0 = kmin0 + 1
+    results = []
+    for fn in (write_through, ref.write_through):
+        kmin, kmax = kmin0.clone(), kmax0.clone()
+        fn(k_new, v_new, i32(start), to_host(store.host_kv.clone()), store.host_slot, store.gpu_k.clone(),
+           store.gpu_v.clone(), store.cache_slot, store.tag, kmin, kmax)
+        results.append((kmin.cpu(), kmax.cpu()))
+    page, fresh = start // P, start % P == 0
+    want_min, want_max = kmin0.cpu().clone(), kmax0.cpu().clone()
+    k = k_new.cpu()[0]
+    want_min[:, page] = k if fresh else torch.minimum(want_min[:, page], k)
+    want_max[:, page] = k if fresh else torch.maximum(want_max[:, page], k)
+    for kmin, kmax in results:
+        assert same_bits(kmin, want_min) and same_bits(kmax, want_max)
 
 
 # -- gather_pages_to_staging -----------------------------------------------------------------------

@@ -20,8 +20,11 @@ A cached page is always read from the cache (whatever host_slot says): write_thr
 copies coherent and admission copies whole pages, so a cached copy is never stale.
 
 Kernels:
-    tiered_decode_attention   flash-decoding over the selection, each page from cache or host
-    admit_pages               copy selected, uncached, host-resident pages into the cache (+ tags)
+    tiered_decode_attention   flash-decoding over the selection, each page from cache or host in
+                              place (the decode step instead admits first, then attends from GPU
+                              memory with sparse_decode_attention: a miss crosses PCIe once)
+    admit_pages               copy selected, uncached, host-resident pages into the cache (+ tags),
+                              count hits, and map every selected page to a GPU slot for attention
     write_through             new tokens into their host pages, and into cached copies
     gather_pages_to_staging   pages 0..n-1 of every head from the host pool into contiguous buffers
 
@@ -247,19 +250,38 @@ def tiered_decode_attention(q: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.T
 
 @jit
 def _admit_pages_kernel(
-    sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v,
+    sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v, counters, spec_mark, step_ptr,
+    read_slot, read_lens, overflow,
     n_entries, kmax, max_pages, stride_sel_h, stride_map_h, stride_hslot, stride_hkv, stride_cslot,
-    PD: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_E: tl.constexpr,
+    PD: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_E: tl.constexpr, COUNT: tl.constexpr,
+    SPECULATIVE: tl.constexpr, READ_MAP: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = i // kmax
     length = tl.load(sel_lens + head * stride_sel_h + i % kmax)
+    if READ_MAP:  # where attention reads entry i this step (unused / unreadable: length 0)
+        tl.store(read_slot + i, 0)
+        tl.store(read_lens + i, 0)
     if length > 0:
         page = tl.load(sel_pages + head * stride_sel_h + i % kmax)
         cslot = tl.load(cache_slot + head * stride_map_h + page)
         flat = head * max_pages + page
         resident = tl.load(tag + cslot)  # flat id of the page in my slot now
         hslot = tl.load(host_slot + head * stride_map_h + page)
+        if COUNT:
+            # Demand lookups: selected / hit / unreadable (on NVMe only) / hit that this step's
+            # speculative admission brought in.
+            tl.atomic_add(counters, 1)
+            if resident == flat:
+                tl.atomic_add(counters + 1, 1)
+                if tl.load(spec_mark + cslot) == tl.load(step_ptr):
+                    tl.atomic_add(counters + 3, 1)
+            elif hslot < 0:
+                tl.atomic_add(counters + 2, 1)
+        if READ_MAP:
+            if resident == flat:
+                tl.store(read_slot + i, cslot)
+                tl.store(read_lens + i, length)
         if (resident != flat) & (hslot >= 0):
             # Start the host reads now: their PCIe latency overlaps the conflict scan below.
             offs = tl.arange(0, BLOCK_PD)
@@ -282,16 +304,34 @@ def _admit_pages_kernel(
                 hslot_j = tl.load(host_slot + head_j * stride_map_h + page_j, mask=same & ~cached_j, other=-1)
                 blocks = cached_j | (same & (hslot_j >= 0) & (j < i))
                 blocked += blocks.to(tl.int32)
-            if tl.sum(blocked, axis=0) == 0:
+            n_blocked = tl.sum(blocked, axis=0)
+            if n_blocked == 0:
                 dst = cslot.to(tl.int64) * stride_cslot + offs
                 tl.store(gpu_k + dst, k_page, mask=mask)
                 tl.store(gpu_v + dst, v_page, mask=mask)
                 tl.debug_barrier()  # every thread's data stores are issued before the tag claims the slot
                 tl.store(tag + cslot, flat)
+                if SPECULATIVE:
+                    tl.store(spec_mark + cslot, tl.load(step_ptr))
+                    tl.atomic_add(counters + 4, 1)
+            if READ_MAP:
+                # A page that lost its slot is still read from the GPU: in entry i's overflow slot,
+                # valid for this step's attention only.
+                where = tl.where(n_blocked == 0, cslot, overflow + i)
+                if n_blocked != 0:
+                    dst = (overflow + i).to(tl.int64) * stride_cslot + offs
+                    tl.store(gpu_k + dst, k_page, mask=mask)
+                    tl.store(gpu_v + dst, v_page, mask=mask)
+                tl.store(read_slot + i, where)
+                tl.store(read_lens + i, length)
 
 
 def admit_pages(sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: torch.Tensor, tag: torch.Tensor,
-                host_slot: torch.Tensor, host_kv: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor) -> None:
+                host_slot: torch.Tensor, host_kv: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor,
+                counters: torch.Tensor | None = None, spec_mark: torch.Tensor | None = None,
+                step: torch.Tensor | None = None, speculative: bool = False,
+                read_slot: torch.Tensor | None = None, read_lens: torch.Tensor | None = None,
+                overflow: int | None = None) -> None:
     """Copy into the GPU cache every selected page (entry with len > 0) that is not cached and is in
     the host pool (host_slot >= 0): its whole K and V page (P * D each, also for a partial last
     page) into gpu_k/gpu_v[cache_slot[h, p]], then tag[cache_slot[h, p]] = h * max_pages + p.
@@ -312,36 +352,72 @@ def admit_pages(sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: tor
     program the data is written before the tag. Nothing may read this layer's cache while this
     runs (the caller orders streams: e.g. the prefetcher's side stream is joined by an event before
     the layer's attention).
+
+    Counting (optional, all three of counters (5,) int64, spec_mark (num_cache_slots,) int32 and
+    step (1,) int32 on the device): a demand call (speculative=False) adds, over its used entries,
+    [selected, cached, unreadable (not cached, host_slot -1), cached by this step's speculative
+    admission (spec_mark[slot] == step), 0] to counters, as found before it admits anything; a
+    speculative call counts nothing of that, marks spec_mark[slot] = step on each slot it fills
+    and adds the pages it admitted to counters[4]. Counting costs no extra launch.
+
+    Read map (optional, demand calls: read_slot and read_lens (Hkv, Kmax) int32 contiguous, and
+    ``overflow``): for each entry, where this step's attention reads it from the GPU
+    (``sparse_decode_attention(q, gpu_k, gpu_v, read_slot, read_lens)``): its cache slot when
+    cached or admitted; when it lost its slot to a conflict, slot ``overflow + h * Kmax + e``, where
+    this call copies it (gpu_k/gpu_v then extend past the cache slots: at least overflow + Hkv *
+    Kmax rows); length 0 for unused entries and pages in no readable tier.
     """
     hkv, kmax = sel_pages.shape
     num_cache_slots, page_size, d = gpu_k.shape
     device = _kernel_device(sel_pages, sel_lens, cache_slot, tag, host_slot, gpu_k, gpu_v)
-    _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot)
+    read_map = read_slot is not None
+    if read_map:
+        assert not speculative and overflow is not None and read_lens is not None
+        for t in (read_slot, read_lens):
+            assert t.shape == sel_pages.shape and t.dtype == torch.int32 and t.is_contiguous() and t.device == device
+        assert tag.shape[0] <= overflow and overflow + hkv * kmax <= gpu_k.shape[0], "no room for overflow slots"
+        _check_cache(gpu_k[:tag.shape[0]], gpu_v[:tag.shape[0]], cache_slot, tag, host_slot)
+        assert gpu_k.is_contiguous() and gpu_v.is_contiguous() and gpu_v.shape == gpu_k.shape
+    else:
+        _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot)
     _check_selection(sel_pages, sel_lens, hkv)
     _check_host(host_kv, device, page_size, d, gpu_k.dtype)
     assert cache_slot.shape[0] == hkv
     n = hkv * kmax
     if n == 0:
         return
+    count = counters is not None
+    if count:
+        _check_counters(counters, spec_mark, step, tag, device)
     pd = page_size * d
     _admit_pages_kernel[(n,)](
         sel_pages, sel_lens, cache_slot, tag, host_slot, as_kernel_pointer(host_kv, device), gpu_k, gpu_v,
+        counters if count else tag, spec_mark if count else tag, step if count else tag,
+        read_slot if read_map else tag, read_lens if read_map else tag, overflow if read_map else 0,
         n, kmax, cache_slot.shape[1], sel_pages.stride(0), cache_slot.stride(0), host_kv.stride(0),
         host_kv.stride(1), gpu_k.stride(0),
         PD=pd, BLOCK_PD=next_pow2(pd), BLOCK_E=min(1024, next_pow2(n)),
+        COUNT=count and not speculative, SPECULATIVE=count and speculative, READ_MAP=read_map,
         num_warps=4 if pd * gpu_k.element_size() <= 8192 else 8, num_stages=1,
     )
+
+
+def _check_counters(counters, spec_mark, step, tag, device) -> None:
+    assert counters.shape == (5,) and counters.dtype == torch.int64 and counters.device == device
+    assert spec_mark is not None and spec_mark.shape == tag.shape and spec_mark.dtype == torch.int32
+    assert step is not None and step.numel() == 1 and step.dtype == torch.int32
+    assert spec_mark.device == step.device == device
 
 
 # -- write-through ---------------------------------------------------------------------------------
 
 @jit
 def _write_through_kernel(
-    k_new, v_new, start_ptr, start_int, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag,
+    k_new, v_new, start_ptr, start_int, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag, kmin, kmax,
     T, max_pages, stride_kt, stride_kh, stride_vt, stride_vh, stride_hslot, stride_hkv, stride_htok,
-    stride_cslot, stride_ctok, stride_map_h,
+    stride_cslot, stride_ctok, stride_map_h, stride_abs_h, stride_abs_p,
     START_IS_TENSOR: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, ABSTRACTS: tl.constexpr,
 ):
     head = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -370,11 +446,20 @@ def _write_through_kernel(
     m_c = cached[:, None] & mask_d[None, :]
     tl.store(gpu_k + c_off[:, None] + offs_d[None, :], k, mask=m_c)
     tl.store(gpu_v + c_off[:, None] + offs_d[None, :], v, mask=m_c)
+    if ABSTRACTS:
+        # One token (decode): the running min/max of its page; the page's first token restarts them.
+        a_off = head * stride_abs_h + page.to(tl.int64) * stride_abs_p
+        m_a = ok[:, None] & mask_d[None, :]
+        fresh = (tok == 0)[:, None]
+        lo = tl.load(kmin + a_off[:, None] + offs_d[None, :], mask=m_a & ~fresh, other=0.0)
+        hi = tl.load(kmax + a_off[:, None] + offs_d[None, :], mask=m_a & ~fresh, other=0.0)
+        tl.store(kmin + a_off[:, None] + offs_d[None, :], tl.where(fresh, k, tl.minimum(lo, k)), mask=m_a)
+        tl.store(kmax + a_off[:, None] + offs_d[None, :], tl.where(fresh, k, tl.maximum(hi, k)), mask=m_a)
 
 
 def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor, host_kv: torch.Tensor,
                   host_slot: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor, cache_slot: torch.Tensor,
-                  tag: torch.Tensor) -> None:
+                  tag: torch.Tensor, kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> None:
     """Write tokens at positions start .. start+T-1 of every KV head into their host pages (zero-copy
     stores into host_kv[host_slot[h, pos // P], 0/1, pos % P]) and into the page's GPU cache slot
     when the page is cached there. Never claims a slot (a page cached part-way would hold garbage).
@@ -385,6 +470,10 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
     host_slot, cache_slot: (Hkv, max_pages) int32; gpu_k, gpu_v: (num_cache_slots, P, D); tag:
     (num_cache_slots,) int32. The caller guarantees host_slot >= 0 for the pages written and
     positions below max_pages * P; tokens breaking either are dropped (no out-of-bounds store).
+
+    kmin, kmax: optional (Hkv, max_pages, D) page abstracts, k_new's dtype, last dim contiguous; only
+    with T == 1 (a decode step): the token's page gets its running per-channel min/max (reset when
+    the token is the page's first), in the same launch.
 
     One launch, grid (ceil(T / BLOCK_T), Hkv); each program moves BLOCK_T rows of D contiguous
     elements (16-byte vectors) per K and V.
@@ -403,17 +492,23 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
         start_ptr, start_int = start, 0
     else:
         start_ptr, start_int = host_slot, int(start)
+    abstracts = kmin is not None
+    if abstracts:
+        assert t == 1, "running abstracts are updated in-kernel for one token (decode) only"
+        assert kmax is not None and kmin.shape == kmax.shape == (hkv, host_slot.shape[1], d)
+        assert kmin.stride() == kmax.stride() and kmin.stride(2) == 1 and kmin.dtype == k_new.dtype
+        assert kmin.device == device
     if t == 0:
         return
     block_t = min(32, next_pow2(t))
     _write_through_kernel[(-(-t // block_t), hkv)](
         k_new, v_new, start_ptr, start_int, as_kernel_pointer(host_kv, device), host_slot, gpu_k, gpu_v,
-        cache_slot, tag,
+        cache_slot, tag, kmin if abstracts else gpu_k, kmax if abstracts else gpu_k,
         t, host_slot.shape[1], k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         host_kv.stride(0), host_kv.stride(1), host_kv.stride(2), gpu_k.stride(0), gpu_k.stride(1),
-        host_slot.stride(0),
+        host_slot.stride(0), kmin.stride(0) if abstracts else 0, kmin.stride(1) if abstracts else 0,
         START_IS_TENSOR=isinstance(start, torch.Tensor), P=page_size, D=d, BLOCK_D=next_pow2(d),
-        BLOCK_T=block_t, num_warps=4, num_stages=1,
+        BLOCK_T=block_t, ABSTRACTS=abstracts, num_warps=4, num_stages=1,
     )
 
 

@@ -66,8 +66,17 @@ def admission_winners(sel_pages, sel_lens, cache_slot, tag, host_slot) -> torch.
     return admissible & (best[cslot] == index)
 
 
-def admit_pages(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v) -> None:
+def admit_pages(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v, counters=None,
+                spec_mark=None, step=None, speculative=False, read_slot=None, read_lens=None, overflow=None) -> None:
     max_pages = cache_slot.shape[1]
+    if read_slot is not None:
+        _read_map(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v, read_slot, read_lens,
+                  overflow)
+    if counters is not None and not speculative:
+        used, _, _, cslot, cached, hslot = _selection_lookup(sel_pages, sel_lens, cache_slot, tag, host_slot)
+        by_spec = cached & (spec_mark[cslot.long()] == step.reshape(()))
+        counters += torch.stack([used.sum(), cached.sum(), (used & ~cached & (hslot < 0)).sum(), by_spec.sum(),
+                                 torch.zeros((), dtype=torch.long, device=counters.device)]).to(counters)
     winners = admission_winners(sel_pages, sel_lens, cache_slot, tag, host_slot)
     heads, entries = winners.nonzero(as_tuple=True)
     if heads.numel() == 0:
@@ -78,10 +87,38 @@ def admit_pages(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k,
     gpu_k[cslot] = host_k
     gpu_v[cslot] = host_v
     tag[cslot] = (heads * max_pages + pages).to(tag.dtype)
+    if counters is not None and speculative:
+        spec_mark[cslot] = step.reshape(()).to(spec_mark.dtype)
+        counters[4] += heads.numel()
 
 
-def write_through(k_new, v_new, start, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag) -> None:
+def _read_map(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v, read_slot, read_lens,
+              overflow) -> None:
+    """admit_pages' read map, from the state before admission: cached -> its slot; winners -> the
+    slot they will take; losers -> their overflow slot, filled here; unreadable/unused -> length 0."""
+    hkv, kmax = sel_pages.shape
+    used, _, _, cslot, cached, hslot = _selection_lookup(sel_pages, sel_lens, cache_slot, tag, host_slot)
+    winners = admission_winners(sel_pages, sel_lens, cache_slot, tag, host_slot)
+    losers = used & ~cached & (hslot >= 0) & ~winners
+    entry = torch.arange(hkv * kmax, device=sel_pages.device).reshape(hkv, kmax)
+    slot = torch.where(losers, overflow + entry, cslot.long())
+    readable = cached | (used & (hslot >= 0))
+    read_slot.copy_(torch.where(readable, slot, 0).to(torch.int32))
+    read_lens.copy_(torch.where(readable, sel_lens, 0).to(torch.int32))
+    heads, entries = losers.nonzero(as_tuple=True)
+    if heads.numel():
+        pages = sel_pages[heads, entries].long()
+        host_k, host_v = _host_pages(host_kv, host_slot[heads, pages], gpu_k.device)
+        dst = (overflow + heads * kmax + entries).long()
+        gpu_k[dst] = host_k
+        gpu_v[dst] = host_v
+
+
+def write_through(k_new, v_new, start, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag, kmin=None,
+                  kmax=None) -> None:
     t, hkv, d = k_new.shape
+    if kmin is not None:
+        running_abstracts(k_new, start, kmin, kmax, gpu_k.shape[1])
     page_size = gpu_k.shape[1]
     max_pages = host_slot.shape[1]
     steps = torch.arange(t, device=k_new.device)
@@ -100,6 +137,18 @@ def write_through(k_new, v_new, start, host_kv, host_slot, gpu_k, gpu_v, cache_s
     host_kv[hs, 1, ht] = v_rows[to_host].to(hd)
     gpu_k[cslot[cached], tok[cached]] = k_rows[cached]
     gpu_v[cslot[cached], tok[cached]] = v_rows[cached]
+
+
+def running_abstracts(k_new, start, kmin, kmax, page_size) -> None:
+    """One decode token: its page's running key min/max, restarted at the page's first token."""
+    assert k_new.shape[0] == 1
+    pos = start.reshape(1).long() if isinstance(start, torch.Tensor) else torch.tensor([int(start)])
+    pos = pos.to(kmin.device)
+    page = pos // page_size
+    fresh = (pos % page_size == 0)[:, None, None]
+    kt = k_new.transpose(0, 1)  # (Hkv, 1, D)
+    kmin.index_copy_(1, page, torch.where(fresh, kt, torch.minimum(kmin.index_select(1, page), kt)))
+    kmax.index_copy_(1, page, torch.where(fresh, kt, torch.maximum(kmax.index_select(1, page), kt)))
 
 
 def gather_pages_to_staging(host_kv, host_slot, num_pages, staging_k, staging_v) -> None:

@@ -3,11 +3,13 @@
 1. prefill ``prompt_tokens`` (random ids unless given), timing every chunk: throughput over the prompt;
 2. a few eager decode steps to warm up (Triton compiles, cuBLAS sets up);
 3. ``steps`` eager decode steps under the torch profiler, each inside a ``decode_step`` range, with
-   CUDA graphs off (a replayed graph is one opaque launch: no per-range attribution), split into
-   the runtime's named ranges (``lcrun.profiling.attribution``) and exported as a Chrome trace;
+   CUDA graphs off (a replayed graph is one opaque launch: no per-range attribution), exported as a
+   Chrome trace and split, from that trace, into the runtime's named ranges
+   (``lcrun.profiling.attribution``);
 4. ``timed_steps`` steps the way generation runs them (CUDA-graph replay where the cache allows),
    unprofiled: the real ms/token beside the profiled split.
-The cache's counters (``lcrun.profiling.counters``) are sampled after every decode step.
+The cache's counters (``lcrun.profiling.counters``) are sampled after every decode step, and the
+links' peaks (``lcrun.profiling.links.measure_peaks``) are measured before the prefill.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class ProfileOptions:
     timed_steps: int = 32     # unprofiled steps, as generation runs them
     warmup_steps: int = 2
     prompt_ids: list[int] | None = None
+    measure_peaks: bool = True  # time a copy per link first (about a second on a GPU)
 
     def decode_tokens(self) -> int:
         return self.warmup_steps + self.steps + self.timed_steps
@@ -80,7 +83,10 @@ def _prefill(llm, ids: list[int], log: Log) -> dict:
         dt = p["seconds"] - prev_t
         p["chunk_tok_s"] = (p["tokens"] - prev_n) / dt if dt > 0 else None
         prev_t, prev_n = p["seconds"], p["tokens"]
-    return {"logits": logits, "tokens": len(ids), "seconds": seconds, "tok_s": len(ids) / seconds, "points": points}
+    # Layer-major prefill (the tiered store) reports once per layer, each over the whole prompt.
+    mode = "layer-major" if getattr(llm.cache, "layerwise_prefill", False) else "chunked"
+    return {"logits": logits, "tokens": len(ids), "seconds": seconds, "tok_s": len(ids) / seconds, "mode": mode,
+            "points": points}
 
 
 def _plan_info(llm) -> dict:
@@ -122,6 +128,10 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
 
     opts.check(llm.cache.capacity)
     out_dir.mkdir(parents=True, exist_ok=True)
+    peaks = None
+    if opts.measure_peaks:
+        log("measuring link peaks (copies timed per link)")
+        peaks = links.measure_peaks(llm.device)
     ids = opts.prompt_ids if opts.prompt_ids is not None else random_prompt(
         llm.model_config.vocab_size, opts.prompt_tokens, llm.config.seed)
     pre = _prefill(llm, ids, log)
@@ -151,8 +161,8 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
     with profile(activities=activities) as prof:
         run_steps(eager, opts.steps, "profiled (eager)", profiled, profiled=True)
     trace = export_trace_gz(prof, out_dir / TRACE_NAME)
-    split = attribution.split_steps(prof.events(), profiled, set(attribution.LABELS))
     del prof
+    split = attribution.split_steps(trace, profiled)
 
     stepper = llm.generator.stepper  # as generation runs: CUDA-graph replay where the cache allows
     log(f"timing {opts.timed_steps} decode steps as generation runs them")
@@ -163,14 +173,13 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
     for row, phase in zip(series, phases):
         row["phase"] = phase
     timed_ms = warm_median(timed)
-    link_info = links.link_rows(llm, timed_ms / 1e3, [r for r, p in zip(series, phases) if p.startswith("timed")])
-    categories = attribution.mean_components(split["steps"])
+    link_info = links.link_rows(llm, timed_ms / 1e3, [r for r, p in zip(series, phases) if p.startswith("timed")],
+                                peaks)
     return {
         "kind": "lcrun.profile", "meta": run_metadata(), "header": llm.config.to_header(), "model": _model_info(llm),
         "cache": type(cache).__name__, "plan": _plan_info(llm),
         "prefill": pre,
-        "decode": {"basis": split["basis"], "steps": split["steps"], "mean_components_ms": categories,
-                   "labels": {c: attribution.label(c) for c in categories},
+        "decode": {**attribution.decode_summary(split),
                    "warmup_ms": warm, "profiled_ms": profiled, "profiled_ms_median": warm_median(profiled),
                    "timed_ms": timed, "timed_ms_median": timed_ms, "timed_warmup_steps": WARMUP_STEPS,
                    "cuda_graph": getattr(stepper, "graph", None) is not None},

@@ -11,7 +11,8 @@ counts since the cache was made, except the ``pages_*`` gauges:
     host_reads        of those, read from pinned host memory
     nvme_reads        of those, found only on NVMe (read from disk, or skipped that step)
     prefetched_pages  pages admitted ahead of need by the prefetcher
-    prefetch_used     of those, selected by the step they were fetched for
+    prefetch_hits     of those, selected by the step they were fetched for (``prefetch_used`` is
+                      read as an older name of it)
     h2d_bytes         bytes moved host -> GPU by decode steps
     nvme_read_bytes   bytes read from NVMe by decode steps
     pages_gpu, pages_host, pages_nvme   pages held in each tier now (gauges)
@@ -21,8 +22,9 @@ host->GPU bytes; a paged cache that keeps everything on its device gives its pag
 """
 from __future__ import annotations
 
-CUMULATIVE = ("selected_pages", "gpu_hits", "host_reads", "nvme_reads", "prefetched_pages", "prefetch_used",
+CUMULATIVE = ("selected_pages", "gpu_hits", "host_reads", "nvme_reads", "prefetched_pages", "prefetch_hits",
               "h2d_bytes", "nvme_read_bytes")
+ALIASES = {"prefetch_used": "prefetch_hits"}
 GAUGES = ("pages_gpu", "pages_host", "pages_nvme")
 
 
@@ -36,13 +38,15 @@ def read_counters(cache) -> tuple[dict[str, int], str]:
     """(counters, source): source says where they came from, for the report."""
     if hasattr(cache, "step_counters"):
         raw = cache.step_counters()
-        return {k: int(v) for k, v in raw.items() if k in CUMULATIVE + GAUGES}, "step_counters()"
+        out = {ALIASES.get(k, k): int(v) for k, v in raw.items() if ALIASES.get(k, k) in CUMULATIVE + GAUGES}
+        return out, "step_counters()"
     out: dict[str, int] = {}
     source = "none"
     if hasattr(cache, "report"):
         r = cache.report()
         if "selected_pages" in r and "cache_hits" in r:
             out.update(selected_pages=int(r["selected_pages"]), gpu_hits=int(r["cache_hits"]))
+            out.update({k: int(r[k]) for k in ("prefetched_pages", "prefetch_hits") if r.get(k) is not None})
             pb = _page_bytes(cache)
             # Misses are read zero-copy from pinned host memory by the attention kernel.
             if pb is not None:
@@ -64,7 +68,7 @@ def per_step(samples: list[dict[str, int]]) -> list[dict[str, float | None]]:
         sel = d.get("selected_pages")
         row["hit_rate"] = d["gpu_hits"] / sel if sel and "gpu_hits" in d else None
         pf = d.get("prefetched_pages")
-        row["prefetch_accuracy"] = d["prefetch_used"] / pf if pf and "prefetch_used" in d else None
+        row["prefetch_accuracy"] = d["prefetch_hits"] / pf if pf and "prefetch_hits" in d else None
         for g in GAUGES:
             if g in cur:
                 row[g] = cur[g]

@@ -6,8 +6,9 @@ import base64
 import io
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
-from lcrun.profiling.attribution import label, order
+from lcrun.profiling.attribution import IDLE, label, order
 
 _SIZE = (9.0, 3.6)
 
@@ -26,11 +27,14 @@ def _colors(categories: list[str]) -> dict[str, tuple]:
 
 
 def step_split(decode: dict, floor_ms: float | None) -> str | None:
-    """Stacked bars: each profiled step's time per named range; the step's wall time as a marker."""
+    """Stacked bars: each profiled step's time per named range. On a GPU: the GPU's time (streams
+    counted once), GPU idle left out (it is most of an eager profiled step: launch-bound), with the
+    timed step and the floor as lines; on a CPU: CPU time, with each step's wall time as a marker."""
     steps = decode["steps"]
     if not steps:
         return None
-    cats = order({c for s in steps for c in s["components_ms"]})
+    gpu = decode["basis"] == "gpu"
+    cats = [c for c in order({c for s in steps for c in s["components_ms"]}) if not (gpu and c == IDLE)]
     colors = _colors(cats)
     fig = Figure(figsize=(_SIZE[0], 4.2))
     ax = fig.add_subplot()
@@ -41,13 +45,20 @@ def step_split(decode: dict, floor_ms: float | None) -> str | None:
         ax.bar(xs, vals, bottom=bottom, color=colors[c], label=label(c), width=0.7)
         bottom = [b + v for b, v in zip(bottom, vals)]
     walls = [s["wall_ms"] for s in steps]
-    if all(w is not None for w in walls):
-        ax.plot(xs, walls, "k_", markersize=22, markeredgewidth=2, label="step wall time")
+    if gpu:
+        idle = sum(s["components_ms"].get(IDLE, 0.0) for s in steps) / len(steps)
+        title = f"GPU time per profiled step (idle {idle:.1f} ms of {sum(walls) / len(walls):.1f} ms not drawn)"
+        if decode.get("timed_ms_median"):
+            ax.axhline(decode["timed_ms_median"], color="black", linestyle=":", linewidth=1,
+                       label=f"timed step {decode['timed_ms_median']:.2f} ms (as generation runs)")
+    else:
+        title = "CPU time per profiled step, by named range"
+        if all(w is not None for w in walls):
+            ax.plot(xs, walls, "k_", markersize=22, markeredgewidth=2, label="step wall time")
     if floor_ms:
         ax.axhline(floor_ms, color="crimson", linestyle="--", linewidth=1, label="weight-streaming floor")
-    basis = "GPU kernel time (streams overlap)" if decode["basis"] == "gpu" else "CPU time"
     ax.set_xticks(xs)
-    ax.set(xlabel="profiled decode step", ylabel=f"ms ({basis})", title="Decode step, split by named range")
+    ax.set(xlabel="profiled decode step", ylabel="ms", title=title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
@@ -70,25 +81,46 @@ def step_times(decode: dict, floor_ms: float | None) -> str:
 
 
 def link_bandwidth(links: list[dict]) -> str:
-    """Achieved vs calibrated peak per link (log scale: HBM and PCIe differ by ~100x)."""
+    """Achieved vs peak per link (log scale: HBM and PCIe differ by ~100x), each bar with its value
+    and the peak with where it came from."""
     fig = Figure(figsize=(_SIZE[0], 2.8))
     ax = fig.add_subplot()
     names = [r["link"] for r in links]
     ys = range(len(names))
     peaks = [(r["peak_bytes_per_s"] or 0) / 1e9 for r in links]
     got = [(r["achieved_bytes_per_s"] or 0) / 1e9 for r in links]
-    ax.barh([y + 0.2 for y in ys], peaks, height=0.38, color="#c8d6e5", label="calibrated / default peak")
+    ax.barh([y + 0.2 for y in ys], peaks, height=0.38, color="#c8d6e5", label="peak")
     ax.barh([y - 0.2 for y in ys], got, height=0.38, color="#2e86de", label="achieved (bytes per step / step time)")
-    for y, r in zip(ys, links):
+    for y, r, peak, rate in zip(ys, links, peaks, got):
         if r["achieved_bytes_per_s"] is None:
             ax.text(0.02, y - 0.2, r.get("absent") or "not reported by this cache", va="center", fontsize=8,
                     transform=ax.get_yaxis_transform())
+        else:
+            ax.text(rate, y - 0.2, f" {rate:,.1f}", va="center", fontsize=7)
+        if peak:
+            ax.text(peak, y + 0.2, f" {peak:,.1f} ({r.get('peak_source')})", va="center", fontsize=7)
     ax.set_yticks(list(ys), names)
     if any(v > 0 for v in peaks + got):
         ax.set_xscale("log")
+        ax.set_xlim(right=max(peaks + got) * 30)  # room for the labels
     ax.set(xlabel="GB/s", title="Bandwidth per link")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
+
+
+def _phases(ax, series: list[dict]) -> None:
+    """Light bands and names for the run's phases (warm-up, profiled, timed) along the step axis."""
+    start = 0
+    for i in range(1, len(series) + 1):
+        phase = series[start].get("phase")
+        if i < len(series) and series[i].get("phase") == phase:
+            continue
+        if phase:
+            if "profiled" in phase:
+                ax.axvspan(start - 0.5, i - 0.5, color="#ececec", zorder=0)
+            ax.text((start + i - 1) / 2, 0.02, phase.split(" (")[0], transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=7, color="#555")
+        start = i
 
 
 def hit_rates(series: list[dict]) -> str | None:
@@ -104,23 +136,29 @@ def hit_rates(series: list[dict]) -> str | None:
     if have_pf:
         ax.plot(xs, [r.get("prefetch_accuracy") for r in series], marker=".", label="prefetch accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set(xlabel="decode step", ylabel="fraction", title="Page cache over time")
-    ax.legend(fontsize=8)
+    _phases(ax, series)
+    ax.set(xlabel="decode step", ylabel="fraction", title="Page cache over time (shaded: profiled steps)")
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 
 def tier_pages(series: list[dict], on_gpu: bool = True) -> str | None:
+    """Pages held in each tier after each step: lines, not a stack (a page's home is the host pool or
+    NVMe, and the GPU holds cached copies of some of them, so the tiers overlap)."""
     tiers = [t for t in ("pages_gpu", "pages_host", "pages_nvme") if any(r.get(t) is not None for r in series)]
     if not tiers:
         return None
     fig = Figure(figsize=_SIZE)
     ax = fig.add_subplot()
     xs = list(range(len(series)))
-    ax.stackplot(xs, *[[r.get(t) or 0 for r in series] for t in tiers],
-                 labels=[("GPU" if on_gpu else "device (CPU memory)") if t == "pages_gpu" else t.replace("pages_", "")
-                         for t in tiers], alpha=0.8)
-    ax.set(xlabel="decode step", ylabel="KV pages", title="Pages per tier")
-    ax.legend(fontsize=8, loc="upper left")
+    for t in tiers:
+        name = ("GPU (cached copies)" if on_gpu else "device (CPU memory)") if t == "pages_gpu" else t[len("pages_"):]
+        ax.plot(xs, [r.get(t) for r in series], marker=".", markersize=3, label=name)
+    ax.set_ylim(bottom=0)
+    _phases(ax, series)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.set(xlabel="decode step", ylabel="KV pages", title="Pages per tier (shaded: profiled steps)")
+    ax.legend(fontsize=8, loc="center right")
     return _png(fig)
 
 
@@ -130,9 +168,15 @@ def prefill_throughput(prefill: dict) -> str | None:
         return None
     fig = Figure(figsize=_SIZE)
     ax = fig.add_subplot()
-    ax.plot([p["tokens"] for p in pts], [p["chunk_tok_s"] for p in pts], marker=".", label="per chunk")
+    if prefill.get("mode") == "layer-major":  # one point per layer, each over the whole prompt
+        xs, what = list(range(len(pts))), "per layer (whole prompt)"
+        xlabel, title = "layer", "Prefill throughput per layer (layer-major: each layer runs over the whole prompt)"
+    else:
+        xs, what = [p["tokens"] for p in pts], "per chunk"
+        xlabel, title = "tokens prefilled", "Prefill throughput over the prompt"
+    ax.plot(xs, [p["chunk_tok_s"] for p in pts], marker=".", label=what)
     ax.axhline(prefill["tok_s"], color="gray", linestyle=":", label=f"whole prompt {prefill['tok_s']:,.0f} tok/s")
     ax.set_ylim(bottom=0)
-    ax.set(xlabel="tokens prefilled", ylabel="tokens / s", title="Prefill throughput over the prompt")
+    ax.set(xlabel=xlabel, ylabel="tokens / s", title=title)
     ax.legend(fontsize=8)
     return _png(fig)

@@ -25,27 +25,34 @@ img { max-width: 100%; } .note { color: #666; font-size: 0.92em; } .missing { co
 
 <p>
 <span class="kpi">decode <b>{{ ms(d.decode.timed_ms_median) }}</b>/token{% if d.decode.cuda_graph %} (CUDA graph){% endif %}</span>
-<span class="kpi">weight-streaming floor <b>{{ ms(d.links.weight_floor_ms) }}</b></span>
-<span class="kpi">profiled eager step <b>{{ ms(d.decode.profiled_ms_median) }}</b></span>
+<span class="kpi">weight-streaming floor <b>{{ ms(d.links.weight_floor_ms) }}</b> ({{ d.links.floor_link }} {{ rate(d.links.floor_bandwidth_bytes_per_s) }}, {{ d.links.floor_source }})</span>
+<span class="kpi">profiled eager step <b>{{ ms(d.decode.profiled_ms_median) }}</b>{% if d.decode.basis == "gpu" %}, GPU work <b>{{ ms(gpu_work_ms) }}</b>{% endif %}</span>
 <span class="kpi">prefill <b>{{ "{:,.0f}".format(d.prefill.tok_s) }}</b> tok/s over {{ "{:,}".format(d.prefill.tokens) }} tokens</span>
 </p>
 
 <h2>Decode step, split by named range</h2>
 {% if figs.step_split %}<img alt="decode step split" src="data:image/png;base64,{{ figs.step_split }}">{% endif %}
-<p class="note">{% if d.decode.basis == "gpu" %}GPU kernel time of the {{ d.decode.steps|length }} profiled eager steps, each
-kernel attributed to the innermost named range around the op that launched it; side-stream kernels overlap the main
-stream, so the bars may exceed the wall time. "GPU idle" is wall time minus the union of all kernels.
-{% else %}CPU time of the {{ d.decode.steps|length }} profiled steps, each op's self time attributed to the innermost named
-range around it.{% endif %} Profiled steps run eagerly (no CUDA graph) with the profiler on, so they are slower than the
-timed steps; the split shows where the work goes.</p>
+<p class="note">{% if d.decode.basis == "gpu" %}GPU time of the {{ d.decode.steps|length }} profiled eager steps, from the
+Chrome trace: each kernel, memcpy and memset goes to the innermost named range around the CUDA call that launched it
+(linked by its correlation id), whatever stream it ran on; "prefetch" keeps the side-stream scoring, top-k and admission
+nested in it. Where streams overlap, the main stream (stream {{ d.decode.main_stream }}) takes the time and the side
+stream's is hidden ({{ "%.3f"|format(hidden_ms) }} ms/step hidden), so the parts add up to the step's wall time: "GPU wait"
+is time with the next kernel already launched but not running, "GPU idle" time with nothing launched yet (the CPU
+running Python, launching, or profiling).{% if d.decode.unlinked_kernels %} {{ d.decode.unlinked_kernels }} kernels had
+no launch in the trace and count as "other".{% endif %} The host column is the CPU thread's time in each range.
+{% else %}CPU time of the {{ d.decode.steps|length }} profiled steps, from the Chrome trace: each instant of the step goes
+to the innermost named range open on its thread.{% endif %} Profiled steps run eagerly (no CUDA graph) with the profiler
+on, so they are slower than the timed steps; the split shows where the work goes.</p>
 <table>
-<tr><th>part</th><th>range</th><th>mean ms / step</th><th>share</th></tr>
+<tr><th>part</th><th>range</th><th>mean ms / step</th><th>of the step</th>{% if d.decode.basis == "gpu" %}<th>of GPU work</th><th>host CPU ms / step</th>{% endif %}</tr>
 {% for cat, v in d.decode.mean_components_ms.items() %}
 <tr><td>{{ d.decode.labels[cat] }}</td><td><code>{{ cat }}</code></td><td class="n">{{ "%.3f"|format(v) }}</td>
-<td class="n">{{ "%.1f"|format(100 * v / total_ms) if total_ms else "-" }}%</td></tr>
+<td class="n">{{ "%.1f"|format(100 * v / total_ms) if total_ms else "-" }}%</td>
+{% if d.decode.basis == "gpu" %}<td class="n">{% if cat != "idle" and gpu_work_ms %}{{ "%.1f"|format(100 * v / gpu_work_ms) }}%{% else %}-{% endif %}</td>
+<td class="n">{{ "%.2f"|format(cpu_ms[cat]) if cat in cpu_ms else "-" }}</td>{% endif %}</tr>
 {% endfor %}
-{% for cat in missing_ranges %}
-<tr><td>{{ label(cat) }}</td><td><code>{{ cat }}</code></td><td colspan="2" class="missing">not reported by this cache</td></tr>
+{% for cat, why in missing_ranges %}
+<tr><td>{{ label(cat) }}</td><td><code>{{ cat }}</code></td><td colspan="{{ 4 if d.decode.basis == "gpu" else 2 }}" class="missing">{{ why }}</td></tr>
 {% endfor %}
 </table>
 
@@ -69,7 +76,9 @@ after the first {{ d.decode.timed_warmup_steps }} (compilation, CUDA-graph captu
 {% endfor %}
 </table>
 <p class="note">Achieved = bytes per step / timed step time: the rate each link would have to sustain over the whole
-step. Peaks are from <code>lcrun calibrate</code> where measured, else the planner's conservative defaults.</p>
+step. Peaks: {% for r in d.links.links %}{{ r.link }}: {{ r.peak_source }}{% if r.peak_how %} ({{ r.peak_how }}){% endif %}{{ "; " if not loop.last else "." }}{% endfor %}
+"measured now" is timed by this run before its prefill; "calibration cache" is what <code>lcrun calibrate</code> stored
+for this machine; "default" is the planner's conservative guess.</p>
 
 <h2>GPU page cache</h2>
 <p class="note">Counters: {{ d.counters.source }}.</p>
@@ -83,12 +92,16 @@ step. Peaks are from <code>lcrun calibrate</code> where measured, else the plann
 {% if figs.prefill %}<img alt="prefill throughput" src="data:image/png;base64,{{ figs.prefill }}">
 {% else %}<p class="missing">One prefill chunk: no throughput curve.</p>{% endif %}
 <p class="note">{{ "{:,}".format(d.prefill.tokens) }} tokens in {{ "%.2f"|format(d.prefill.seconds) }} s; each point is one
-progress report of the prefill, timed with the device synchronised: a chunk of up to {{ d.header.prefill_chunk }} tokens,
-or, where the cache prefills layer-major, one layer over the whole prompt (x: tokens x layers done / layers).</p>
+progress report of the prefill, timed with the device synchronised: {% if d.prefill.mode == "layer-major" %}this cache
+prefills layer-major, so each point is one layer over the whole prompt (in chunks of up to {{ d.header.prefill_chunk }}
+tokens) and the throughput per prompt position is not observed.{% else %}a chunk of up to {{ d.header.prefill_chunk }}
+tokens.{% endif %}</p>
 
 <h2>Trace</h2>
 <p>Chrome/Perfetto trace of the profiled steps, with the named ranges: <a href="{{ d.trace }}">{{ d.trace }}</a>
-(open it in the Perfetto UI or chrome://tracing; both read the .gz directly).</p>
+(beside this file; open it in the Perfetto UI, <a href="https://ui.perfetto.dev">ui.perfetto.dev</a> &rarr; "Open trace
+file", or chrome://tracing: both read the .gz directly and nothing leaves your machine). The split above can be re-run
+from it: <code>python -m lcrun.profiling.attribution {{ d.trace }}</code>.</p>
 
 <h2>Plan</h2>
 {% if d.plan.error %}<p class="missing">No plan: {{ d.plan.error }}</p>{% else %}

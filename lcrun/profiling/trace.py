@@ -1,4 +1,4 @@
-"""Chrome/Perfetto traces of the torch profiler: writing them compressed, and reading stream overlap."""
+"""Chrome/Perfetto traces of the torch profiler: categories, writing (compressed), reading, stream overlap."""
 from __future__ import annotations
 
 import gzip
@@ -20,6 +20,18 @@ def export_trace_gz(prof, path: str | os.PathLike) -> Path:
     return path
 
 
+# Chrome trace categories of the torch profiler (lower-cased: older kineto wrote "Kernel", "Memcpy",
+# "Runtime"): GPU work, the CPU calls that launch it, the arrows between them, record_function ranges.
+DEVICE_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset", "memcpy", "memset"})
+LAUNCH_CATS = frozenset({"cuda_runtime", "cuda_driver", "runtime", "driver"})
+FLOW_CAT = "ac2g"
+RANGE_CATS = frozenset({"user_annotation"})
+
+
+def category(e: dict) -> str:
+    return str(e.get("cat", "")).lower()
+
+
 def load_trace(path: str | os.PathLike) -> dict:
     path = str(path)
     opener = gzip.open if path.endswith(".gz") else open
@@ -27,13 +39,21 @@ def load_trace(path: str | os.PathLike) -> dict:
         return json.load(f)
 
 
+def trace_events(trace) -> list[dict]:
+    """The events of a trace given as a path (.json or .json.gz), a loaded dict, or an event list."""
+    if isinstance(trace, (str, os.PathLike)):
+        trace = load_trace(trace)
+    if isinstance(trace, dict):
+        return trace.get("traceEvents", [])
+    return list(trace)
+
+
 def overlap_from_trace(path: str | os.PathLike) -> dict:
     """GPU kernel time per stream, and how much of the side streams' kernel time ran while a kernel
     of the main (busiest) stream was running: how well admission and prefetch hide behind compute."""
-    events = load_trace(path)["traceEvents"]
     by_stream: dict[int, list[tuple[float, float]]] = {}
-    for e in events:
-        if e.get("cat") in ("kernel", "gpu_memcpy") and "dur" in e:
+    for e in trace_events(path):
+        if category(e) in DEVICE_CATS and "dur" in e:
             by_stream.setdefault(e["args"].get("stream", -1), []).append((e["ts"], e["ts"] + e["dur"]))
     if not by_stream:
         return {}

@@ -30,6 +30,9 @@ class DecodeStepper:
         if self.graph is None:
             self._static_token = token.clone()
             self._static_pos = torch.tensor([self.cache.length], device=self.model.device)
+            prepare = getattr(self.cache, "before_capture", None)
+            if prepare is not None:  # settle what the eager steps measured: the graph fixes it
+                prepare()
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: the NVMe promoter and spill threads keep querying and syncing their

@@ -10,6 +10,8 @@ place attended tokens at positions of its choosing (extrapolation past the train
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from abc import ABC, abstractmethod
 
 import torch
@@ -40,6 +42,15 @@ class AttentionCache(ABC):
         self._pending = n
         self._positions = positions
         self._plan(positions)
+
+    def wants_lookahead(self, layer: int) -> bool:
+        """Whether the model should call ``lookahead`` before layer ``layer``'s attention (a
+        prefetcher that predicts the next layer's query from this layer's input)."""
+        return False
+
+    def lookahead(self, layer: int, predict_next_query: Callable[[], torch.Tensor]) -> None:
+        """predict_next_query() -> (1, Hq, D) pre-RoPE query of layer ``layer + 1`` computed from
+        layer ``layer``'s input hidden state (InfiniGen's predictor). Default: unused."""
 
     def begin_replay(self, n: int) -> None:
         """Host bookkeeping of a forward whose device work is a replayed CUDA graph."""

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lcrun.kernels.fused_norm import rms_norm
 from lcrun.profiling.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
@@ -27,13 +28,6 @@ class LayerWeights:
     mlp_norm: torch.Tensor    # (hidden,)
     w_gate_up: torch.Tensor   # (2 * inter, hidden)
     w_down: torch.Tensor      # (hidden, inter)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # fp32 statistics, then the weight applied in the activation dtype: as HF's LlamaRMSNorm.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class LlamaModel:
@@ -73,29 +67,50 @@ class LlamaModel:
         if positions is None:
             positions = torch.arange(cache.length, cache.length + t, device=self.device)
         cache.begin_forward(positions)
-        x = F.embedding(input_ids, self.embed)
+        x, delta = F.embedding(input_ids, self.embed), None
         for i, lw in enumerate(self.layers):
-            x = self._layer(i, lw, x, cache)
+            x, delta = self._layer(i, lw, x, cache, delta)
         cache.end_forward()
         if not all_logits:
-            x = x[-1:]
+            x, delta = x[-1:], None if delta is None else delta[-1:]
         with named_range("lm_head"):
-            return F.linear(rms_norm(x, self.final_norm, cfg.rms_eps), self.lm_head).float()
+            return F.linear(self._add_norm(x, delta, self.final_norm)[0], self.lm_head).float()
 
-    def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
+                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(s), s) with s = x + delta (x if delta is None): the add and norm in one launch."""
+        if delta is None:
+            return rms_norm(x, weight, self.cfg.rms_eps), x
+        return rms_norm(x, weight, self.cfg.rms_eps, residual=delta)
+
+    def _predict_query(self, nxt: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """The next layer's pre-RoPE query from this layer's input x (1, hidden): InfiniGen's
+        prediction, close to the real one because the residual stream changes little per layer."""
+        cfg = self.cfg
+        rows = cfg.num_heads * cfg.head_dim
+        h = rms_norm(x, nxt.attn_norm, cfg.rms_eps)
+        bias = None if nxt.bqkv is None else nxt.bqkv[:rows]
+        return F.linear(h, nxt.wqkv[:rows], bias).view(1, cfg.num_heads, cfg.head_dim)
+
+    def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, cache: AttentionCache,
+               delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input is x + delta (x if delta is None); returns (x', delta') whose sum is
+        its output. Each residual add is left to the norm after it, which fuses it (one launch)."""
         cfg, t = self.cfg, x.shape[0]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # Named ranges split a profiled step (lcrun profile); without a profiler they are no-ops.
         with named_range("dense"):
-            h = rms_norm(x, lw.attn_norm, cfg.rms_eps)
+            h, x = self._add_norm(x, delta, lw.attn_norm)
             q, k, v = F.linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
+        if t == 1 and cache.wants_lookahead(i):
+            nxt, s = self.layers[i + 1], x
+            cache.lookahead(i, lambda: self._predict_query(nxt, s))
         with named_range("attention"):
             attn = cache.attend(i, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))
         with named_range("dense"):
-            x = x + F.linear(attn.reshape(t, hq * d), lw.wo, lw.bo)
-            h = rms_norm(x, lw.mlp_norm, cfg.rms_eps)
+            h, x = self._add_norm(x, F.linear(attn.reshape(t, hq * d), lw.wo, lw.bo), lw.mlp_norm)
             gate, up = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
-            return x + F.linear(F.silu(gate) * up, lw.w_down)
+            return x, F.linear(F.silu(gate) * up, lw.w_down)
 
     @torch.inference_mode()
     def forward_layerwise(self, input_ids: torch.Tensor, cache, chunk: int,
@@ -121,7 +136,8 @@ class LlamaModel:
         for i, lw in enumerate(self.layers):
             for c0 in range(0, t, chunk):
                 xs = x[c0:c0 + chunk].to(self.device, non_blocking=True) if on_host else x[c0:c0 + chunk]
-                x[c0:c0 + chunk].copy_(self._layer(i, lw, xs, cache), non_blocking=on_host)
+                out, delta = self._layer(i, lw, xs, cache)
+                x[c0:c0 + chunk].copy_(out + delta, non_blocking=on_host)
             if progress is not None:
                 progress(t * (i + 1) // n_layers, t)
         if on_host and self.device.type == "cuda":

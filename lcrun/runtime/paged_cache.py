@@ -104,8 +104,8 @@ class PagedTopKCache(AttentionCache):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos, sin = self._cos_sin
-        q = Rotary.apply(q, cos, sin)
-        k = Rotary.apply(k, cos, sin).to(self.dtype)
+        q, k = Rotary.apply_qk(q, k, cos, sin)
+        k = k.to(self.dtype)
         v = v.to(self.dtype)
         k_pool, v_pool, table = self.k_pool[layer], self.v_pool[layer], self.page_table[layer]
         kmin, kmax = self.kmin[layer], self.kmax[layer]

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from lcrun.kernels.fused_rope import rope_qk
 from lcrun.runtime.model_config import ModelConfig
 
 
@@ -46,10 +47,16 @@ class Rotary:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (T, H, D); cos/sin: (T, 1, D)."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """x: (T, H, D); cos/sin: (T, 1, D), or anything broadcastable (then plain torch).
+        One fused launch on CUDA when x, cos, sin share a dtype (bit-identical to the torch code)."""
+        return rope_qk(x, None, cos, sin)[0]
+
+    @staticmethod
+    def apply_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(apply(q, cos, sin), apply(k, cos, sin))`` in one launch on CUDA. q: (T, Hq, D),
+        k: (T, Hkv, D), strided views allowed (last dim contiguous); cos/sin: (T, 1, D)."""
+        return rope_qk(q, k, cos, sin)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos_sin(positions, x.dtype)

@@ -5,12 +5,18 @@ written through as tokens arrive; the GPU holds a direct-mapped cache of pages p
 eviction never writes back. Page abstracts (key min/max) stay on the GPU for every page.
 
 Decode, per layer (no host synchronisation; per-step metadata built once in ``_plan``):
-  score all full pages -> select sinks + window + top pages -> attend, reading each selected page
-  from the GPU cache when it is there and straight from pinned host memory (zero-copy) when not
-  -> admit the missed pages into the cache on the side stream, so the next step finds them.
+  score all full pages -> select sinks + window + top pages -> admit the missed pages into the
+  GPU cache (one zero-copy read of each from pinned host memory) -> attend from the cache (a page
+  that lost its cache slot to a direct-mapped conflict is read from the host in place). Each
+  missed page crosses PCIe once, and stays cached for the next steps.
 The prefetcher runs on a side CUDA stream: while layer l computes, it scores layer l+1's pages
-with layer l's query (a speculative selection, as InfiniGen) and admits the predicted pages that
-are missing; layer l+1's attention waits for that admission only, never for a host.
+with a predicted query (as InfiniGen: layer l's input through layer l+1's norm and query
+projection, which the residual stream makes close to layer l+1's real input) and admits the
+predicted pages that are missing; layer l+1's attention waits for that admission only, never
+for a host. A prefetched
+page that is not then selected costs link bandwidth the demand fetches need, so with
+``prefetch="auto"`` the first decode steps measure the prefetch's accuracy (the share of its
+pages hit that step) and keep it only above PREFETCH_MIN_ACCURACY.
 
 Prefill runs layer by layer (``begin_layerwise``; the model drives it through
 ``LlamaModel.forward_layerwise``): all chunks of the prompt pass layer 0, then layer 1, and so on.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,22 +65,37 @@ def _tiered_ops(device: torch.device):
     return ops
 
 
+PREFETCH_PROBE_STEPS = 2       # decode steps that measure the prefetch in "auto" mode
+# Below this accuracy the prefetch costs more than it saves: measured on the H100 (Llama-3.1-8B
+# shape, random weights, 128K, 24 GiB cap), the hidden-state predictor was 58% accurate, cut
+# demand fetches from 114 to 49 MB/token but fetched 97 MB/token itself (link and side-stream
+# work competing with the step): 10.5 ms/token against 9.4 without it.
+PREFETCH_MIN_ACCURACY = 0.8
+
+
 @dataclass
 class TierStats:
-    """Device-side counters (read once, at report time: no sync in the loop)."""
-    selected: torch.Tensor
-    hits: torch.Tensor
-    unreadable: torch.Tensor        # selected pages on NVMe only, skipped that step
+    """Device-side counters (read once, at report time: no sync in the loop). ``counters`` is
+    what the demand and speculative admission kernels add to (lcrun.kernels.tiered.admit_pages):
+    selected pages, GPU cache hits, unreadable (on NVMe only, skipped that step), hits brought
+    in by this step's speculative prefetch, pages the prefetch admitted."""
+    counters: torch.Tensor
     decode_steps: int = 0
     prefill_bytes_h2d: int = 0
     prefill_nvme_read_bytes: int = 0
     prefill_nvme_pages_written: int = 0
 
+    selected = property(lambda self: self.counters[0])
+    hits = property(lambda self: self.counters[1])
+    unreadable = property(lambda self: self.counters[2])
+    prefetch_hits = property(lambda self: self.counters[3])
+    prefetched = property(lambda self: self.counters[4])
+
 
 class TieredTopKCache(AttentionCache):
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype, *, cache_slots_per_layer: int,
                  page_size: int = 32, budget: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
-                 group_score: str = "max", prefill_block: int = 8192, prefetch: bool = True,
+                 group_score: str = "max", prefill_block: int = 8192, prefetch: str = "auto",
                  backend: str = "auto", host_slots_per_layer: int | None = None, kv_dir: str | None = None,
                  nvme_slots: int | None = None, promotion_reserve: int | None = None,
                  sparse_prefill: bool = False):
@@ -81,7 +103,10 @@ class TieredTopKCache(AttentionCache):
         NVMe tier); below that, pages spill to NVMe files under ``kv_dir`` (``nvme_slots`` pages at
         most, default every page) and ``promotion_reserve`` host slots per layer are kept free for
         promotions and new pages. sparse_prefill: prefill chunks attend to sinks, window and their
-        top pages within ``budget`` (see _sparse_chunk_attention) instead of the whole past."""
+        top pages within ``budget`` (see _sparse_chunk_attention) instead of the whole past.
+        prefetch: speculative next-layer prefetch with the query predicted from the layer's input
+        ("hidden", needs the model to call ``lookahead``) or the layer's own query ("layer"), "off",
+        or "auto" (probe "hidden", then decide: module docstring); only on CUDA."""
         super().__init__(cfg, capacity, device, dtype)
         if cache_slots_per_layer < 1:
             raise ConfigError("the GPU page cache needs at least one slot per layer")
@@ -90,7 +115,14 @@ class TieredTopKCache(AttentionCache):
         self.sink_tokens, self.window_tokens, self.group_score = sink_tokens, window_tokens, group_score
         self.prefill_block = max(P, prefill_block // P * P)
         self.sparse_prefill = sparse_prefill
-        self.prefetch = prefetch and self.device.type == "cuda"
+        if prefetch not in ("auto", "hidden", "layer", "off"):
+            raise ConfigError(f"prefetch must be auto, hidden, layer or off, got {prefetch!r}")
+        self.prefetch_mode = prefetch
+        self.prefetch = prefetch != "off" and self.device.type == "cuda"
+        # How the next layer's query is predicted: from this layer's input through the next
+        # layer's projection (hidden, InfiniGen), or this layer's own query (layer).
+        self.predictor = "layer" if prefetch == "layer" else "hidden"
+        self.prefetch_decision: str | None = None  # auto: why the probe kept or dropped it
         self.ops = kernel_backend(self.device, backend)
         self.tier_ops = _tiered_ops(self.device)
         self.sm_scale = 1.0 / math.sqrt(d)
@@ -139,8 +171,18 @@ class TieredTopKCache(AttentionCache):
         # GPU: abstracts of every page, and the direct-mapped page cache.
         S = cache_slots_per_layer
         self.cache_slots = S
-        self.gpu_k = torch.zeros((L, S, P, d), device=self.device, dtype=dtype)
-        self.gpu_v = torch.zeros_like(self.gpu_k)
+        # One allocation per K and V: L layers of S cache slots, then the overflow slots where a
+        # decode step's demand admission puts pages that lost their slot to a conflict (one per
+        # selection entry, shared by all layers: a layer's attention reads them right away).
+        kmax = plan_selection(torch.ones(1, dtype=torch.int32), self.max_pages, P, sink_tokens, window_tokens,
+                              budget, fold=True).kmax
+        self._overflow = L * S
+        self._pool_k = torch.zeros((L * S + hkv * kmax, P, d), device=self.device, dtype=dtype)
+        self._pool_v = torch.zeros_like(self._pool_k)
+        self.gpu_k = self._pool_k[:L * S].view(L, S, P, d)
+        self.gpu_v = self._pool_v[:L * S].view(L, S, P, d)
+        self._read_slot = torch.zeros((hkv, kmax), device=self.device, dtype=torch.int32)
+        self._read_lens = torch.zeros_like(self._read_slot)
         self.tag = torch.full((L, S), -1, device=self.device, dtype=torch.int32)
         # Consecutive pages of a head take consecutive slots, heads offset from each other, so the
         # recent window and the sinks of all heads never collide while the cache holds a step.
@@ -148,7 +190,6 @@ class TieredTopKCache(AttentionCache):
             torch.int32).view(hkv, self.max_pages)
         self.kmin = torch.zeros((L, hkv, self.max_pages, d), device=self.device, dtype=dtype)
         self.kmax = torch.zeros_like(self.kmin)
-        self._head_base = (torch.arange(hkv, device=self.device, dtype=torch.int32) * self.max_pages)[:, None]
         # Selection maps pages through a table: the identity gives logical page ids.
         self.logical = torch.arange(self.max_pages, device=self.device, dtype=torch.int32)[None].expand(
             hkv, -1).contiguous()
@@ -157,18 +198,23 @@ class TieredTopKCache(AttentionCache):
         self._start = torch.zeros(1, **scalar)
         self._seq_len = torch.zeros(1, **scalar)
         self._num_full = torch.zeros(1, **scalar)
-        counter = lambda: torch.zeros((), device=self.device, dtype=torch.int64)  # noqa: E731
-        self.stats = TierStats(selected=counter(), hits=counter(), unreadable=counter())
+        self.stats = TierStats(counters=torch.zeros(5, device=self.device, dtype=torch.int64))
+        # The decode step's number, on the device (a replayed step counts itself), and per cache
+        # slot the step whose speculative prefetch filled it: hits on those measure the prefetch.
+        self._step = torch.zeros(1, **scalar)
+        self.spec_mark = torch.full((L, S), -1, **scalar)
         self._layerwise = False
         self._sel_log: torch.Tensor | None = None   # (L, Hkv, Kmax) this step's selection, for the promoter
         self._mapped_through = 0                    # pages [0, this) of the context have host slots (spill mode)
         if cuda:
             self.side = torch.cuda.Stream(self.device)
+            self._side_forked = False
             self._prefetched = [torch.cuda.Event() for _ in range(L)]
             self._staged = [torch.cuda.Event() for _ in range(2)]
             self._consumed = [torch.cuda.Event() for _ in range(2)]
         else:
             self.side = None
+            self._side_forked = False
         self._staging: list | None = None  # chunk-major prefill's stream buffers, made on first use
 
     # -- per forward -----------------------------------------------------------------------------
@@ -176,11 +222,15 @@ class TieredTopKCache(AttentionCache):
         t = positions.numel()
         self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
         self._pos = positions
-        self._cross_stream_refs: list[torch.Tensor] = []
+        self._cross_stream_refs: list = []  # tensors (and closures holding them) the side stream reads
         if t == 1 and not self._layerwise:
             if self.spills:
                 self._before_decode_step()
+            if self.prefetch and self.prefetch_mode == "auto" and self.prefetch_decision is None and \
+                    self.stats.decode_steps >= PREFETCH_PROBE_STEPS and not torch.cuda.is_current_stream_capturing():
+                self.decide_prefetch()
             self._start.copy_(positions[:1])  # from the device: the step can be graph-captured
+            self._step.add_(1)
             torch.add(self._start, 1, out=self._seq_len)
             torch.floor_divide(self._seq_len, self.page_size, out=self._num_full)
             self._selection = plan_selection(self._seq_len, self.max_pages, self.page_size, self.sink_tokens,
@@ -194,8 +244,8 @@ class TieredTopKCache(AttentionCache):
         if self._layerwise:
             return self._attend_layerwise(layer, q, k, v)
         cos, sin = self._cos_sin
-        q = Rotary.apply(q, cos, sin)
-        k = Rotary.apply(k, cos, sin).to(self.dtype)
+        q, k = Rotary.apply_qk(q, k, cos, sin)
+        k = k.to(self.dtype)
         v = v.to(self.dtype)
         t = q.shape[0]
         start = self.length if t > 1 else self._start
@@ -206,27 +256,24 @@ class TieredTopKCache(AttentionCache):
             # at the end of their forward.
             torch.cuda.current_stream(self.device).wait_event(self._prefetched[layer])
         with named_range("kv_write"):
+            # Decode: the page's running abstract is updated in the same launch.
+            abstracts = (self.kmin[layer], self.kmax[layer]) if t == 1 else (None, None)
             self.tier_ops.write_through(k, v, start, self.host_kv[layer], self.host_slot[layer], self.gpu_k[layer],
-                                        self.gpu_v[layer], self.cache_slot, self.tag[layer])
-            self._update_abstracts(layer, k)
+                                        self.gpu_v[layer], self.cache_slot, self.tag[layer], *abstracts)
+            if t > 1:
+                self._update_abstracts(layer, k)
         if t > 1:
             return self._prefill_attention(layer, q, k, v)
         return self._decode_attention(layer, q[0].contiguous())[None]
 
     # -- abstracts ---------------------------------------------------------------------------------
     def _update_abstracts(self, layer: int, k: torch.Tensor) -> None:
-        """Running per-page key min/max of the pages these tokens land in (a page restarts its
-        running values at its first token), so a page's abstract is right the step it fills."""
+        """Running per-page key min/max of the pages a prefill chunk's tokens land in (a page
+        restarts its running values at its first token), so a page's abstract is right the step
+        it fills. (A decode token's page is updated by write_through.)"""
         P, t = self.page_size, k.shape[0]
         kmin, kmax = self.kmin[layer], self.kmax[layer]
         pos = self._pos
-        if t == 1:  # decode: one page, few kernels (this runs for every layer of every step)
-            page = pos // P
-            fresh = (pos % P == 0)[:, None, None]
-            kt = k.transpose(0, 1)  # (Hkv, 1, D)
-            kmin.index_copy_(1, page, torch.where(fresh, kt, torch.minimum(kmin.index_select(1, page), kt)))
-            kmax.index_copy_(1, page, torch.where(fresh, kt, torch.maximum(kmax.index_select(1, page), kt)))
-            return
         first = pos[:1] // P                                          # device, no sync
         n = (self.length + t - 1) // P - self.length // P + 1         # pages touched (host arithmetic)
         page_ids = first + torch.arange(n, device=self.device)
@@ -264,57 +311,95 @@ class TieredTopKCache(AttentionCache):
         with named_range("topk"):  # the identity table makes the selected "slots" logical page ids
             return self.ops.select_top_pages(scores, self.logical, plan, masked=True)
 
-    def _admit(self, layer: int, pages: torch.Tensor, lens: torch.Tensor) -> None:
+    def _admit(self, layer: int, pages: torch.Tensor, lens: torch.Tensor, speculative: bool = False) -> None:
+        """Selected pages missing from the GPU cache come in from the host pool; the kernel also
+        counts hits (demand) or marks what it prefetched (speculative)."""
         self.tier_ops.admit_pages(pages, lens, self.cache_slot, self.tag[layer], self.host_slot[layer],
-                                  self.host_kv[layer], self.gpu_k[layer], self.gpu_v[layer])
+                                  self.host_kv[layer], self.gpu_k[layer], self.gpu_v[layer],
+                                  self.stats.counters, self.spec_mark[layer], self._step, speculative)
 
-    def _count_hits(self, layer: int, pages: torch.Tensor, lens: torch.Tensor) -> None:
-        flat = pages + self._head_base                     # flat page ids h * max_pages + p
-        cached = self.tag[layer][self.cache_slot.view(-1)[flat].long()] == flat
-        valid = lens > 0
-        self.stats.selected += valid.sum()
-        self.stats.hits += (cached & valid).sum()
-        if self.spills:
-            on_host = self.host_slot[layer].view(-1)[flat.long()] >= 0
-            self.stats.unreadable += (valid & ~cached & ~on_host).sum()
-            if self._sel_log is None:
-                self._sel_log = torch.full((self.cfg.num_layers, *pages.shape), -1, device=self.device,
-                                           dtype=torch.int32)
-            self._sel_log[layer].copy_(torch.where(valid, pages, -1))
+    def _admit_for_attention(self, layer: int, pages: torch.Tensor, lens: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Demand admission that also maps every readable selected page to a GPU slot for this
+        step (conflict losers into the overflow slots). Returns the layer's pool (K, V: its cache
+        slots onwards, overflow included) and the (slots, lens) to attend over."""
+        S = self.cache_slots
+        pool_k, pool_v = self._pool_k[layer * S:], self._pool_v[layer * S:]
+        self.tier_ops.admit_pages(pages, lens, self.cache_slot, self.tag[layer], self.host_slot[layer],
+                                  self.host_kv[layer], pool_k, pool_v, self.stats.counters, self.spec_mark[layer],
+                                  self._step, False, self._read_slot, self._read_lens, self._overflow - layer * S)
+        return pool_k, pool_v, self._read_slot, self._read_lens
+
+    def _log_selection(self, layer: int, pages: torch.Tensor, lens: torch.Tensor) -> None:
+        """The promoter's input (NVMe tier): this step's selection, read after the step."""
+        if self._sel_log is None:
+            self._sel_log = torch.full((self.cfg.num_layers, *pages.shape), -1, device=self.device, dtype=torch.int32)
+        self._sel_log[layer].copy_(torch.where(lens > 0, pages, -1))
 
     def _decode_attention(self, layer: int, q1: torch.Tensor) -> torch.Tensor:
         pages, lens = self._select(layer, q1)
         main = torch.cuda.current_stream(self.device) if self.side is not None else None
-        with named_range("topk"):
-            self._count_hits(layer, pages, lens)
-        # Cached pages from GPU memory, the others zero-copy from pinned host memory, in one kernel.
+        if self.spills:
+            self._log_selection(layer, pages, lens)
+        # Demand admission first, then attention from GPU memory only: each missed page crosses
+        # PCIe once (attending zero-copy and admitting afterwards read it twice), and no
+        # attention program waits on a host read.
+        with named_range("fetch.host"):
+            pool_k, pool_v, slots, read_lens = self._admit_for_attention(layer, pages, lens)
         with named_range("attend"):
-            out = self.tier_ops.tiered_decode_attention(
-                q1, self.gpu_k[layer], self.gpu_v[layer], self.host_kv[layer], pages, lens, self.cache_slot,
-                self.tag[layer], self.host_slot[layer], self.sm_scale)
-        if self.side is None:
-            self._admit(layer, pages, lens)
-            return out
+            out = self.ops.sparse_decode_attention(q1, pool_k, pool_v, slots, read_lens, self.sm_scale)
+        if self.prefetch and self.predictor == "layer" and layer + 1 < self.cfg.num_layers:
+            self._speculate(layer + 1, lambda: q1)
+        return out
+
+    def wants_lookahead(self, layer: int) -> bool:
+        return (self.prefetch and self.predictor == "hidden" and self._pending == 1 and not self._layerwise
+                and layer + 1 < self.cfg.num_layers)
+
+    def lookahead(self, layer: int, predict_next_query: Callable[[], torch.Tensor]) -> None:
+        """Before layer l's attention: predict layer l+1's query from layer l's input and
+        prefetch its pages while layer l runs (the longest overlap a prediction allows)."""
+        cos, sin = self._cos_sin
+
+        def query() -> torch.Tensor:
+            return Rotary.apply(predict_next_query(), cos, sin)[0].contiguous()
+        self._speculate(layer + 1, query)
+        self._cross_stream_refs.append(predict_next_query)  # holds the main-stream hidden state
+
+    def _speculate(self, layer: int, query: Callable[[], torch.Tensor]) -> None:
+        """On the side stream: select layer ``layer``'s pages with a predicted query and admit the
+        missing ones; that layer's attention waits for this (an event), never for a host."""
+        main = torch.cuda.current_stream(self.device)
         self.side.wait_stream(main)
+        self._side_forked = True
         with torch.cuda.stream(self.side):
-            # Demand admission: pages this step read from the host become cached for the next.
-            with named_range("fetch.host"):
-                self._admit(layer, pages, lens)
-            nxt = layer + 1
-            if self.prefetch and nxt < self.cfg.num_layers:
-                # Speculative: layer l's query scores layer l+1's pages; admit what is missing.
-                with named_range("prefetch"):
-                    spec_pages, spec_lens = self._select(nxt, q1)
-                    self._admit(nxt, spec_pages, spec_lens)
-                self._prefetched_into[nxt] = True
-                self._cross_stream_refs += (spec_pages, spec_lens)  # as validated on the H100
-                self._prefetched[nxt].record(self.side)
+            with named_range("prefetch"):
+                q = query()
+                spec_pages, spec_lens = self._select(layer, q)
+                self._admit(layer, spec_pages, spec_lens, speculative=True)
+            self._prefetched_into[layer] = True
+            self._prefetched[layer].record(self.side)
         # Tensors made on the main stream and read on the side stream stay referenced until the
         # streams join at the end of the step: freed earlier, the allocator could hand their
         # memory to a later main-stream tensor while the side stream still reads it (inside a
         # CUDA-graph capture record_stream does not protect them).
-        self._cross_stream_refs += (pages, lens, q1)
-        return out
+        self._cross_stream_refs += (spec_pages, spec_lens, q)
+
+    def decide_prefetch(self) -> None:
+        """auto mode, after the probe steps (one sync): keep the speculative prefetch only if at
+        least PREFETCH_MIN_ACCURACY of the pages it admitted were hits in the same step. Called
+        before a decode step is captured as a CUDA graph (DecodeStepper) or from _plan."""
+        if self.prefetch_mode != "auto" or self.prefetch_decision is not None or not self.prefetch:
+            return
+        fetched, used = int(self.stats.prefetched), int(self.stats.prefetch_hits)
+        if fetched == 0:
+            return  # nothing measured yet (no steps, or everything already cached): decide later
+        accuracy = used / fetched
+        self.prefetch = accuracy >= PREFETCH_MIN_ACCURACY
+        self.prefetch_decision = (f"{'kept' if self.prefetch else 'off'}: {accuracy:.0%} of {fetched} "
+                                  f"prefetched pages were used (threshold {PREFETCH_MIN_ACCURACY:.0%})")
+
+    before_capture = decide_prefetch
 
     # -- NVMe tier: between decode steps -----------------------------------------------------------
     def _protected_flats(self, length: int) -> np.ndarray:
@@ -640,6 +725,7 @@ class TieredTopKCache(AttentionCache):
         if cuda and blocks:
             main = torch.cuda.current_stream(self.device)
             self.side.wait_stream(main)  # the chunk's host writes land before blocks are read
+            self._side_forked = True
             with torch.cuda.stream(self.side):
                 self._stage_block(layer, *blocks[0], 0)
                 self._staged[0].record(self.side)
@@ -665,8 +751,11 @@ class TieredTopKCache(AttentionCache):
     graph_safe_decode = True  # every per-step quantity of a decode step lives on the device
 
     def end_forward(self) -> None:
-        if self.side is not None:  # join the side stream: a step's work ends with the step
+        if self._side_forked:  # join the side stream: a step's work ends with the step
             torch.cuda.current_stream(self.device).wait_stream(self.side)
+        # Joined only when forked: inside a graph capture, waiting on a stream the capture never
+        # forked is an error.
+        self._side_forked = False
         self._cross_stream_refs = []
         decode = self._pending == 1 and not self._layerwise
         if self._layerwise:
@@ -702,6 +791,11 @@ class TieredTopKCache(AttentionCache):
         out = {"decode_steps": self.stats.decode_steps, "selected_pages": selected, "cache_hits": hits,
                "hit_rate": hits / selected if selected else None,
                "h2d_bytes_per_token_attention": (selected - hits) * page_bytes / steps,
+               "prefetched_pages": int(self.stats.prefetched), "prefetch_hits": int(self.stats.prefetch_hits),
+               "prefetch_accuracy": (int(self.stats.prefetch_hits) / int(self.stats.prefetched)
+                                     if int(self.stats.prefetched) else None),
+               "prefetch": self.prefetch_mode, "prefetch_decision": self.prefetch_decision,
+               "h2d_bytes_per_token_prefetch": int(self.stats.prefetched) * page_bytes / steps,
                "prefill_h2d_bytes": self.stats.prefill_bytes_h2d,
                "gpu_cache_slots_per_layer": self.cache_slots, "host_pool_bytes": self.host_pool.nbytes,
                "host_slots_per_layer": self.host_slots_per_layer, "pinned": self.host_pool.pinned}
@@ -729,6 +823,7 @@ class TieredTopKCache(AttentionCache):
         selected, hits = int(self.stats.selected), int(self.stats.hits)
         unreadable = int(self.stats.unreadable)
         out = {"selected_pages": selected, "gpu_hits": hits, "host_reads": selected - hits - unreadable,
+               "prefetched_pages": int(self.stats.prefetched), "prefetch_hits": int(self.stats.prefetch_hits),
                "nvme_reads": unreadable, "h2d_bytes": (selected - hits - unreadable) * self.slot_bytes,
                "pages_gpu": int((self.tag >= 0).sum())}
         if self.spills:
