@@ -93,11 +93,21 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
         from lcrun.runtime.window_cache import WindowTopKCache
         return WindowTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
                                budget=config.budget, sink_tokens=config.sink_tokens,
-                               window_tokens=config.window_tokens, group_score=config.group_score)
+                               window_tokens=config.window_tokens, group_score=config.group_score,
+                               far_positions=config.far_positions)
     if config.attention == "dense":
         return DenseCache(model_cfg, config.ctx_tokens, device, dtype)
     if plan is not None and not plan.all_on_gpu:
         from lcrun.runtime.tiered_cache import TieredTopKCache
+        if plan.abstract_mode == "chunk":
+            # The tiered cache keeps every page abstract on the GPU; the plan found they would
+            # not fit the cap beside the weights (hierarchical chunk selection runs only when the
+            # whole KV cache is on the GPU).
+            raise CapacityError(
+                f"{plan.ctx_tokens:,} tokens at page size {plan.page_size} need "
+                f"{format_bytes(plan.abstract_host_bytes)} of page abstracts, more than the plan can keep on the GPU, "
+                "and the tiered KV store does not yet keep them in host memory: use a larger --page-size (up to "
+                "128), a smaller --ctx, or raise --gpu-mem")
         # The plan fills the cap with page slots; keep back room for allocator fragmentation.
         slack_slots = TIERED_ALLOCATOR_SLACK // plan.page_bytes
         layers = model_cfg.num_layers

@@ -34,6 +34,9 @@ class LcrunConfig:
     group_score: str = _opt("max", "topk: combine page scores over a GQA group by max or sum.", choices=["max", "sum"])
     positions: str = _opt("auto", "true: real positions; window: keep attended positions inside the trained window; auto.",
                           choices=["auto", "true", "window"])
+    far_positions: str = _opt("fixed", "window positions: selected far pages all at one position past the sinks "
+                              "(fixed, as InfLLM) or, in text order, at consecutive positions (ordered).",
+                              choices=["fixed", "ordered"])
     prefill: str = _opt("exact", "topk + tiered KV: prefill chunks attend to the whole past (exact) or to sinks, window "
                         "and their top pages within --budget (topk: faster, approximate).", choices=["exact", "topk"])
     prefetch: str = _opt("auto", "tiered KV: prefetch the next layer's pages with a predicted query: from this layer's "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on the H100, one device call: `lcrun bench` and `lcrun profile` on the Llama-3.1-8B shape
+# Issue 6 on the device (H100 or H200), one device call: `lcrun bench` and `lcrun profile` on the Llama-3.1-8B shape
 # (random bf16 weights) under --gpu-mem 24GiB. Run from the repo root:
 #     bash perf/device_profile.sh OUTDIR
 # Writes OUTDIR/bench.json, OUTDIR/profile_128k/{report.html,report.json,trace.json.gz} and
@@ -44,5 +44,5 @@ timeout "$left" python3 -m lcrun.cli profile "${model[@]}" --attention topk --ct
     --steps 6 --timed-steps 32 --out-dir "$out/profile_128k" 2>&1 | grep --line-buffered -v -i warn | tee -a "$log"
 echo "profile: rc ${PIPESTATUS[0]}, $((SECONDS - t1)) s; total $((SECONDS - t0)) s" | tee -a "$log"
 ls -la "$out" "$out/profile_128k" | tee -a "$log"
-# To commit: bench.json -> perf/results/bench-h100-<date>-llama8b-24gib.json;
-# profile_128k/ -> perf/reports/profile-h100-128k-24gib/ (report.html links trace.json.gz beside it).
+# To commit: bench.json -> perf/results/bench-<gpu>-<date>-llama8b-24gib.json;
+# profile_128k/ -> perf/reports/profile-<gpu>-128k-24gib/ (report.html links trace.json.gz beside it).

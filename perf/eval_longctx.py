@@ -72,7 +72,7 @@ class Mode:
 class Evaluator:
     def __init__(self, model_spec: str | None, device: str = "auto", dtype: str = "auto", budget: int = 1024,
                  page_size: int = 32, sink_tokens: int = 64, window_tokens: int = 512, prefill_chunk: int = 2048,
-                 seed: int = 0, group_score: str = "max"):
+                 seed: int = 0, group_score: str = "max", far_positions: str = "fixed"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.spec = model_spec or default_model()
@@ -82,7 +82,8 @@ class Evaluator:
         self.tok = source.tokenizer()
         self.model = load_model(source, self.device, self.dtype, progress=False)
         self.settings = dict(budget=budget, page_size=page_size, sink_tokens=sink_tokens,
-                             window_tokens=window_tokens, prefill_chunk=prefill_chunk, group_score=group_score)
+                             window_tokens=window_tokens, prefill_chunk=prefill_chunk, group_score=group_score,
+                             far_positions=far_positions)
         bos = self.tok.token_id(self.tok.bos_token) if self.tok.bos_token else None
         self.tasks = TaskSet(self.tok, bos=[] if bos is None else [bos], seed=seed)
         self.seed = seed
@@ -283,12 +284,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
             Mode.parse(m)
     ev = Evaluator(args.model, args.device, args.dtype, budget=args.budget, page_size=args.page_size,
                    sink_tokens=args.sink_tokens, window_tokens=args.window_tokens, prefill_chunk=args.prefill_chunk,
-                   seed=args.seed, group_score=args.group_score)
+                   seed=args.seed, group_score=args.group_score, far_positions=args.far_positions)
     out = Path(args.out) if args.out else RESULTS / f"eval-{datetime.date.today()}.json"
     result = dict(meta=metadata(), model=ev.spec, trained_window=ev.model.cfg.max_position_embeddings,
                   settings=dict(ev.settings, dtype=str(ev.dtype).replace("torch.", ""), device=str(ev.device),
                                 seed=args.seed, decoding="greedy", prompt="plain completion (eval_tasks)",
-                                select_block=64, far_positions="one fixed position past the local window"),
+                                select_block=64),
                   cells=[], fidelity=[], skipped=[])
     result["meta"]["load_s"] = round(time.perf_counter() - t_start, 2)
 
@@ -373,6 +374,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--group-score", default="max", choices=["max", "sum"])
+    p.add_argument("--far-positions", default="fixed", choices=["fixed", "ordered"])
     p.add_argument("--sink-tokens", type=int, default=64)
     p.add_argument("--window-tokens", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=2048)

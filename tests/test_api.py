@@ -55,3 +55,27 @@ def test_config_object_and_unknown_setting():
     assert len(ids) == 5
     with pytest.raises(ConfigError, match="unknown setting"):
         LLM("synthetic:tiny", contxt="1k")
+
+
+def test_tiered_plan_with_chunk_abstracts_is_refused_clearly():
+    # 1M tokens at page 32 under 24 GiB: the plan keeps chunk abstracts on the GPU and page
+    # abstracts on the host, which the tiered store does not do; it must say so, not overrun the cap.
+    import dataclasses
+    import torch
+    from lcrun.api import make_cache
+    from lcrun.errors import CapacityError
+    from lcrun.planner import make_plan
+    from lcrun.planner.hardware import detect_hardware
+    from lcrun.runtime.synthetic import synthetic_config
+    GiB = 2 ** 30
+    hw = detect_hardware("Test GPU", 24 * GiB, host_total_bytes=64 * GiB, host_available_bytes=60 * GiB,
+                         calibration=None)
+    hw = dataclasses.replace(hw, kv_dir="/mnt/nvme/kv", kv_dir_free_bytes=8 * 2 ** 40)
+    from lcrun.planner import ModelSpec
+    cfg = synthetic_config("synthetic:llama-3.1-8b")
+    spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=cfg.num_parameters() * 2, kv_dtype_bytes=2)
+    plan = make_plan(spec, "1M", hw, page_size=32)
+    assert plan.abstract_mode == "chunk"
+    config = LcrunConfig.from_kwargs(model="synthetic:llama-3.1-8b", ctx="1M", attention="topk", positions="true")
+    with pytest.raises(CapacityError, match="--page-size"):
+        make_cache(config, cfg, torch.device("cpu"), torch.float32, plan)

@@ -211,3 +211,19 @@ def test_sparse_prefill_attends_sinks_window_and_top_pages():
             want = dense.attend(0, q[:c0 + chunk], k[:c0 + chunk], v[:c0 + chunk])[c0:]
         torch.testing.assert_close(outs[c0], want, rtol=1e-4, atol=1e-4)
     cache.close()
+
+
+def test_sparse_prefill_gives_the_last_prompt_token_its_own_selection():
+    # Sparse prefill selects per chunk; the last prompt token (it picks the first answer token)
+    # is run as a decode step instead, over every page within the budget.
+    model = random_model(CFG, "cpu", torch.float32, seed=6)
+    ids = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(7)).tolist()
+    cache = _tiered(512, budget=160, sparse_prefill=True)
+    got = Generator(model, cache, 64).prefill(ids)
+    assert cache.length == 300
+    ref_cache = _tiered(512, budget=160, sparse_prefill=True)
+    model.forward_layerwise(torch.tensor(ids[:-1]), ref_cache, 64)
+    want = model.forward(torch.tensor(ids[-1:]), ref_cache)
+    torch.testing.assert_close(got, want.reshape(-1), rtol=1e-5, atol=1e-5)
+    cache.close()
+    ref_cache.close()

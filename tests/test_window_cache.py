@@ -81,6 +81,27 @@ def test_window_positions_match_reference_when_every_page_is_selected(chunks):
     torch.testing.assert_close(got, _reference(q, k, v, starts), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("chunks", [[70], [30, 25, 15], [50] + [1] * 20])
+def test_ordered_far_positions_with_every_page_selected_are_true_positions(chunks):
+    # Ordered far pages fill positions S.. in text order: with all of them selected, every token
+    # sits at its real position and the result is dense attention.
+    q, k, v = _qkv(sum(chunks), seed=2)
+    dense = _feed(DenseCache(CFG, 256, "cpu", torch.float32), q, k, v, chunks)
+    ordered = _feed(_cache(far_positions="ordered"), q, k, v, chunks)
+    torch.testing.assert_close(ordered, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_ordered_far_positions_keep_text_order_under_a_small_budget():
+    q, k, v = _qkv(120, seed=5)
+    cache = _cache(budget=S + W + 3 * P, far_positions="ordered")
+    _feed(cache, q, k, v, [100] + [1] * 20)
+    sel = cache.last_selection
+    assert sel.shape == (2, 1, 3)
+    assert (sel[..., 1:] > sel[..., :-1]).all()   # sorted: positions follow the text
+    ls, sink_end = cache.layout(119)
+    assert cache.shift(119) == ls - sink_end - 3 * P
+
+
 def test_decode_selects_the_page_its_query_points_at():
     torch.manual_seed(0)
     t, d = 120, 16
@@ -159,3 +180,23 @@ def test_positions_auto_resolves_by_the_trained_window():
         resolve_positions(conf(ctx=512, attention="dense", positions="window"), CFG)
     assert isinstance(make_cache(conf(ctx=256), CFG, torch.device("cpu"), torch.float32), PagedTopKCache)
     assert isinstance(make_cache(conf(ctx=512), CFG, torch.device("cpu"), torch.float32), WindowTopKCache)
+
+
+def test_last_prompt_token_gets_its_own_selection():
+    # Prefill shares a selection per block of queries; the last prompt token, whose logits pick
+    # the first answer token, is attended as a decode step would: with its own selection.
+    from lcrun.runtime.build import random_model
+    from lcrun.runtime.generate import Generator
+    model = random_model(CFG, torch.device("cpu"), torch.float32, seed=7)
+    ids = torch.randint(0, CFG.vocab_size, (100,), generator=torch.Generator().manual_seed(8)).tolist()
+
+    whole = Generator(model, _cache(budget=S + W + 2 * P), prefill_chunk=32).prefill(ids)
+    cache = _cache(budget=S + W + 2 * P)
+    for c0 in range(0, 99, 32):  # the prompt but its last token, in the same chunks
+        model.forward(torch.tensor(ids[c0:min(c0 + 32, 99)]), cache)
+    stepped = model.forward(torch.tensor(ids[-1:]), cache)
+    torch.testing.assert_close(whole, stepped.reshape(-1), atol=1e-5, rtol=1e-4)
+    shared = _cache(budget=S + W + 2 * P)  # the last token inside the last block instead: differs
+    for c0 in range(0, 100, 32):
+        blocked = model.forward(torch.tensor(ids[c0:c0 + 32]), shared)
+    assert not torch.allclose(whole, blocked[-1], atol=1e-5)

@@ -12,6 +12,14 @@ Modules, one job each:
     select_kernels  selection_bounds, assemble_selection (Triton versions of select's bookkeeping)
     sparse_decode   sparse_decode_attention (Triton, flash-decoding + LSE merge)
     paged_prefill   paged_prefill_attention (Triton, exact causal)
+    topk            fused top-k + selection assembly in one launch (Triton)
+    chunk_abstracts chunk min/max over groups of pages, hierarchical selection (Triton)
+    attention_lse   chunk attention returning its log-sum-exp, for exact merges (torch flash)
+    tiered          tiered store: admit missed pages from pinned host memory into the GPU page
+                    cache and write a read map, write-through, zero-copy gathers (Triton)
+    fused_norm      RMSNorm with the residual add fused in (Triton, lazily decorated)
+    fused_rope      rotary embedding of q and k in one launch (Triton, lazily decorated)
+    triton_support  interpreter-or-GPU mode, jit/lazy_jit, use_triton
     reference       plain-torch versions of the Triton kernels (oracle and CPU path)
     backend         kernel_backend(device): who runs them
 

@@ -8,9 +8,7 @@ from typing import Callable
 import torch
 
 from lcrun.kernels import reference, select
-from lcrun.kernels.triton_support import can_run_triton
-
-BACKENDS = ("auto", "triton", "torch")
+from lcrun.kernels.triton_support import BACKENDS, can_run_triton
 
 
 @dataclass(frozen=True)

@@ -6,30 +6,11 @@ on first use (``lazy_jit``), so importing the model does not fix interpreter-or-
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from lcrun.kernels.backend import BACKENDS
-from lcrun.kernels.triton_support import can_run_triton, jit, next_pow2, tl
+from lcrun.kernels.triton_support import lazy_jit, next_pow2, tl, use_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def lazy_jit(fn):
-    """A function returning ``jit(fn)``, decorated on the first call. Kernels defined this way may
-    call no other Triton function (a helper would be looked up undecorated)."""
-    return functools.cache(lambda: jit(fn))
-
-
-def use_triton(device: torch.device, backend: str) -> bool:
-    """``auto``: Triton on CUDA tensors only; on CPU, even under TRITON_INTERPRET, the torch path,
-    since interpreting every norm of a model test would be slow and gains nothing. ``triton``
-    forces the kernel (CPU tensors need the interpreter); ``torch`` the reference."""
-    assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
-    if backend == "triton" and not can_run_triton(device):
-        raise RuntimeError(f"Triton kernels cannot run on {device}: use a CUDA device or TRITON_INTERPRET=1")
-    return backend == "triton" or (backend == "auto" and device.type == "cuda" and can_run_triton(device))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,

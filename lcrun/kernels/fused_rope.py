@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from lcrun.kernels.fused_norm import FLOAT_DTYPES, lazy_jit, use_triton
+from lcrun.kernels.fused_norm import FLOAT_DTYPES
+from lcrun.kernels.triton_support import lazy_jit, use_triton
 from lcrun.kernels.triton_support import next_pow2, tl
 
 

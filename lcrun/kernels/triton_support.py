@@ -8,6 +8,7 @@ mode is what the environment says now. The kernel modules are imported lazily (b
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,7 @@ except ImportError:  # CPU-only installs: the torch reference path still works
     tl = None
     HAVE_TRITON = False
 
+BACKENDS = ("auto", "triton", "torch")  # who runs a kernel: see use_triton
 LOG2E = 1.4426950408889634  # kernels use exp2: scores are scaled by sm_scale * log2(e)
 
 _decorated_modes: set[bool] = set()  # interpreted? for each kernel decorated so far
@@ -65,3 +67,19 @@ def can_run_triton(device: torch.device) -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def lazy_jit(fn):
+    """A function returning ``jit(fn)``, decorated on the first call. Kernels defined this way may
+    call no other Triton function (a helper would be looked up undecorated)."""
+    return functools.cache(lambda: jit(fn))
+
+
+def use_triton(device: torch.device, backend: str) -> bool:
+    """``auto``: Triton on CUDA tensors only; on CPU, even under TRITON_INTERPRET, the torch path,
+    since interpreting every norm of a model test would be slow and gains nothing. ``triton``
+    forces the kernel (CPU tensors need the interpreter); ``torch`` the reference."""
+    assert backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}"
+    if backend == "triton" and not can_run_triton(device):
+        raise RuntimeError(f"Triton kernels cannot run on {device}: use a CUDA device or TRITON_INTERPRET=1")
+    return backend == "triton" or (backend == "auto" and device.type == "cuda" and can_run_triton(device))

@@ -69,17 +69,28 @@ class Generator:
         device = self.model.device
         todo = torch.tensor(ids[common:], dtype=torch.long, device=device)
         logits = None
-        if getattr(self.cache, "layerwise_prefill", False) and todo.numel() > 0:
-            logits = self.model.forward_layerwise(todo, self.cache, self.prefill_chunk, progress)
-            self.cached_ids = list(ids)
-            return logits[-1]
-        for start in range(0, todo.numel(), self.prefill_chunk):
-            chunk = todo[start:start + self.prefill_chunk]
+        # A cache whose prefill shares one page selection among a block of queries dilutes the
+        # last token's query, and that token's logits pick the first answer token: it gets its
+        # own selection, as every decode step has (window passkey at 2K: wrong -> right).
+        last_alone = getattr(self.cache, "prefill_selection_shared", False) and todo.numel() > 1
+        body = todo[:-1] if last_alone else todo
+        if getattr(self.cache, "layerwise_prefill", False) and body.numel() > 0:
+            logits = self.model.forward_layerwise(body, self.cache, self.prefill_chunk, progress)
+            self.cached_ids.extend(ids[common:common + body.numel()])
+            body = body[:0]
+        for start in range(0, body.numel(), self.prefill_chunk):
+            chunk = body[start:start + self.prefill_chunk]
             with named_range("prefill_chunk"):
                 logits = self.model.forward(chunk, self.cache)
             self.cached_ids.extend(ids[common + start: common + start + chunk.numel()])
             if progress is not None:
                 progress(start + chunk.numel(), todo.numel())
+        if last_alone:
+            with named_range("prefill_chunk"):
+                logits = self.model.forward(todo[-1:], self.cache)
+            self.cached_ids.append(ids[-1])
+            if progress is not None:
+                progress(todo.numel(), todo.numel())
         return logits[-1]
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int] = frozenset(),

@@ -467,6 +467,11 @@ class TieredTopKCache(AttentionCache):
     # -- layer-by-layer prefill --------------------------------------------------------------------
     layerwise_prefill = True
 
+    @property
+    def prefill_selection_shared(self) -> bool:
+        """Sparse prefill selects once per chunk (see the Generator)."""
+        return self.sparse_prefill
+
     def _carve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """A tensor from the page cache's memory (K pool, then V pool; a bump allocator reset per
         prefill), or None when it does not fit."""

@@ -7,19 +7,21 @@ for the query block at hand. For a block of queries starting at token c0, with l
 ``ls`` = the page boundary at or before c0 - W (W = window_tokens), S = sink pages * P:
 
     tokens [0, S)        sinks              positions 0 .. S-1
-    pages in [S, ls)     far pages; the top ones are selected per KV head, and every selected token
-                         sits at the one position S (just beyond the local window: InfLLM's fixed
-                         distance)
-    tokens [ls, now]     local window       positions S+1+(j-ls): true relative distances
+    pages in [S, ls)     far pages; the top k are selected per KV head. far_positions="fixed":
+                         every selected token sits at the one position S (InfLLM's fixed
+                         distance, F = 1 position). "ordered": the selected pages, in text order,
+                         fill positions S .. S+k*P-1 (positions within the cache, as StreamingLLM),
+                         which keeps their order and every offset inside a page (F = k*P)
+    tokens [ls, now]     local window       positions S+F+(j-ls): true relative distances
 
-The query at token c0+i sits at S+1+(c0+i-ls), so nothing attended is further away than
-S + 1 + W + P + block tokens. When ls <= S there are no far pages and every token keeps its true
+The query at token c0+i sits at S+F+(c0+i-ls), so nothing attended is further away than
+S + F + W + P + block tokens. When ls <= S there are no far pages and every token keeps its true
 position: a context of at most about S + W tokens is attended exactly as with real positions.
 
 Selection: page abstracts are per-channel key min/max on pre-RoPE keys, kept as centre c and
 radius r, so the Quest bound sum_d max(q_d lo_d, q_d hi_d) = q.c + |q|.r is two matmuls. The query
-is first rotated by its distance to the far position, which makes the bound exact for the logit
-the far keys will really get (their rotation is relative). Prefill selects per sub-block of
+is first rotated by its distance to the far position (the middle of the far span when ordered),
+which makes the bound exact for the logit the far keys will get (their rotation is relative). Prefill selects per sub-block of
 ``select_block`` queries with the mean bound over the sub-block (the mean of q.c + |q|.r is
 mean(q).c + mean(|q|).r: still two matmuls), combined over a GQA group by max or sum; decode
 selects with its one query. Prefill therefore stays sparse too: each query attends to at most
@@ -42,10 +44,12 @@ from lcrun.runtime.rope import Rotary
 
 class WindowTopKCache(AttentionCache):
     positions_mode = "window"
+    prefill_selection_shared = True  # select_block queries share a selection (see the Generator)
 
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype, page_size: int = 32,
                  budget: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
-                 group_score: str = "max", select_block: int = 64, piece_tokens: int = 512):
+                 group_score: str = "max", select_block: int = 64, piece_tokens: int = 512,
+                 far_positions: str = "fixed"):
         """budget: tokens attended per KV head by one query besides its own prefill block (sink
         pages + window + selected far pages). select_block: prefill queries sharing one far
         selection. piece_tokens: prefill queries attended in one masked SDPA call (bounds memory
@@ -58,6 +62,8 @@ class WindowTopKCache(AttentionCache):
                               f"got {window_tokens}")
         if group_score not in ("max", "sum"):
             raise ConfigError(f"group_score must be max or sum, got {group_score!r}")
+        if far_positions not in ("fixed", "ordered"):
+            raise ConfigError(f"far_positions must be fixed or ordered, got {far_positions!r}")
         if select_block < 1 or piece_tokens % select_block:
             raise ConfigError(f"piece_tokens {piece_tokens} must be a multiple of select_block {select_block}")
         P = page_size
@@ -66,6 +72,7 @@ class WindowTopKCache(AttentionCache):
         self.window_tokens = window_tokens
         self.far_pages = max(0, (budget - self.sink_pages * P - window_tokens) // P)
         self.group_score = group_score
+        self.far_positions = far_positions
         self.select_block = select_block
         self.piece_tokens = piece_tokens
         self.sm_scale = cfg.head_dim ** -0.5
@@ -87,10 +94,17 @@ class WindowTopKCache(AttentionCache):
         ls = max(0, (c0 - self.window_tokens) // P * P)
         return (0, 0) if ls <= sink_end else (ls, sink_end)
 
+    def far_span(self, k_far: int) -> int:
+        """Positions the selected far tokens take: F in the module doc."""
+        return k_far * self.page_size if self.far_positions == "ordered" else 1
+
     def shift(self, c0: int) -> int:
         """Local tokens and queries of block c0 sit at (token - shift)."""
         ls, sink_end = self.layout(c0)
-        return 0 if ls == 0 else ls - sink_end - 1
+        if ls == 0:
+            return 0
+        k_far = min(self.far_pages, (ls - sink_end) // self.page_size)
+        return ls - sink_end - self.far_span(k_far)
 
     # -- per forward ----------------------------------------------------------------------------
     def _plan(self, positions: torch.Tensor) -> None:
@@ -111,10 +125,12 @@ class WindowTopKCache(AttentionCache):
                        local=self.rotary.cos_sin(local_pos, self.dtype))
             if sink_end:
                 rot["sink"] = self.rotary.cos_sin(torch.arange(sink_end, device=self.device), self.dtype)
-                # Far keys all sit at position sink_end: rotate the query by its distance to there
-                # for scoring against pre-RoPE abstracts (exact for a relative embedding).
-                rot["score"] = self.rotary.cos_sin(q_pos - sink_end, torch.float32)
-                rot["far"] = self.rotary.cos_sin(torch.full((1,), sink_end, device=self.device), self.dtype)
+                # Rotate the query by its distance to the far keys' position (the middle of their
+                # span) for scoring against pre-RoPE abstracts (exact for a relative embedding).
+                span = self.far_span(k_far)
+                rot["score"] = self.rotary.cos_sin(q_pos - sink_end - span // 2, torch.float32)
+                rot["far"] = self.rotary.cos_sin(torch.arange(sink_end, sink_end + span, device=self.device),
+                                                 self.dtype)
             self._pieces.append(dict(p0=p0, n=n, ls=ls, sink_end=sink_end, k_far=k_far, n_sel=n_sel,
                                      rot=rot, mask=self._mask(p0, n, ls, sink_end, k_far, n_sel)))
         first, end = start // P, (start + t) // P
@@ -192,11 +208,15 @@ class WindowTopKCache(AttentionCache):
         if sink_end:
             if pc["k_far"]:
                 pages = self._select(layer, q, pc)               # (Hkv, n_sel, k_far)
+                if self.far_positions == "ordered":
+                    pages = pages.sort(dim=-1).values            # text order -> position order
                 self.last_selection = pages
                 tok = (pages[..., None] * P + torch.arange(P, device=q.device)).reshape(hkv, -1)
                 idx = tok[..., None].expand(-1, -1, d)
                 far_k = torch.gather(kl, 1, idx)
                 cos, sin = rot["far"]
+                if self.far_positions == "ordered":  # one position per token of each block's far section
+                    cos, sin = (t.reshape(1, -1, t.shape[-1]).repeat(1, pc["n_sel"], 1) for t in (cos, sin))
                 keys.insert(0, Rotary.apply(far_k, cos, sin))
                 values.insert(0, torch.gather(vl, 1, idx))
             keys.insert(0, Rotary.apply(kl[:, :sink_end].transpose(0, 1), *rot["sink"]).transpose(0, 1))
