@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lcrun.config import LcrunConfig
+from lcrun.config import DEFAULT_PAGE_SIZE, LcrunConfig
 from lcrun.errors import CapacityError, ConfigError, LcrunError
 from lcrun.runtime.build import load_model, random_model
 from lcrun.runtime.chat_template import render_chat
@@ -91,7 +91,8 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
     if resolve_positions(config, model_cfg) == "window":
         # Keys kept before RoPE, all on this device (no tiers yet for window positions).
         from lcrun.runtime.window_cache import WindowTopKCache
-        return WindowTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
+        return WindowTopKCache(model_cfg, config.ctx_tokens, device, dtype,
+                               page_size=config.page_size or DEFAULT_PAGE_SIZE,
                                budget=config.budget, sink_tokens=config.sink_tokens,
                                window_tokens=config.window_tokens, group_score=config.group_score,
                                far_positions=config.far_positions)
@@ -107,7 +108,7 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                 f"{plan.ctx_tokens:,} tokens at page size {plan.page_size} need "
                 f"{format_bytes(plan.abstract_host_bytes)} of page abstracts, more than the plan can keep on the GPU, "
                 "and the tiered KV store does not yet keep them in host memory: use a larger --page-size (up to "
-                "128), a smaller --ctx, or raise --gpu-mem")
+                "128; leave it unset and the planner picks one), a smaller --ctx, or raise --gpu-mem")
         # The plan fills the cap with page slots; keep back room for allocator fragmentation.
         slack_slots = TIERED_ALLOCATOR_SLACK // plan.page_bytes
         layers = model_cfg.num_layers
@@ -125,7 +126,9 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                                prefill_block=plan.prefill_chunk, sparse_prefill=config.prefill == "topk",
                                prefetch=config.prefetch, **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
-    return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=config.page_size,
+    # The plan's page size (the one its memory accounting used) when there is a plan.
+    page_size = plan.page_size if plan is not None else config.page_size or DEFAULT_PAGE_SIZE
+    return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,
                           window_tokens=config.window_tokens, group_score=config.group_score)
 

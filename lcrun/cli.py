@@ -255,8 +255,9 @@ def plan(config: LcrunConfig, as_json: bool) -> None:
 
     config.resolve()
     model, hw = planner_inputs(config)
-    the_plan = make_plan(model, config.ctx_tokens, hw, budget_tokens=config.budget, sink_tokens=config.sink_tokens,
-                         window_tokens=config.window_tokens, attention=config.attention)
+    the_plan = make_plan(model, config.ctx_tokens, hw, page_size=config.page_size, budget_tokens=config.budget,
+                         sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
+                         attention=config.attention)
     click.echo(json.dumps(the_plan.to_dict(), indent=2) if as_json else format_plan(the_plan))
 
 

@@ -13,6 +13,9 @@ from lcrun.errors import ConfigError
 from lcrun.units import parse_bytes, parse_tokens
 
 
+DEFAULT_PAGE_SIZE = 32  # where no plan chooses (CPU, window positions)
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -28,7 +31,9 @@ class LcrunConfig:
     attention: str = _opt("dense", "dense: attend to every cached token; topk: attend to the top-scoring KV pages.",
                           choices=["dense", "topk"])
     budget: int = _opt(2048, "topk: tokens attended per KV head per step, sinks and local window included.")
-    page_size: int = _opt(32, "Tokens per KV page.", choices=[16, 32, 64, 128])
+    page_size: int | None = _opt(None, "Tokens per KV page. Default: the planner's choice on a GPU with --attention "
+                                 "topk (32 for Llama-3.1-8B until its page abstracts would crowd --gpu-mem), else 32.",
+                                 choices=[16, 32, 64, 128])
     sink_tokens: int = _opt(64, "topk: first tokens always attended (inside the budget).")
     window_tokens: int = _opt(512, "topk: last tokens always attended (inside the budget).")
     group_score: str = _opt("max", "topk: combine page scores over a GQA group by max or sum.", choices=["max", "sum"])
@@ -56,10 +61,10 @@ class LcrunConfig:
         self.ctx_tokens = parse_tokens(self.ctx)
         if self.prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
-        if self.page_size not in (16, 32, 64, 128):
+        if self.page_size is not None and self.page_size not in (16, 32, 64, 128):
             raise ConfigError(f"--page-size must be 16, 32, 64 or 128, got {self.page_size}")
         if self.attention == "topk":
-            if self.budget < self.sink_tokens + self.window_tokens + self.page_size:
+            if self.budget < self.sink_tokens + self.window_tokens + (self.page_size or DEFAULT_PAGE_SIZE):
                 raise ConfigError(
                     f"--budget {self.budget} leaves no room for selected pages after {self.sink_tokens} sink and "
                     f"{self.window_tokens} window tokens: raise --budget or lower --sink-tokens/--window-tokens")

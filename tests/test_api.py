@@ -79,3 +79,7 @@ def test_tiered_plan_with_chunk_abstracts_is_refused_clearly():
     config = LcrunConfig.from_kwargs(model="synthetic:llama-3.1-8b", ctx="1M", attention="topk", positions="true")
     with pytest.raises(CapacityError, match="--page-size"):
         make_cache(config, cfg, torch.device("cpu"), torch.float32, plan)
+    # Left unset (the default), the page size is the planner's: 64 keeps the abstracts on the GPU.
+    assert LcrunConfig().page_size is None
+    auto = make_plan(spec, "1M", hw, page_size=None)
+    assert auto.abstract_mode == "page" and auto.page_size == 64

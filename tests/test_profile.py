@@ -267,10 +267,11 @@ H100_STEP = Path(__file__).parent / "data" / "h100_decode_step.json.gz"
 
 
 def test_gpu_split_of_a_real_h100_decode_step():
-    """One decode step cut from an `lcrun profile` trace (torch 2.11, H100, 128K context; that report
-    was later replaced by the H200 one in perf/reports/), tiered top-k cache with the prefetcher on a side stream). Every kernel links to its
-    launch (cudaLaunchKernel, and Triton's cuLaunchKernelEx, which carries no op id) and each part gets
-    exactly the kernels launched inside its range (checked here by a plain scan of the trace)."""
+    """One decode step cut from an `lcrun profile` trace (torch 2.11, H100, 128K context, tiered
+    top-k cache with the prefetcher on a side stream; that report was later replaced by the H200
+    one in perf/reports/). Every kernel links to its launch (cudaLaunchKernel, and Triton's
+    cuLaunchKernelEx, which carries no op id) and each part gets exactly the kernels launched
+    inside its range (checked here by a plain scan of the trace)."""
     with gzip.open(H100_STEP, "rt") as f:
         trace = json.load(f)
     wall = trace["lcrun_excerpt"]["wall_ms"]
