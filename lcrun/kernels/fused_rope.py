@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from lcrun.kernels.fused_norm import FLOAT_DTYPES
-from lcrun.kernels.triton_support import lazy_jit, use_triton
-from lcrun.kernels.triton_support import next_pow2, tl
+from lcrun.kernels.triton_support import lazy_jit, next_pow2, tl, use_triton
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,11 @@ position: a context of at most about S + W tokens is attended exactly as with re
 Selection: page abstracts are per-channel key min/max on pre-RoPE keys, kept as centre c and
 radius r, so the Quest bound sum_d max(q_d lo_d, q_d hi_d) = q.c + |q|.r is two matmuls. The query
 is first rotated by its distance to the far position (the middle of the far span when ordered),
-which makes the bound exact for the logit the far keys will get (their rotation is relative). Prefill selects per sub-block of
-``select_block`` queries with the mean bound over the sub-block (the mean of q.c + |q|.r is
-mean(q).c + mean(|q|).r: still two matmuls), combined over a GQA group by max or sum; decode
-selects with its one query. Prefill therefore stays sparse too: each query attends to at most
+which makes the bound exact for the logit the far keys will get (their rotation is relative).
+Prefill selects per sub-block of ``select_block`` queries with the mean bound over the sub-block
+(the mean of q.c + |q|.r is mean(q).c + mean(|q|).r: still two matmuls), combined over a GQA
+group by max or sum; decode selects with its one query (and so does the prompt's last token: the
+Generator runs it on its own). Prefill therefore stays sparse too: each query attends to at most
 sinks + far budget + local window, which keeps hidden states past the trained window sane.
 
 Storage: per layer, K and V as (Hkv, capacity, D) with pages being P consecutive tokens, plus
