@@ -23,9 +23,7 @@ from lcrun.api import LLM  # noqa: E402
 from lcrun.config import LcrunConfig  # noqa: E402
 from lcrun.profiling.bench import random_prompt, time_steps, warm_median  # noqa: E402
 from lcrun.profiling.meta import run_metadata  # noqa: E402
-
-
-GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+from lcrun.profiling.trace import DEVICE_CATS, category  # noqa: E402
 
 
 def breakdown(llm: LLM, steps: int) -> dict:
@@ -48,7 +46,7 @@ def breakdown(llm: LLM, steps: int) -> dict:
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     intervals = []
     for e in events:
-        if e.get("ph") != "X" or e.get("cat") not in GPU_CATEGORIES:
+        if e.get("ph") != "X" or category(e) not in DEVICE_CATS:
             continue
         per_kernel[e["name"]][0] += e["dur"]
         per_kernel[e["name"]][1] += 1
@@ -75,7 +73,7 @@ def main() -> None:
     ap.add_argument("--host-mem", default=None)
     ap.add_argument("--kv-dir", default=None)
     ap.add_argument("--prefill", default="exact")
-    ap.add_argument("--prefetch", default="auto")
+    ap.add_argument("--prefetch", default="auto", choices=["auto", "hidden", "layer", "off"])
     ap.add_argument("--steps", type=int, default=5, help="profiled eager steps")
     ap.add_argument("--timed-steps", type=int, default=24)
     ap.add_argument("--out", required=True)

@@ -10,9 +10,8 @@ place attended tokens at positions of its choosing (extrapolation past the train
 """
 from __future__ import annotations
 
-from typing import Callable
-
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

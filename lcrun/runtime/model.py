@@ -62,7 +62,6 @@ class LlamaModel:
         positions: (T,) int64 device tensor, default cache.length onwards (a captured decode step
         passes a static tensor it refills before each replay).
         Returns fp32 logits (T, vocab) if ``all_logits`` else (1, vocab) for the last token."""
-        cfg = self.cfg
         t = input_ids.shape[0]
         if positions is None:
             positions = torch.arange(cache.length, cache.length + t, device=self.device)

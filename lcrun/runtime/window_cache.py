@@ -158,7 +158,7 @@ class WindowTopKCache(AttentionCache):
 
     # -- attention ------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        start, t, P = self.length, q.shape[0], self.page_size
+        start, t = self.length, q.shape[0]
         kl, vl = self.k[layer], self.v[layer]
         kl[:, start:start + t] = k.transpose(0, 1).to(self.dtype)
         vl[:, start:start + t] = v.transpose(0, 1).to(self.dtype)
