@@ -588,7 +588,7 @@ def bench_context(context: int, args) -> dict:
     # structured keys (a few pages per head aligned with the query).
     qual = {"random": quality(layer, args, (slots, lens), variants, DenseProbs(layer, args))}
     dense = dense_variants(layer, args)
-    del layer
+    layer = None  # frees the pools before the next context (the timing lambdas share this cell)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     hot = Layer(context, args, seed=1, hot=args.hot_pages, chunk_pages=sorted({cp for cp, _ in variants}))
@@ -688,7 +688,7 @@ def tune_context(context: int, args) -> dict:
         us = _graph_us(lambda kw=kw: select(layer, scores, step_plan, **kw), args) if ok is True else None
         res["select"][f"fused/w{warps or 'default'}/{method}"] = {"us": us, "ok": ok, "num_warps": warps,
                                                                   "method": method}
-    del layer
+    layer = None  # frees the pools before the next context (the timing lambdas share this cell)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res

@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--length", default="32k")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--far-positions", default="fixed", choices=["fixed", "ordered"])
+    ap.add_argument("--far-positions", default="paged", choices=["fixed", "ordered", "paged"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     ev = Evaluator(args.model, budget=args.budget, far_positions=args.far_positions)

@@ -72,7 +72,7 @@ class Mode:
 class Evaluator:
     def __init__(self, model_spec: str | None, device: str = "auto", dtype: str = "auto", budget: int = 1024,
                  page_size: int = 32, sink_tokens: int = 64, window_tokens: int = 512, prefill_chunk: int = 2048,
-                 seed: int = 0, group_score: str = "max", far_positions: str = "fixed"):
+                 seed: int = 0, group_score: str = "max", far_positions: str = "paged"):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.spec = model_spec or default_model()
@@ -136,7 +136,8 @@ class Evaluator:
         rows = [first.float()]
         with torch.inference_mode():
             for i in range(n0, length - 1):
-                rows.append(gen.stepper.step(torch.tensor([ids[i]], device=self.device)).float())
+                # clone: a replayed CUDA graph returns the same output buffer every step
+                rows.append(gen.stepper.step(torch.tensor([ids[i]], device=self.device)).float().clone())
         self._sync()
         decode_s = time.perf_counter() - t0
         got = torch.stack(rows)
@@ -374,7 +375,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--group-score", default="max", choices=["max", "sum"])
-    p.add_argument("--far-positions", default="fixed", choices=["fixed", "ordered"])
+    p.add_argument("--far-positions", default="paged", choices=["fixed", "ordered", "paged"])
     p.add_argument("--sink-tokens", type=int, default=64)
     p.add_argument("--window-tokens", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=2048)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lcrun.errors import ConfigError
-from lcrun.profiling.bench import Sweep, ratios, warm_median
+from lcrun.profiling.bench import Sweep, late_median, ratios, warm_median
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -61,6 +61,11 @@ def test_bench_rejects_unknown_transformers_cache(tmp_path):
 def test_warm_median_leaves_out_warmup_only_when_there_is_enough():
     assert warm_median([100, 90, 80, 1, 2, 3, 4]) == 2.5
     assert warm_median([100, 1, 2]) == 2
+
+
+def test_late_median_is_the_second_half_of_the_warm_steps():
+    assert late_median([100, 90, 80, 9, 8, 3, 4]) == 3.5
+    assert late_median([100, 1, 2]) == 1.5
 
 
 def test_ratios_pair_baselines_with_the_swept_config():

@@ -246,7 +246,7 @@ def test_admit_pages(hkv, d, P, dtype, slots, seed):
 def test_admit_conflicts():
     """Direct-mapped conflicts: one writer per slot, smallest flat entry index wins; a selected
     incumbent keeps its slot; spilled pages are not admitted; partial pages copied whole."""
-    hkv, max_pages, P, d, kmax = 2, 6, 16, 64, 3
+    hkv, max_pages, P, d = 2, 6, 16, 64
     store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=F16, num_cache_slots=4, spill=0.0, cache_frac=0.0)
     cs = torch.tensor([[0, 1, 2, 3, 1, 2], [2, 3, 0, 1, 3, 0]], dtype=torch.int32)
     hs = store.host_slot.cpu()
@@ -512,5 +512,5 @@ def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
             assert rel_err(out, expected) < TOL[dtype]
             ref.admit_pages(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot, host_before, gpu_k, gpu_v)
             assert torch.equal(tag, store.tag) and same_bits(gpu_k, store.gpu_k) and same_bits(gpu_v, store.gpu_v)
-        del host_kv, store
+        host_kv = store = None  # the graph step closes over both: release them before the pool
         torch.cuda.synchronize()

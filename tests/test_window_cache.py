@@ -37,9 +37,11 @@ def _qkv(t, seed=0):
     return (torch.randn(t, 4, 16, generator=g), torch.randn(t, 2, 16, generator=g), torch.randn(t, 2, 16, generator=g))
 
 
-def _reference(q, k, v, piece_starts):
+def _reference(q, k, v, piece_starts, far_positions="fixed"):
     """Every earlier token attended (all far pages selected), positions by the module's rules,
-    one query at a time with explicit rotation. piece_starts[i]: first token of query i's block."""
+    one query at a time with explicit rotation. piece_starts[i]: first token of query i's block.
+    far_positions: fixed (all far tokens at S) or paged (far token j at S + j % P)."""
+    span = 1 if far_positions == "fixed" else P
     rot = Rotary(CFG, "cpu")
     t = q.shape[0]
     out = torch.empty_like(q)
@@ -50,8 +52,9 @@ def _reference(q, k, v, piece_starts):
         if ls <= S:
             kpos, qpos = js, i
         else:
-            kpos = torch.where(js < S, js, torch.where(js < ls, S, S + 1 + js - ls))
-            qpos = S + 1 + i - ls
+            far = S + js % P if far_positions == "paged" else torch.full_like(js, S)
+            kpos = torch.where(js < S, js, torch.where(js < ls, far, S + span + js - ls))
+            qpos = S + span + i - ls
         qi = rot.rotate(q[i:i + 1], torch.tensor([qpos]))[0]               # (Hq, D)
         keys = rot.rotate(k[: i + 1], kpos)                                # (i+1, Hkv, D)
         for h in range(4):
@@ -70,15 +73,26 @@ def test_short_context_equals_dense_prefill_and_decode():
     torch.testing.assert_close(window, dense, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("far_positions", ["fixed", "paged"])
 @pytest.mark.parametrize("chunks", [[70], [30, 25, 15], [50] + [1] * 20])
-def test_window_positions_match_reference_when_every_page_is_selected(chunks):
+def test_window_positions_match_reference_when_every_page_is_selected(chunks, far_positions):
     q, k, v = _qkv(sum(chunks), seed=1)
     starts, at = [], 0
     for n in chunks:  # blocks of piece_tokens=8 from each forward's start
         starts += [at + (j // 8) * 8 for j in range(n)]
         at += n
-    got = _feed(_cache(), q, k, v, chunks)
-    torch.testing.assert_close(got, _reference(q, k, v, starts), atol=1e-4, rtol=1e-4)
+    got = _feed(_cache(far_positions=far_positions), q, k, v, chunks)
+    torch.testing.assert_close(got, _reference(q, k, v, starts, far_positions), atol=1e-4, rtol=1e-4)
+
+
+def test_paged_far_positions_with_one_far_page_equal_ordered():
+    # One selected far page: "paged" and "ordered" both put it at positions S .. S+P-1.
+    q, k, v = _qkv(120, seed=3)
+    paged, ordered = (_feed(_cache(budget=S + W + P, far_positions=fp), q, k, v, [100] + [1] * 20)
+                      for fp in ("paged", "ordered"))
+    torch.testing.assert_close(paged, ordered, atol=1e-5, rtol=1e-5)
+    fixed = _feed(_cache(budget=S + W + P, far_positions="fixed"), q, k, v, [100] + [1] * 20)
+    assert not torch.allclose(paged[-20:], fixed[-20:], atol=1e-3)
 
 
 @pytest.mark.parametrize("chunks", [[70], [30, 25, 15], [50] + [1] * 20])
@@ -102,7 +116,8 @@ def test_ordered_far_positions_keep_text_order_under_a_small_budget():
     assert cache.shift(119) == ls - sink_end - 3 * P
 
 
-def test_decode_selects_the_page_its_query_points_at():
+@pytest.mark.parametrize("far_positions", ["fixed", "paged"])
+def test_decode_selects_the_page_its_query_points_at(far_positions):
     torch.manual_seed(0)
     t, d = 120, 16
     k = torch.randn(t, 2, d) * 0.1
@@ -111,12 +126,13 @@ def test_decode_selects_the_page_its_query_points_at():
     direction[0] = 1.0  # channel 0 pairs with channel 8 under rotation; the query is rotated too
     k[40:48, 1] = direction * 5.0  # page 5 of KV head 1
     q = torch.randn(t, 4, d) * 0.1
-    cache = _cache(budget=S + W + P)  # room for one far page
+    cache = _cache(budget=S + W + P, far_positions=far_positions)  # room for one far page
     _feed(cache, q[:-1], k[:-1], v[:-1], [t - 1])
-    # Decode query of group 1 (query heads 2, 3) points at page 5's keys at the far distance.
+    # Decode query of group 1 (query heads 2, 3) points at page 5's keys at the far distance
+    # (the middle of the far span: scores are exact there).
     qd = torch.zeros(1, 4, d)
     ls, sink_end = cache.layout(t - 1)
-    delta = (t - 1 - cache.shift(t - 1)) - sink_end
+    delta = (t - 1 - cache.shift(t - 1)) - sink_end - cache.far_span(1) // 2
     qd[0, 2:] = Rotary(CFG, "cpu").rotate(direction[None, None].expand(1, 2, d), torch.tensor([-delta]))[0] * 5
     _feed(cache, qd, k[-1:], v[-1:], [1])
     assert cache.last_selection.shape == (2, 1, 1)

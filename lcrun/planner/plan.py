@@ -355,7 +355,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
             breakdown.update({"page abstracts": all_page_abstracts, "page table": page_table,
                               "selection buffers": sel})
         breakdown["KV pages"] = kv_total
-        notes.append(f"the whole KV cache fits on the GPU: no host or NVMe tier" if on_gpu
+        notes.append("the whole KV cache fits on the GPU: no host or NVMe tier" if on_gpu
                      else "the whole KV cache fits in host memory: no NVMe tier")
         attended = min(ctx, selected * P) if attention == "topk" else ctx
         terms = _decode_terms(hw, m, kv_read=L * hkv * attended * 2 * d * e, scoring=all_page_abstracts,

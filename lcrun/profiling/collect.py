@@ -50,7 +50,7 @@ class ProfileOptions:
         if self.prompt_tokens < 1:
             raise ConfigError(f"no room for a prompt: {self.decode_tokens()} decode steps need most of --ctx "
                               f"{capacity}; raise --ctx or lower --steps/--timed-steps" if self.prompt_ids is None
-                              and self.prompt_tokens <= 0 else f"--prompt-tokens must be at least 1")
+                              and self.prompt_tokens <= 0 else "--prompt-tokens must be at least 1")
         need = self.prompt_tokens + self.decode_tokens() + 1
         if need > capacity:
             raise ConfigError(f"{self.prompt_tokens} prompt tokens and {self.decode_tokens()} decode steps need "

@@ -11,7 +11,10 @@ for the query block at hand. For a block of queries starting at token c0, with l
                          every selected token sits at the one position S (InfLLM's fixed
                          distance, F = 1 position). "ordered": the selected pages, in text order,
                          fill positions S .. S+k*P-1 (positions within the cache, as StreamingLLM),
-                         which keeps their order and every offset inside a page (F = k*P)
+                         which keeps their order and every offset inside a page (F = k*P).
+                         "paged": every selected page takes positions S .. S+P-1, so the tokens
+                         of a page keep their order and offsets while all pages sit at one
+                         distance (F = P)
     tokens [ls, now]     local window       positions S+F+(j-ls): true relative distances
 
 The query at token c0+i sits at S+F+(c0+i-ls), so nothing attended is further away than
@@ -20,7 +23,7 @@ position: a context of at most about S + W tokens is attended exactly as with re
 
 Selection: page abstracts are per-channel key min/max on pre-RoPE keys, kept as centre c and
 radius r, so the Quest bound sum_d max(q_d lo_d, q_d hi_d) = q.c + |q|.r is two matmuls. The query
-is first rotated by its distance to the far position (the middle of the far span when ordered),
+is first rotated by its distance to the far position (the middle of the far span),
 which makes the bound exact for the logit the far keys will get (their rotation is relative).
 Prefill selects per sub-block of ``select_block`` queries with the mean bound over the sub-block
 (the mean of q.c + |q|.r is mean(q).c + mean(|q|).r: still two matmuls), combined over a GQA
@@ -43,6 +46,9 @@ from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
 
 
+FAR_POSITIONS = ("fixed", "ordered", "paged")
+
+
 class WindowTopKCache(AttentionCache):
     positions_mode = "window"
     prefill_selection_shared = True  # select_block queries share a selection (see the Generator)
@@ -50,7 +56,7 @@ class WindowTopKCache(AttentionCache):
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype, page_size: int = 32,
                  budget: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
                  group_score: str = "max", select_block: int = 64, piece_tokens: int = 512,
-                 far_positions: str = "fixed"):
+                 far_positions: str = "paged"):
         """budget: tokens attended per KV head by one query besides its own prefill block (sink
         pages + window + selected far pages). select_block: prefill queries sharing one far
         selection. piece_tokens: prefill queries attended in one masked SDPA call (bounds memory
@@ -63,8 +69,8 @@ class WindowTopKCache(AttentionCache):
                               f"got {window_tokens}")
         if group_score not in ("max", "sum"):
             raise ConfigError(f"group_score must be max or sum, got {group_score!r}")
-        if far_positions not in ("fixed", "ordered"):
-            raise ConfigError(f"far_positions must be fixed or ordered, got {far_positions!r}")
+        if far_positions not in FAR_POSITIONS:
+            raise ConfigError(f"far_positions must be one of {', '.join(FAR_POSITIONS)}, got {far_positions!r}")
         if select_block < 1 or piece_tokens % select_block:
             raise ConfigError(f"piece_tokens {piece_tokens} must be a multiple of select_block {select_block}")
         P = page_size
@@ -97,7 +103,7 @@ class WindowTopKCache(AttentionCache):
 
     def far_span(self, k_far: int) -> int:
         """Positions the selected far tokens take: F in the module doc."""
-        return k_far * self.page_size if self.far_positions == "ordered" else 1
+        return {"ordered": k_far * self.page_size, "paged": self.page_size}.get(self.far_positions, 1)
 
     def shift(self, c0: int) -> int:
         """Local tokens and queries of block c0 sit at (token - shift)."""
@@ -216,8 +222,9 @@ class WindowTopKCache(AttentionCache):
                 idx = tok[..., None].expand(-1, -1, d)
                 far_k = torch.gather(kl, 1, idx)
                 cos, sin = rot["far"]
-                if self.far_positions == "ordered":  # one position per token of each block's far section
-                    cos, sin = (t.reshape(1, -1, t.shape[-1]).repeat(1, pc["n_sel"], 1) for t in (cos, sin))
+                if self.far_positions != "fixed":  # per token: its block's far section, or its page
+                    repeats = pc["n_sel"] * (pc["k_far"] if self.far_positions == "paged" else 1)
+                    cos, sin = (t.reshape(1, -1, t.shape[-1]).repeat(1, repeats, 1) for t in (cos, sin))
                 keys.insert(0, Rotary.apply(far_k, cos, sin))
                 values.insert(0, torch.gather(vl, 1, idx))
             keys.insert(0, Rotary.apply(kl[:, :sink_end].transpose(0, 1), *rot["sink"]).transpose(0, 1))

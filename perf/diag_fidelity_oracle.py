@@ -1,0 +1,117 @@
+"""How much of the teacher-forced top-1 disagreement is the page *scores*, and how much the budget?
+
+Runs the fidelity test (perf.eval_longctx) with lcrun's Quest page scores and with an oracle that
+ranks each candidate page by the attention mass the real query puts on it (softmax over the whole
+context, max over the GQA group): the best any page selection can do inside the same budget.
+If the oracle is far better, the scores are what to fix; if not, the budget is.
+
+    python perf/diag_fidelity_oracle.py --length 4000 --steps 256 --budgets 1024,2048 \
+        --out perf/results/diag-fidelity-oracle-4k.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lcrun.profiling.meta import run_metadata  # noqa: E402
+from lcrun.runtime.paged_cache import PagedTopKCache  # noqa: E402
+from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text  # noqa: E402
+
+
+class OracleOps:
+    """The cache's kernel backend with score_pages replaced by the true attention mass per page
+    ("oracle"), by the query's dot product with the page's key centre ("centroid"), or by the
+    Quest bounds normalised per query head (log-softmax over pages) before the max over the GQA
+    group ("softmax"), so a head with a large query norm does not rank pages for the whole group."""
+
+    def __init__(self, ops, cache: PagedTopKCache, kind: str):
+        self._ops, self._cache, self._kind = ops, cache, kind
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def score_pages(self, q, kmin, kmax, num_full, group_reduce="max", candidates=None, **kw):
+        if self._kind == "softmax":  # Quest bounds as logits, normalised per query head, then max over the group
+            hkv, max_pages, d = kmin.shape
+            qg = q.float().reshape(hkv, -1, 1, d)
+            bound = torch.maximum(qg * kmin[:, None].float(), qg * kmax[:, None].float()).sum(-1)  # (Hkv, G, pages)
+            full = torch.arange(max_pages) < int(num_full.reshape(-1)[0])
+            logits = torch.where(full, bound * self._cache.sm_scale, float("-inf"))
+            scores = torch.log_softmax(logits, dim=-1).amax(1)
+            bounds = candidates.device_bounds() if hasattr(candidates, "device_bounds") else candidates
+            rows = torch.arange(max_pages)
+            lo, hi = int(bounds[1]), min(int(bounds[2]), int(num_full.reshape(-1)[0]))
+            return torch.where(((rows >= lo) & (rows < hi))[None], scores, float("-inf"))
+        if self._kind == "centroid":
+            centre = (kmin.float() + kmax.float()) * 0.5
+            return self._ops.score_pages(q, centre, centre, num_full, group_reduce, candidates=candidates, **kw)
+        cache = self._cache
+        layer = next(i for i in range(cache.kmin.shape[0]) if cache.kmin[i].data_ptr() == kmin.data_ptr())
+        hkv, max_pages, d = kmin.shape
+        P = cache.page_size
+        seq_len = int(cache._seq_len.item())
+        keys = cache.k_pool[layer][cache.page_table[layer].long()]  # (Hkv, pages, P, D)
+        keys = keys.reshape(hkv, max_pages * P, d)[:, :seq_len].float()
+        qg = q.float().reshape(hkv, -1, d)
+        probs = torch.softmax(qg @ keys.transpose(1, 2) * cache.sm_scale, dim=-1)  # (Hkv, G, T)
+        pad = max_pages * P - seq_len
+        mass = torch.nn.functional.pad(probs, (0, pad)).reshape(hkv, -1, max_pages, P).sum(-1)
+        scores = mass.amax(1) if group_reduce == "max" else mass.sum(1)
+        bounds = candidates.device_bounds() if hasattr(candidates, "device_bounds") else candidates
+        rows = torch.arange(max_pages)
+        lo, hi = int(bounds[1]), min(int(bounds[2]), int(num_full.reshape(-1)[0]))
+        return torch.where(((rows >= lo) & (rows < hi))[None], scores, float("-inf"))
+
+
+_init = PagedTopKCache.__init__
+
+
+def _oracle_init(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    if SCORES != "quest":
+        self.ops = OracleOps(self.ops, self, SCORES)
+
+
+SCORES = "quest"
+PagedTopKCache.__init__ = _oracle_init
+
+
+def main() -> int:
+    global SCORES
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--length", default="4000")
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--budgets", default="1024")
+    ap.add_argument("--scores", default="quest,oracle", help="comma list of quest, oracle, centroid, softmax")
+    ap.add_argument("--window-tokens", type=int, default=512)
+    ap.add_argument("--offsets", default="0", help="comma list of token offsets into the text (more samples)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    text, text_meta = stdlib_docs_text()
+    results = dict(meta=run_metadata(), text=text_meta, length=args.length, steps=args.steps, runs=[])
+    t0 = time.perf_counter()
+    for budget in (int(b) for b in args.budgets.split(",")):
+        ev = Evaluator(args.model, budget=budget, window_tokens=args.window_tokens)
+        ids = ev.tok.encode(text, add_special_tokens=False)
+        for kind in args.scores.split(","):
+            SCORES = kind
+            for off in (int(o) for o in args.offsets.split(",")):
+                r = ev.fidelity(ids[off:], parse_length(args.length), args.steps, Mode.parse("topk:true"))
+                r.update(budget=budget, scores=kind, offset=off, window_tokens=args.window_tokens)
+                results["runs"].append(r)
+                print(f"budget {budget} window {args.window_tokens} {kind:8s} offset {off}: top-1 {r['top1_agreement']:.4f} "
+                      f"KL {r['mean_kl']:.5f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
