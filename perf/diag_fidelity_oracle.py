@@ -29,7 +29,9 @@ class OracleOps:
     """The cache's kernel backend with score_pages replaced by the true attention mass per page
     ("oracle"), by the query's dot product with the page's key centre ("centroid"), or by the
     Quest bounds normalised per query head (log-softmax over pages) before the max over the GQA
-    group ("softmax"), so a head with a large query norm does not rank pages for the whole group."""
+    group ("softmax"), so a head with a large query norm does not rank pages for the whole group;
+    "rerankN": the oracle's order among the N x k pages Quest's bound ranks best (what re-scoring
+    a shortlist with the real keys would reach)."""
 
     def __init__(self, ops, cache: PagedTopKCache, kind: str):
         self._ops, self._cache, self._kind = ops, cache, kind
@@ -67,7 +69,13 @@ class OracleOps:
         bounds = candidates.device_bounds() if hasattr(candidates, "device_bounds") else candidates
         rows = torch.arange(max_pages)
         lo, hi = int(bounds[1]), min(int(bounds[2]), int(num_full.reshape(-1)[0]))
-        return torch.where(((rows >= lo) & (rows < hi))[None], scores, float("-inf"))
+        scores = torch.where(((rows >= lo) & (rows < hi))[None], scores, float("-inf"))
+        if self._kind.startswith("rerank"):  # the oracle's order among Quest's best RERANK x k pages only
+            quest = self._ops.score_pages(q, kmin, kmax, num_full, group_reduce, candidates=candidates, **kw)
+            n = min(int(self._kind[len("rerank"):]) * int(bounds[3]), hi - lo)
+            shortlist = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, quest.topk(max(n, 1), dim=1).indices, True)
+            scores = torch.where(shortlist, scores, float("-inf"))
+        return scores
 
 
 _init = PagedTopKCache.__init__
@@ -90,7 +98,7 @@ def main() -> int:
     ap.add_argument("--length", default="4000")
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--budgets", default="1024")
-    ap.add_argument("--scores", default="quest,oracle", help="comma list of quest, oracle, centroid, softmax")
+    ap.add_argument("--scores", default="quest,oracle", help="comma list of quest, oracle, centroid, softmax, rerankN (rerank2, ...)")
     ap.add_argument("--window-tokens", type=int, default=512)
     ap.add_argument("--offsets", default="0", help="comma list of token offsets into the text (more samples)")
     ap.add_argument("--out", required=True)

@@ -1,0 +1,78 @@
+"""What each round of kernel work on the decode attention path was expected to save, written down
+before the device run that measured it, and what was measured (perf/bench_attention.py writes
+both into its results JSON, so a results file carries the reasoning behind its numbers)."""
+
+# replay; "alone" = the part timed by itself, with a ~4-5 us floor per graph and L2 flushed; "step"
+# = inside the captured plan + score + select + attend sequence). Two rounds: the first run on the
+# H100 (2026-11-22, second JSON's "notes") measured round 1; round 2 is what this file now runs.
+PREDICTIONS = {
+    "round 1 / select: fused top-k + assembly, one program per KV head": (
+        "alone: 32K 5, 128K 6, 512K 8, 1M 10 us (torch.topk + assembly: 27 / 41 / 94 / 64 us)"),
+    "round 1 / score: CUDA-core kernel looping with prefetch": "1M 61 -> ~50 us; 128K 15 -> ~11 us",
+    "round 1 / attend prototype: merge of the splits by the last program (atomic counter), V loaded with K": (
+        "15 -> ~11 us alone"),
+    "round 2 / select: atomic compaction instead of prefix sums (no row-sized shared memory), keys kept "
+    "in the scratch row (no gather), row loaded while the plan is, page-table gather behind the ranking, "
+    "all registers (maxnreg)": "alone: 32K ~7, 128K ~9, 512K ~10, 1M ~12 us",
+    "round 2 / score: tensor cores (relu(Q) kmax^T + min(Q,0) kmin^T), pipelined async copies": (
+        "1M 61 -> 47-50 us (~2.8 TB/s), 128K 15.5 -> 9-10 us, 32K 9 -> ~7 us"),
+    "plan": "unchanged: one tiny kernel, ~5 us alone (the graph-timing floor), ~1-2 us in the step, once per "
+            "step for all 32 layers in the runtime",
+    "round 2 / totals (graph, incl. plan)": "32K ~25 us (2.6x), 128K ~30 us (6.4x), 512K ~50 us (14x), 1M ~72 us (19x)",
+    "round 3 / folded plan (bounds computed in the score and top-k kernels, no plan launch)": (
+        "flat total -1.5..2 us: 128K 37.8 -> ~36 us (5.3x), 1M 101.7 -> ~100 us"),
+    "round 3 / hierarchical 32x32 (chunk abstracts of 32 pages, pages of the best 32 chunks)": (
+        "chunk score reads 1/32 of the page abstracts: 4.2 MB at 1M -> ~5 us alone (latency floor), ~4.5 us at "
+        "128K; pages kernel (sort of the chunk row + 32 pages per program) ~5 us; final sort of 1024 keys per head "
+        "~5 us; hier select ~12-15 us alone; hier total (with attend ~15 us alone) ~25-28 us at every context: "
+        "128K ~7x, 1M ~50x"),
+    "round 4 / hier kernels without sorts (after round 3 measured 40.5 us at 128K and 57.2 us at 1M for 32x32: "
+    "tl.sort of 1024 int64 keys ~15-20 us)": (
+        "chunk choice by group leaders + rank by comparison (no sort of the chunk row), final top pages by "
+        "threshold + compaction + rank (no sort of 1024 keys): hier select 30 -> ~15 us at 128K, 46 -> ~17 us at "
+        "1M; hier total 32x32: 128K 40.5 -> ~28 us (~7x), 1M 57.2 -> ~30 us (~45x); 32x64 no longer much slower"),
+    "round 5 / 8 warps and 128 leader groups (round 4 measured no gain: the 256x256 and 128x128 int64 "
+    "comparison tiles in 4 warps are 128-512 values per thread: spilled)": (
+        "64 compared pairs per thread: pages kernel and final top-k ~3-4 us each; hier select alone ~15-18 us; hier "
+        "total 32x32 ~30 us at 128K (~6.4x), ~32 us at 1M (~43x); hot-page recall at 512K/1M ~0.9 (more "
+        "leader collisions with 128 groups)"),
+    "round 3 / recall": ("random keys: low (128K: 32 of 128 chunks, ~0.3-0.5 of flat's top pages; 1M: 32 of 1024 "
+                         "chunks, ~0.05-0.1); structured (24 hot pages per head): hot-page recall 1.0 when top chunks "
+                         ">= 24, attention mass within a few % of flat's"),
+}
+NOTES = {
+    "round 1 measured (H100, graph replay, alone)": (
+        "fused top-k v1 (prefix-sum compaction): 128K 13.6 us (4 warps 12.9) vs torch.topk 41.6; 1M: 16 and 32 "
+        "warps did not launch (Triton 3.6 put the row's prefix sums through 256 KiB of shared memory), 8 warps "
+        "59.8 us (spilling) vs torch.topk 64.1. Totals: 128K 65.5 -> 38.1 us. CUDA-core score kernel variants "
+        "(looping, prefetch by hand, 8..64 pages, 4/8 warps): none beat the one-block-per-program kernel "
+        "(60.5 us at 1M, 14.9-15.5 at 128K); Triton does not software-pipeline loads that feed no tl.dot. "
+        "Attend prototype with the merge by the last program: 21.5 us vs 15.0 (split + merge kernels), "
+        "16 or 8 splits: 16-19 us: not adopted (sparse_decode.py unchanged)."),
+    "round 2 measured (H100, bench_attention-h100-2026-11-22-fused-topk.json)": (
+        "fused top-k alone: 11.8 / 14.4 / 15.5 / 27.0 us at 32K / 128K / 512K / 1M (predicted 7 / 9 / 10 / 12; "
+        "torch.topk + assembly 27 / 41 / 93 / 64); the 32K-page row still spills at 16 and 32 warps. Tensor-core "
+        "score kernel: pipelined (async copies) but no faster: 60.3-61.8 us at 1M for every shape, like the "
+        "CUDA-core kernel. Suspected cause, not yet tested: do_bench zeroes a 256 MiB buffer before each run, "
+        "leaving L2 (50 MB) full of dirty lines that the kernel's reads must first write back (~16 us at 3 TB/s); "
+        "a read-only flush would tell how much of the 17 us above the 43 us read floor is this artifact."),
+    "round 3 measured (H100, first hierarchical version with tl.sort)": (
+        "folded plan: flat total 27.9 / 36.5 / 59.6 / 99.4 us at 32K / 128K / 512K / 1M (was 30.3 / 37.3 / 60.9 / "
+        "101.3 with the plan launch; predicted -1.5..2 us: met). Hierarchical 32x32: 40.1 / 40.5 / 43.4 / 57.2 us "
+        "(1.6 / 4.8 / 16.3 / 24.3x); hier select alone 29-46 us vs ~12-15 predicted. Miss: tl.sort (bitonic, "
+        "55 compare-swap steps for 1024 keys, each a cross-thread exchange) costs ~15-20 us per 1024 int64 keys: "
+        "the final sort of 1024 candidates per head (~15 us at every context) and, at 1M, the sort of the "
+        "1024-chunk row in each pages program (+16 us). Variants with 512 candidates (32x16, 16x32) were ~10 us "
+        "faster. Chunk score: 7.4-8.9 us (latency-bound: 0.5-4 MB). Recall (32x32): random keys 1.00 / 0.33 / "
+        "0.09 / 0.07 of flat's top pages (all pages alike: attention mass equal to flat's, 0.016 at 128K); "
+        "structured keys (24 hot pages per head): hot-page recall 1.00 and attention mass equal to flat's "
+        "(0.961 / 0.889 / 0.742 / 0.633) at every context; 16-chunk variants miss hot pages (0.67-0.93)."),
+    "round 4 measured (sort-free hier kernels, 4 warps, 256 leader groups)": (
+        "hier select alone 25.1 / 32.8 / 38.0 / 39.0 us (round 3: 29.2 / 30.0 / 32.7 / 45.9); hier total 32x32 "
+        "41.9 / 44.8 / 48.8 / 50.4 us (1.5 / 4.3 / 14.5 / 27.6x). Miss (predicted ~15 us select): the "
+        "rank-by-comparison tiles (GROUPS x GROUPS leaders, 128 x 128 candidates, int64) in 4 warps hold "
+        "128-512 values per thread, spilled; hot-page recall at 512K/1M fell to 0.96 (two hot chunks in one leader "
+        "group: only the better competes)."),
+    'round 5 measured (8 warps, 128 leader groups; bench_attention-h100-2026-11-22-hier.json)': (
+        "hier 32x32 total 31.7 / 34.4 / 35.2 / 37.0 us at 32K / 128K / 512K / 1M = 2.0 / 5.6 / 20.1 / 37.7x vs cuDNN (predicted ~30 us, 6.4x at 128K and ~32 us, 43x at 1M: 2-5 us slower); hier select alone 20.5 / 23.3 / 23.6 / 25.3 us (chunk score 7.3-8.9 of it, latency-bound at 18-470 GB/s for 0.5-4 MB); 32x16: 6.0x at 128K, 41.2x at 1M but hot-page recall 0.67-0.74. Flat with the folded plan: 27.8 / 36.1 / 59.5 / 99.6 us (2.3 / 5.3 / 11.9 / 14.0x), score kernel 2220 GB/s at 1M (74% of the 3001 GB/s copy). Structured keys: hot-page recall 32x32 1.00 / 1.00 / 0.93 / 0.92 (128 leader groups: two hot chunks in one group keep only the better one), attention mass 0.961 / 0.889 / 0.692 / 0.585 vs flat 0.961 / 0.889 / 0.742 / 0.633. Random keys: recall of flat's top pages 1.00 / 0.33 / 0.09 / 0.06, attention mass equal to flat's (all pages alike). In the hier step at 128K and 1M the attend (~15 us alone) and the selection's three latency-bound launches (~23-25 us alone) dominate; no byte stream is left to dominate."),
+}
