@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -102,10 +103,17 @@ class Evaluator:
             torch.cuda.synchronize()
 
     # -- retrieval tasks ------------------------------------------------------------------------
-    def run_cell(self, task: str, length: int, mode: Mode, trials: int, deadline: float | None = None) -> dict:
+    def run_cell(self, task: str, length: int, mode: Mode, trials: int, deadline: float | None = None,
+                 on_trial: Callable[[dict], None] | None = None) -> dict:
+        """on_trial: called with the cell so far after every trial (the caller saves it, so a run
+        killed mid-cell keeps the trials it finished)."""
         samples = self.tasks.cell(task, length, trials)
         gen, positions = self.generator(mode, length + max(s.max_new_tokens for s in samples) + 8)
         records = []
+
+        def cell() -> dict:
+            return summarise(dict(task=task, length=length, mode=mode.name, attention=mode.attention,
+                                  positions=positions, trials_requested=trials, records=list(records)))
         for s in samples:
             if deadline is not None and time.perf_counter() > deadline:
                 break
@@ -117,10 +125,11 @@ class Evaluator:
             records.append(dict(depth=s.depth, score=grade(s, text), output=text, answers=s.answers,
                                 needle_token=s.needle_token, prefill_s=round(gen.last_stats.prefill_s, 3),
                                 total_s=round(time.perf_counter() - t0, 3)))
+            if on_trial is not None:
+                on_trial(cell())
         del gen
         self._free()
-        return summarise(dict(task=task, length=length, mode=mode.name, attention=mode.attention,
-                              positions=positions, trials_requested=trials, records=records))
+        return cell()
 
     # -- teacher-forced fidelity -----------------------------------------------------------------
     def fidelity(self, ids: list[int], length: int, steps: int, mode: Mode) -> dict:
@@ -323,7 +332,11 @@ def run(args: argparse.Namespace, log=print) -> dict:
             if deadline is not None and time.perf_counter() > deadline:
                 result["skipped"].append(label)
                 continue
-            cell = ev.run_cell(c["task"], parse_length(c["length"]), Mode.parse(m), c["trials"], deadline)
+            def partial(cell: dict) -> None:
+                result["unfinished_cell"] = cell
+                save()
+            cell = ev.run_cell(c["task"], parse_length(c["length"]), Mode.parse(m), c["trials"], deadline, partial)
+            result.pop("unfinished_cell", None)
             result["cells"].append(cell)
             log(f"{label} [{cell['positions']}]: accuracy {cell['accuracy']} over {cell['trials']} trials, "
                 f"median prefill {cell.get('median_prefill_s')} s")

