@@ -52,9 +52,10 @@ def plan_memory(config: LcrunConfig, model_cfg: ModelConfig, device: torch.devic
     elem = torch.tensor([], dtype=dtype).element_size()
     spec = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
                                kv_dtype_bytes=elem, name=model_cfg.name or str(config.model))
+    from lcrun.offload.calibrate import gpu_calibration
     props = torch.cuda.get_device_properties(device)
     hw = detect_hardware(props.name, props.total_memory, gpu_mem=config.gpu_mem, host_mem=config.host_mem,
-                         kv_dir=config.kv_dir)
+                         kv_dir=config.kv_dir, calibration=gpu_calibration(device, props.name))
     return make_plan(spec, config.ctx_tokens, hw, page_size=config.page_size, budget_tokens=config.budget,
                      sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
                      prefill_chunk=config.prefill_chunk, attention="topk")

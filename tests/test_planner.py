@@ -355,3 +355,43 @@ def test_calibrate_measures_disk_and_the_plan_uses_it(tmp_path, monkeypatch):
     assert not list((tmp_path / "kv").iterdir())  # the measurement's page files are gone
     hw = detect_hardware(None, None, kv_dir=str(tmp_path / "kv"))
     assert hw.source("disk_read_bytes_per_s") == "measured"
+
+
+def test_a_gpu_run_measures_the_gpu_links_once_and_keeps_the_disk_numbers(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from lcrun.offload import calibrate
+    monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_measure(device):
+        calls.append(device)
+        return 30e9, 2000e9
+    monkeypatch.setattr(calibrate, "measure_gpu", fake_measure)
+    Calibration(gpu_name="GPU X", disk_read_bytes_per_s=3e9, disk_dir=str(tmp_path)).save()
+    cal = calibrate.gpu_calibration(torch.device("cpu"), "GPU X")
+    assert calls and (cal.h2d_bytes_per_s, cal.gpu_mem_bytes_per_s, cal.disk_read_bytes_per_s) == (30e9, 2000e9, 3e9)
+    assert "measured this GPU's links once" in capsys.readouterr().err
+    stored = Calibration.load("GPU X")
+    assert stored.gpu_mem_bytes_per_s == 2000e9 and stored.disk_read_bytes_per_s == 3e9
+    hw = detect_hardware("GPU X", 24 * GiB, calibration=stored)
+    assert hw.source("gpu_mem_bytes_per_s") == "measured" and hw.gpu_mem_bytes_per_s == 2000e9
+    calibrate.gpu_calibration(torch.device("cpu"), "GPU X")
+    assert len(calls) == 1  # stored: not measured again
+
+
+def test_gpu_link_measurement_can_be_off_and_never_stops_a_run(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from lcrun.offload import calibrate
+    monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+
+    def broken(device):
+        raise RuntimeError("no pinned memory")
+    monkeypatch.setattr(calibrate, "measure_gpu", broken)
+    assert calibrate.gpu_calibration(torch.device("cpu"), "GPU Y") is None
+    assert "could not measure the GPU's links (RuntimeError: no pinned memory)" in capsys.readouterr().err
+    monkeypatch.setenv(calibrate.AUTO_ENV, "0")
+    monkeypatch.setattr(calibrate, "measure_gpu", lambda device: pytest.fail("measured although turned off"))
+    assert calibrate.gpu_calibration(torch.device("cpu"), "GPU Y") is None
+    assert Calibration.load("GPU Y") is None

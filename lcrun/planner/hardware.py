@@ -2,8 +2,9 @@
 
 The planner never touches the GPU: the caller (who has torch) passes the GPU's name and size in,
 and the bandwidth measurements are made by torch code in ``lcrun.offload`` and stored here, in a
-per-machine JSON cache, through :class:`Calibration`. Without a calibration the planner uses
-conservative defaults and says so in the plan.
+per-machine JSON cache, through :class:`Calibration` (``lcrun calibrate``; a GPU run stores the
+GPU links itself the first time: ``lcrun.offload.calibrate.gpu_calibration``). Without a
+calibration the planner uses conservative defaults and says so in the plan.
 """
 from __future__ import annotations
 
