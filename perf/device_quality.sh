@@ -35,8 +35,8 @@ if [ "$part" = within ]; then
 elif [ "$part" = past ]; then
   fp=${4:?far positions}; budget=${5:?budget}
   for task in passkey niah_single; do
-    step "$task 32K window $fp budget $budget"; ev $task-32k-$fp-b$budget 100 --tasks $task --lengths 32k \
-       --modes topk:window --far-positions $fp --budget $budget --trials 20
+    step "$task 32K window $fp budget $budget"; ev $task-32k-$fp-b$budget 150 --tasks $task --lengths 32k \
+       --modes topk:window --far-positions $fp --budget $budget --trials 20 --time-limit 125
   done
   step "passkey 128K window $fp budget $budget"; ev passkey-128k-$fp-b$budget 330 --tasks passkey --lengths 128k \
      --modes topk:window --far-positions $fp --budget $budget --trials 20 --time-limit 310

@@ -40,8 +40,8 @@ CACHE_MULTIPLES = (1, 2, 4, 8, 16)
 class SelectionRecorder:
     """Wraps a cache's kernel backend: between begin_step and end_step, every select_top_pages
     call (one per layer) appends the (Hkv, k) logical page ids it selected (-1: unused entry) and
-    which of them are top pages (neither sink nor window). Needs the identity page table (the
-    paged cache before any tiering, the tiered store's logical table) and eager decode steps."""
+    which of them are top pages (neither sink nor window). Needs an identity page table (the
+    paged cache's, or the tiered store's logical one) and eager decode steps."""
 
     def __init__(self, ops):
         self._ops, self.pages, self.top, self._open = ops, [], [], False
@@ -62,8 +62,9 @@ class SelectionRecorder:
     def select_top_pages(self, scores, table, plan, **kw):
         slots, lens = self._ops.select_top_pages(scores, table, plan, **kw)
         if self._open:
-            hkv, max_pages = table.shape
-            pages = slots.long() - torch.arange(hkv, device=slots.device)[:, None] * max_pages
+            # Identity tables: flat (slot h * max_pages + p, the paged cache) or logical (slot p, the
+            # tiered store's): a head's page 0 sits at table[h, 0] either way.
+            pages = slots.long() - table[:, :1].long()
             bounds = plan.device_bounds()
             used = lens > 0
             self.pages[-1].append(torch.where(used, pages, -1).to(torch.int32))
