@@ -91,6 +91,25 @@ SCORES = "quest"
 PagedTopKCache.__init__ = _oracle_init
 
 
+def retrieval(args) -> int:
+    """A retrieval cell (e.g. niah_multivalue:4k:20) with each scorer, on the same samples."""
+    global SCORES
+    task, length, trials = args.retrieval.split(":")
+    results = dict(meta=run_metadata(), retrieval=args.retrieval, cells=[])
+    t0 = time.perf_counter()
+    for budget in (int(b) for b in args.budgets.split(",")):
+        ev = Evaluator(args.model, budget=budget, window_tokens=args.window_tokens)
+        for kind in args.scores.split(","):
+            SCORES = kind
+            cell = ev.run_cell(task, parse_length(length), Mode.parse("topk:true"), int(trials))
+            cell.update(budget=budget, scores=kind)
+            results["cells"].append(cell)
+            print(f"{task} {length} budget {budget} {kind}: accuracy {cell['accuracy']} over {cell['trials']} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main() -> int:
     global SCORES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -101,8 +120,12 @@ def main() -> int:
     ap.add_argument("--scores", default="quest,oracle", help="comma list of quest, oracle, centroid, softmax, rerankN (rerank2, ...)")
     ap.add_argument("--window-tokens", type=int, default=512)
     ap.add_argument("--offsets", default="0", help="comma list of token offsets into the text (more samples)")
+    ap.add_argument("--retrieval", default=None, metavar="TASK:LENGTH:TRIALS",
+                    help="instead of the fidelity test, run a retrieval cell (top-k, true positions) per scorer")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.retrieval:
+        return retrieval(args)
     text, text_meta = stdlib_docs_text()
     results = dict(meta=run_metadata(), text=text_meta, length=args.length, steps=args.steps, runs=[])
     t0 = time.perf_counter()
