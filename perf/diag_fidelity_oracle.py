@@ -46,11 +46,7 @@ class OracleOps:
             bound = torch.maximum(qg * kmin[:, None].float(), qg * kmax[:, None].float()).sum(-1)  # (Hkv, G, pages)
             full = torch.arange(max_pages) < int(num_full.reshape(-1)[0])
             logits = torch.where(full, bound * self._cache.sm_scale, float("-inf"))
-            scores = torch.log_softmax(logits, dim=-1).amax(1)
-            bounds = candidates.device_bounds() if hasattr(candidates, "device_bounds") else candidates
-            rows = torch.arange(max_pages)
-            lo, hi = int(bounds[1]), min(int(bounds[2]), int(num_full.reshape(-1)[0]))
-            return torch.where(((rows >= lo) & (rows < hi))[None], scores, float("-inf"))
+            return _candidates_only(torch.log_softmax(logits, dim=-1).amax(1), candidates, num_full)[0]
         if self._kind == "centroid":
             centre = (kmin.float() + kmax.float()) * 0.5
             return self._ops.score_pages(q, centre, centre, num_full, group_reduce, candidates=candidates, **kw)
@@ -65,17 +61,23 @@ class OracleOps:
         probs = torch.softmax(qg @ keys.transpose(1, 2) * cache.sm_scale, dim=-1)  # (Hkv, G, T)
         pad = max_pages * P - seq_len
         mass = torch.nn.functional.pad(probs, (0, pad)).reshape(hkv, -1, max_pages, P).sum(-1)
-        scores = mass.amax(1) if group_reduce == "max" else mass.sum(1)
-        bounds = candidates.device_bounds() if hasattr(candidates, "device_bounds") else candidates
-        rows = torch.arange(max_pages)
-        lo, hi = int(bounds[1]), min(int(bounds[2]), int(num_full.reshape(-1)[0]))
-        scores = torch.where(((rows >= lo) & (rows < hi))[None], scores, float("-inf"))
+        scores, n_candidates, n_top = _candidates_only(mass.amax(1) if group_reduce == "max" else mass.sum(1),
+                                                       candidates, num_full)
         if self._kind.startswith("rerank"):  # the oracle's order among Quest's best RERANK x k pages only
             quest = self._ops.score_pages(q, kmin, kmax, num_full, group_reduce, candidates=candidates, **kw)
-            n = min(int(self._kind[len("rerank"):]) * int(bounds[3]), hi - lo)
+            n = min(int(self._kind[len("rerank"):]) * n_top, n_candidates)
             shortlist = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, quest.topk(max(n, 1), dim=1).indices, True)
             scores = torch.where(shortlist, scores, float("-inf"))
         return scores
+
+
+def _candidates_only(scores, candidates, num_full) -> tuple[torch.Tensor, int, int]:
+    """scores with -inf outside the plan's candidate pages (full, neither sink nor window), the
+    number of candidates, and the number of top pages the plan keeps."""
+    bounds = candidates.device_bounds() if hasattr(candidates, "device_bounds") else candidates
+    lo, hi = int(bounds[1]), min(int(bounds[2]), int(num_full.reshape(-1)[0]))
+    rows = torch.arange(scores.shape[-1])
+    return torch.where(((rows >= lo) & (rows < hi))[None], scores, float("-inf")), max(hi - lo, 0), int(bounds[3])
 
 
 _init = PagedTopKCache.__init__

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcrun.runtime.generate import SamplingParams  # noqa: E402
-from lcrun.runtime.window_cache import WindowTopKCache  # noqa: E402
+from lcrun.runtime.window_cache import FAR_POSITIONS, WindowTopKCache  # noqa: E402
 from perf.eval_longctx import Evaluator, Mode, parse_length  # noqa: E402
 from perf.eval_tasks import grade  # noqa: E402
 from lcrun.profiling.meta import run_metadata  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--length", default="32k")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--far-positions", default="paged", choices=["fixed", "ordered", "paged"])
+    ap.add_argument("--far-positions", default="paged", choices=FAR_POSITIONS)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     ev = Evaluator(args.model, budget=args.budget, far_positions=args.far_positions)

@@ -33,6 +33,7 @@ from lcrun.runtime.generate import Generator
 from lcrun.runtime.loading import default_model, open_source
 from lcrun.runtime.sampling import SamplingParams
 from lcrun.runtime.synthetic import is_synthetic
+from lcrun.runtime.window_cache import FAR_POSITIONS
 
 try:  # run as `python -m perf.eval_longctx` or imported by `lcrun eval`
     from perf.eval_tasks import TASKS, TaskSet, grade
@@ -388,7 +389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--group-score", default="max", choices=["max", "sum"])
-    p.add_argument("--far-positions", default="paged", choices=["fixed", "ordered", "paged"])
+    p.add_argument("--far-positions", default="paged", choices=FAR_POSITIONS)
     p.add_argument("--sink-tokens", type=int, default=64)
     p.add_argument("--window-tokens", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=2048)

@@ -9,7 +9,7 @@ import torch
 from lcrun.runtime.kv_cache import DenseCache
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
-from lcrun.runtime.window_cache import WindowTopKCache
+from lcrun.runtime.window_cache import FAR_POSITIONS, WindowTopKCache
 
 CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=100.0)
@@ -216,3 +216,12 @@ def test_last_prompt_token_gets_its_own_selection():
     for c0 in range(0, 100, 32):
         blocked = model.forward(torch.tensor(ids[c0:c0 + 32]), shared)
     assert not torch.allclose(whole, blocked[-1], atol=1e-5)
+
+
+def test_the_config_offers_every_far_position_mode():
+    # lcrun.config stays torch-free, so it lists the modes itself: they must not drift apart.
+    import dataclasses
+
+    from lcrun.config import LcrunConfig
+    field = {f.name: f for f in dataclasses.fields(LcrunConfig)}["far_positions"]
+    assert sorted(field.metadata["choices"]) == sorted(FAR_POSITIONS) and field.default in FAR_POSITIONS

@@ -68,15 +68,20 @@ def _peak() -> int | None:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
+def _warm_steps(ms: list[float]) -> list[float]:
+    """The steps after the warm-up ones, when there are enough to spare."""
+    return ms[WARMUP_STEPS:] if len(ms) > 2 * WARMUP_STEPS else ms
+
+
 def warm_median(ms: list[float]) -> float:
     """Median step time, leaving out the warm-up steps when there are enough to spare."""
-    warm = ms[WARMUP_STEPS:] if len(ms) > 2 * WARMUP_STEPS else ms
+    warm = _warm_steps(ms)
     return statistics.median(warm) if warm else float("nan")
 
 
 def late_median(ms: list[float]) -> float:
     """Median of the second half of the warm steps (see the module docstring)."""
-    warm = ms[WARMUP_STEPS:] if len(ms) > 2 * WARMUP_STEPS else ms
+    warm = _warm_steps(ms)
     late = warm[len(warm) // 2:]
     return statistics.median(late) if late else float("nan")
 

@@ -136,8 +136,11 @@ class WindowTopKCache(AttentionCache):
                 # span) for scoring against pre-RoPE abstracts (exact for a relative embedding).
                 span = self.far_span(k_far)
                 rot["score"] = self.rotary.cos_sin(q_pos - sink_end - span // 2, torch.float32)
-                rot["far"] = self.rotary.cos_sin(torch.arange(sink_end, sink_end + span, device=self.device),
-                                                 self.dtype)
+                far = self.rotary.cos_sin(torch.arange(sink_end, sink_end + span, device=self.device), self.dtype)
+                if self.far_positions != "fixed":  # per far token: its block's far section, or its page
+                    repeats = n_sel * (k_far if self.far_positions == "paged" else 1)
+                    far = tuple(t.reshape(1, -1, t.shape[-1]).repeat(1, repeats, 1) for t in far)
+                rot["far"] = far  # built once per piece, used by every layer
             self._pieces.append(dict(p0=p0, n=n, ls=ls, sink_end=sink_end, k_far=k_far, n_sel=n_sel,
                                      rot=rot, mask=self._mask(p0, n, ls, sink_end, k_far, n_sel)))
         first, end = start // P, (start + t) // P
@@ -221,11 +224,7 @@ class WindowTopKCache(AttentionCache):
                 tok = (pages[..., None] * P + torch.arange(P, device=q.device)).reshape(hkv, -1)
                 idx = tok[..., None].expand(-1, -1, d)
                 far_k = torch.gather(kl, 1, idx)
-                cos, sin = rot["far"]
-                if self.far_positions != "fixed":  # per token: its block's far section, or its page
-                    repeats = pc["n_sel"] * (pc["k_far"] if self.far_positions == "paged" else 1)
-                    cos, sin = (t.reshape(1, -1, t.shape[-1]).repeat(1, repeats, 1) for t in (cos, sin))
-                keys.insert(0, Rotary.apply(far_k, cos, sin))
+                keys.insert(0, Rotary.apply(far_k, *rot["far"]))
                 values.insert(0, torch.gather(vl, 1, idx))
             keys.insert(0, Rotary.apply(kl[:, :sink_end].transpose(0, 1), *rot["sink"]).transpose(0, 1))
             values.insert(0, vl[:, :sink_end])
