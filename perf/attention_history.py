@@ -36,6 +36,18 @@ PREDICTIONS = {
         "64 compared pairs per thread: pages kernel and final top-k ~3-4 us each; hier select alone ~15-18 us; hier "
         "total 32x32 ~30 us at 128K (~6.4x), ~32 us at 1M (~43x); hot-page recall at 512K/1M ~0.9 (more "
         "leader collisions with 128 groups)"),
+    "round 6 / per layer inside a graph of L distinct layers (perf/attention_stack.py), H200": (
+        "single-layer replays pay a graph launch (~3 us) and write back the dirty L2 lines do_bench's flush "
+        "leaves (~1 us per 3 MB read: ~5 us for score + attend at 128K); in a stack both go: flat 128K "
+        "32.9 -> ~25 us, hier 32x32 33.1 -> ~26 us, dense cuDNN 138 -> ~134 us: ~5.2x at 128K; 1M hier "
+        "35 -> ~28 us (~34x)"),
+    "round 6 / programmatic dependent launch (score, top-k, hier kernels, split, merge)": (
+        "the next kernel's launch and ramp hide behind the tail of the one before: ~1-1.5 us per boundary, "
+        "3-4 boundaries per layer: flat and hier -3..5 us per layer in the stack: 128K ~21 us (~6.3x)"),
+    "round 7 / hier: chunk scores inside the pages kernel up to 128 chunks per KV head (one launch less)": (
+        "in the stack, H200: hier 32x32 at 128K 26.3 -> ~23 us (a dependent launch ~5 us, minus ~1-1.5 us for "
+        "each pages program scoring its head's 128 chunks from L2): ~5.6x; 32K likewise -3 us; 512K and 1M "
+        "unchanged (not fused)"),
     "round 3 / recall": ("random keys: low (128K: 32 of 128 chunks, ~0.3-0.5 of flat's top pages; 1M: 32 of 1024 "
                          "chunks, ~0.05-0.1); structured (24 hot pages per head): hot-page recall 1.0 when top chunks "
                          ">= 24, attention mass within a few % of flat's"),
@@ -73,6 +85,20 @@ NOTES = {
         "rank-by-comparison tiles (GROUPS x GROUPS leaders, 128 x 128 candidates, int64) in 4 warps hold "
         "128-512 values per thread, spilled; hot-page recall at 512K/1M fell to 0.96 (two hot chunks in one leader "
         "group: only the better competes)."),
+    "round 6 measured (H200, bench_attention-h200-2026-11-29-stack-pdl.json)": (
+        "per layer in a graph of L distinct layers (L = 32 / 32 / 19 / 9 at 32K / 128K / 512K / 1M), PDL on: flat "
+        "20.4 / 25.9 / 41.1 / 75.8 us, hier 32x32 23.3 / 26.3 / 26.2 / 28.4 us, hier 32x16 22.2 / 24.4 / 25.3 / "
+        "27.5 us; dense cuDNN in the same stacks 38.5 / 129.0 / 488.3 / 965.2 us: at 128K flat 5.0x, hier 32x32 "
+        "4.9x (the runtime's default there), 32x16 5.3x; at 1M hier 32x32 33.9x. Stack prediction met (flat 25 "
+        "predicted, 25.9 measured; dense 134 / 129). PDL gain 0.5-1.4 us per layer (predicted 3-5 us: missed): in a "
+        "graph the launch itself is not what a dependent kernel waits for; each kernel's own chain of dependent "
+        "loads (plan -> row -> threshold -> ranking -> page table; slots -> K -> V) is. lcrun bench decode, same "
+        "run: 32K 5.80 / 5.73 ms, 128K 7.59 / 7.65 ms with / without PDL (no change beyond noise)."),
+    "round 7 measured (H200, bench_attention-h200-2026-11-29-hier-fused.json)": (
+        "chunk scores inside the pages kernel: 128K hier 32x32 59.4 us vs 26.3 with the chunk-score launch, "
+        "32x16 36.8 vs 23.9; 32K (32 chunks, a page-sized tile) 23.5 vs 23.2. Missed the other way: every one of "
+        "the 256 programs reading and reducing a 128 x 128 tile costs far more than the launch it saves, and at "
+        "32K, where the tile is small, the saved launch is worth nothing. Reverted; the kernel keeps the launch."),
     'round 5 measured (8 warps, 128 leader groups; bench_attention-h100-2026-11-22-hier.json)': (
         "hier 32x32 total 31.7 / 34.4 / 35.2 / 37.0 us at 32K / 128K / 512K / 1M = 2.0 / 5.6 / 20.1 / 37.7x vs cuDNN (predicted ~30 us, 6.4x at 128K and ~32 us, 43x at 1M: 2-5 us slower); hier select alone 20.5 / 23.3 / 23.6 / 25.3 us (chunk score 7.3-8.9 of it, latency-bound at 18-470 GB/s for 0.5-4 MB); 32x16: 6.0x at 128K, 41.2x at 1M but hot-page recall 0.67-0.74. Flat with the folded plan: 27.8 / 36.1 / 59.5 / 99.6 us (2.3 / 5.3 / 11.9 / 14.0x), score kernel 2220 GB/s at 1M (74% of the 3001 GB/s copy). Structured keys: hot-page recall 32x32 1.00 / 1.00 / 0.93 / 0.92 (128 leader groups: two hot chunks in one group keep only the better one), attention mass 0.961 / 0.889 / 0.692 / 0.585 vs flat 0.961 / 0.889 / 0.742 / 0.633. Random keys: recall of flat's top pages 1.00 / 0.33 / 0.09 / 0.06, attention mass equal to flat's (all pages alike). In the hier step at 128K and 1M the attend (~15 us alone) and the selection's three latency-bound launches (~23-25 us alone) dominate; no byte stream is left to dominate."),
 }

@@ -15,6 +15,9 @@ CUDA graph (the runtime captures the decode step, so graph times are what it wil
 bandwidth = bytes the kernel must read / time; the device-to-device copy bandwidth of the same run
 (bytes read + written) is the practical ceiling. Correctness is checked first; a mismatch aborts.
 
+Per-layer times inside a decode step's graph (L distinct layers back to back, with and without
+programmatic dependent launch, and the first stages alone) come from attention_stack.
+
 Beside this entry point: the layer and the operations timed (attention_layer), timing helpers
 (attention_timing), selection quality (attention_quality), --tune (attention_tune), tables and the
 run's environment (attention_report), and the predictions and measurements of each round of
@@ -52,6 +55,7 @@ from perf.attention_layer import (DTYPES, Layer, attend, flat_step_folded, folde
                                   sparse_step)
 from perf.attention_quality import DenseProbs, quality  # noqa: E402
 from perf.attention_report import environment, print_table  # noqa: E402
+from perf.attention_stack import bench_stack, print_stack  # noqa: E402
 from perf.attention_timing import copy_bandwidth, graph_of, time_ms, with_bandwidth  # noqa: E402
 from perf.attention_tune import tune  # noqa: E402
 
@@ -91,6 +95,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    ap.add_argument("--stack-gib", type=float, default=40.0,
+                    help="per-layer times in a graph of distinct layers: GiB of pools for the stack (0: skip)")
+    ap.add_argument("--stack-hier", default="32x16,32x32",
+                    help="CPxTOP hierarchical variants timed in the stack")
     ap.add_argument("--out", default=None, help="JSON path (default perf/results/bench_attention-<gpu>-<date>.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, few reps (CPU interpreter without CUDA)")
     args = ap.parse_args()
@@ -98,6 +106,7 @@ def parse_args() -> argparse.Namespace:
         args.contexts, args.hq, args.hkv, args.head_dim = "512,1000", 8, 2, 64
         args.budget, args.page, args.sinks, args.window = 256, 16, 16, 64
         args.chunk_pages, args.top_chunks, args.hier_variants, args.hot_pages = 4, 4, "4x2,4x4", 4
+        args.stack_hier = "4x2"
     return args
 
 
@@ -309,6 +318,9 @@ def bench_context(context: int, args) -> dict:
                                                else f"hier total {cp}x{tc}"]["graph_ms"] for cp, tc in variants}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if args.stack_gib > 0:
+        stack_hier = [tuple(int(x) for x in v.split("x")) for v in args.stack_hier.split(",") if v.strip()]
+        result["stack"] = bench_stack(context, args, best_name, stack_hier)
     return result
 
 
@@ -330,19 +342,21 @@ def main() -> None:
         args.topk_warps_by_context = choice["topk_warps"]
     check_correctness(args)
     copy_bw = copy_bandwidth(args)
-    results = []
-    for context in contexts:
-        print(f"context {context} ...", flush=True)
-        results.append(bench_context(context, args))
-    print_table(results, copy_bw)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    report = {**env, "settings": settings, "predictions": PREDICTIONS, "notes": NOTES, "copy_bandwidth": copy_bw,
-              "tuning": tuning, "results": results}
     out = Path(args.out) if args.out else (
         Path(__file__).resolve().parent / "results" /
         f"bench_attention-{re.sub(r'[^a-z0-9]+', '-', env['gpu'].lower()).strip('-')}-{datetime.date.today()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    results = []
+    for context in contexts:
+        print(f"context {context} ...", flush=True)
+        results.append(bench_context(context, args))
+        # Written after every context, so a run stopped by a time limit keeps what it measured.
+        report = {**env, "settings": settings, "predictions": PREDICTIONS, "notes": NOTES, "copy_bandwidth": copy_bw,
+                  "tuning": tuning, "results": results}
+        out.write_text(json.dumps(report, indent=2))
+    print_table(results, copy_bw)
+    print_stack(results)
     print(f"wrote {out}")
 
 

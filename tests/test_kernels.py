@@ -20,6 +20,7 @@ from lcrun.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
 from lcrun.kernels.score import score_pages  # noqa: E402
 from lcrun.kernels.select_kernels import assemble_selection, selection_bounds  # noqa: E402
 from lcrun.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from lcrun.kernels.triton_support import pdl_enabled, pdl_launch, pdl_override  # noqa: E402
 from lcrun.kernels import topk  # noqa: E402
 from lcrun.kernels.backend import kernel_backend  # noqa: E402
 
@@ -446,10 +447,17 @@ def test_fused_selection_at_scale(max_pages, num_warps):
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("fused,kernel", [(False, "grid"), (True, "grid"), (True, "mma")])
-def test_decode_step_captures_in_a_cuda_graph(fused, kernel):
+@pytest.mark.parametrize("fused,kernel,pdl", [(False, "grid", False), (True, "grid", False), (True, "mma", False),
+                                              (True, "grid", True), (True, "mma", True)])
+def test_decode_step_captures_in_a_cuda_graph(fused, kernel, pdl):
     """Score + select + attend, with lengths only on the device, replays in a CUDA graph
-    (capture fails on any host synchronisation) and tracks a changing seq_len."""
+    (capture fails on any host synchronisation) and tracks a changing seq_len; with programmatic
+    dependent launch (Hopper+) too, whose early-launched kernels must still see their inputs."""
+    with pdl_override(pdl):
+        _decode_step_in_graph(fused, kernel)
+
+
+def _decode_step_in_graph(fused, kernel):
     hkv, g, d, P, max_pages = 8, 4, 128, 32, 256
     k_pool, v_pool, table, gen = random_paged_kv(hkv, max_pages, P, d, BF16)
     kmin = torch.empty(hkv, max_pages, d, dtype=BF16, device=DEVICE)
@@ -487,3 +495,13 @@ def test_decode_step_captures_in_a_cuda_graph(fused, kernel):
         plan = plan_selection(seq_len, max_pages, P, 64, 512, 2048)
         expected = select_with_plan(score_pages(q, kmin, kmax, num_full, "max"), table, plan)
         assert torch.equal(slots.sort(dim=1).values, expected[0].sort(dim=1).values), n
+
+
+def test_pdl_is_off_where_it_cannot_run():
+    """Programmatic dependent launch only on compiled CUDA kernels: never on CPU tensors (the
+    interpreter has no grid dependency control), whatever the override says."""
+    cpu = torch.device("cpu")
+    assert not pdl_enabled(cpu)
+    with pdl_override(True):
+        assert not pdl_enabled(cpu)
+    assert pdl_launch(False) == {} and pdl_launch(True) == {"launch_pdl": True}

@@ -38,7 +38,7 @@ import torch
 
 from lcrun.kernels.select import SelectionPlan
 from lcrun.kernels.select_kernels import plan_bounds, plan_kernel_args, quest_bound, store_forced
-from lcrun.kernels.triton_support import jit, next_pow2, tl
+from lcrun.kernels.triton_support import jit, next_pow2, pdl_enabled, pdl_launch, pdl_wait, tl
 
 INT64_MIN = tl.constexpr(-9223372036854775808)
 FINITE = tl.constexpr(3.0e38)
@@ -140,7 +140,9 @@ def _hier_pages_kernel(
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CP: tl.constexpr, CHUNKS_PAD: tl.constexpr,
     GROUPS: tl.constexpr, REDUCE_MAX: tl.constexpr, P: tl.constexpr, FOLD: tl.constexpr, SINK_PAGES: tl.constexpr,
     WINDOW: tl.constexpr, BUDGET: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     j = tl.program_id(0)
     head = tl.program_id(1)
     _n, n_sink, window_first, _top = plan_bounds(plan, FOLD, P, SINK_PAGES, WINDOW, BUDGET)
@@ -178,7 +180,9 @@ def _hier_select_kernel(
     N_CAND: tl.constexpr, KMAX: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr, TG: tl.constexpr,
     CAP: tl.constexpr,
     FOLD: tl.constexpr, SINK_PAGES: tl.constexpr, WINDOW: tl.constexpr, BUDGET: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     head = tl.program_id(0)
     n, n_sink, window_first, n_top = plan_bounds(plan, FOLD, P, SINK_PAGES, WINDOW, BUDGET)
     offs = tl.arange(0, N_CAND)
@@ -249,12 +253,14 @@ def select_top_pages_hier(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     n_cand = top_chunks * chunk_pages
     cand = torch.empty((hkv, n_cand), device=q.device, dtype=torch.int64)
     plan_ptr, plan_kw = plan_kernel_args(plan)
+    pdl = pdl_enabled(q.device)
     _hier_pages_kernel[(top_chunks, hkv)](
         q, kmin, kmax, chunk_scores, plan_ptr, num_full_pages, cand, n_chunks,
         q.stride(0), kmin.stride(0), kmin.stride(1), chunk_scores.stride(0), cand.stride(0),
         G=hq // hkv, D=d, BLOCK_D=next_pow2(d), CP=chunk_pages, CHUNKS_PAD=chunks_pad,
         GROUPS=min(chunks_pad, LEADER_GROUPS),
         REDUCE_MAX=group_reduce == "max", P=plan.page_size, num_warps=hier_warps or 8, **plan_kw,
+        PDL=pdl, **pdl_launch(pdl),
     )
     sel_slots = torch.empty((hkv, plan.kmax), device=q.device, dtype=torch.int32)
     sel_lens = torch.empty_like(sel_slots)
@@ -265,5 +271,6 @@ def select_top_pages_hier(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
         cand.stride(0), page_table.stride(0), sel_slots.stride(0),
         N_CAND=n_cand, KMAX=plan.kmax, BLOCK_K=next_pow2(plan.kmax), P=plan.page_size,
         TG=min(n_cand, 128), CAP=cap, num_warps=8 if cap <= 128 else 16, **plan_kw,
+        PDL=pdl, **pdl_launch(pdl),
     )
     return sel_slots, sel_lens

@@ -5,7 +5,8 @@ import torch
 
 from lcrun.kernels.select import SelectionPlan
 from lcrun.kernels.select_kernels import plan_bounds, plan_kernel_args, quest_bound
-from lcrun.kernels.triton_support import dot_precision, dot_upcast, jit, next_pow2, tl, triton
+from lcrun.kernels.triton_support import (dot_precision, dot_upcast, jit, next_pow2, pdl_enabled, pdl_launch, pdl_wait,
+                                          tl, triton)
 
 GROUP_REDUCES = ("max", "sum")
 FINITE = tl.constexpr(3.0e38)  # clamp for scored pages: they must rank above -inf
@@ -38,7 +39,9 @@ def _score_pages_kernel(
     REDUCE_MAX: tl.constexpr, HAS_CANDIDATES: tl.constexpr,
     FOLD: tl.constexpr, P: tl.constexpr, SINK_PAGES: tl.constexpr, WINDOW: tl.constexpr, BUDGET: tl.constexpr,
     ROW_PAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     block = tl.program_id(0)
     head = tl.program_id(1)
     offs_p = block * BLOCK_PAGES + tl.arange(0, BLOCK_PAGES)
@@ -69,6 +72,7 @@ def _score_pages_mma_kernel(
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     FOLD: tl.constexpr, P: tl.constexpr, SINK_PAGES: tl.constexpr, WINDOW: tl.constexpr, BUDGET: tl.constexpr,
     ROW_PAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Same scores on the tensor cores. Since kmax >= kmin, max(q * kmin, q * kmax) is q * kmax
     where q > 0 and q * kmin where q < 0, so the bound of the G query heads over a block of pages
@@ -76,6 +80,7 @@ def _score_pages_mma_kernel(
     accumulation; bf16 x bf16 products are exact in fp32). No arithmetic left to hide: the loop
     over blocks p, p + programs, ... is software-pipelined (async copies NUM_STAGES deep), so each
     program keeps several blocks of abstracts in flight."""
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     head = tl.program_id(1)
@@ -179,6 +184,7 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
     assert kernel in KERNELS, f"kernel must be one of {KERNELS}"
     scores = _output(out, (hkv, max_pages), torch.float32, kmin.device)
     cand = candidates if candidates is not None else num_full_pages
+    pdl = pdl_enabled(kmin.device)
     if kernel == "mma" and q.dtype == kmin.dtype:  # (tl.dot wants one operand type)
         block_pages = block_pages or MMA_DEFAULTS["block_pages"]
         assert block_pages >= 16 and block_pages & (block_pages - 1) == 0, "tl.dot needs >= 16 pages, a power of 2"
@@ -191,7 +197,7 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
             G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, BLOCK_PAGES=block_pages,
             REDUCE_MAX=group_reduce == "max", HAS_CANDIDATES=candidates is not None, NUM_STAGES=stages, **plan_kw,
             DOT_FP32=dot_upcast(kmin.dtype), PRECISION=dot_precision(kmin.dtype),
-            num_warps=num_warps or MMA_DEFAULTS["num_warps"], num_stages=stages,
+            num_warps=num_warps or MMA_DEFAULTS["num_warps"], num_stages=stages, PDL=pdl, **pdl_launch(pdl),
         )
         return scores
     if block_pages is None:
@@ -204,7 +210,7 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
         q.stride(0), kmin.stride(0), kmin.stride(1), scores.stride(0),
         G=g, D=d, BLOCK_D=block_d, BLOCK_PAGES=block_pages,
         REDUCE_MAX=group_reduce == "max", HAS_CANDIDATES=candidates is not None, num_warps=num_warps or 8,
-        **plan_kw,
+        **plan_kw, PDL=pdl, **pdl_launch(pdl),
     )
     return scores
 

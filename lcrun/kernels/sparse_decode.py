@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from lcrun.kernels.triton_support import LOG2E, dot_precision, dot_upcast, jit, next_pow2, tl
+from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit, next_pow2, pdl_enabled, pdl_launch,
+                                          pdl_wait, tl)
 
 
 @jit
@@ -17,7 +18,9 @@ def _sparse_decode_split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ENTRIES: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     offs_g = tl.arange(0, G_PAD)
@@ -78,7 +81,9 @@ def _merge_splits_kernel(
     part_out, part_lse, out, num_splits,
     stride_po_h, stride_po_s, stride_pl_h, stride_o_h,
     D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -146,6 +151,7 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     splits, pages_per_split = decode_splits(hkv, kmax, page_size, block_n, q.device, num_splits)
     part_out = torch.empty((hq, splits, d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((hq, splits), device=q.device, dtype=torch.float32)
+    pdl = pdl_enabled(q.device)
     _sparse_decode_split_kernel[(hkv, splits)](
         q, k_pool, v_pool, sel_slots, sel_lens, num_entries if num_entries is not None else sel_lens,
         part_out, part_lse, sm_scale * LOG2E,
@@ -155,7 +161,7 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
         HAS_NUM_ENTRIES=num_entries is not None,
         DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, PDL=pdl, **pdl_launch(pdl),
     )
     if out is None:
         out = torch.empty((hq, d), device=q.device, dtype=q.dtype)
@@ -164,5 +170,6 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         part_out, part_lse, out, splits,
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0),
         D=d, BLOCK_D=block_d, SPLITS_PAD=next_pow2(splits), num_warps=4 if block_d <= 128 else 8,
+        PDL=pdl, **pdl_launch(pdl),
     )
     return out

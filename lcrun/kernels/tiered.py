@@ -37,7 +37,8 @@ import math
 import torch
 
 from lcrun.kernels.sparse_decode import _device_sm_count, _merge_splits_kernel, decode_splits
-from lcrun.kernels.triton_support import LOG2E, dot_precision, dot_upcast, jit, next_pow2, tl
+from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit, next_pow2, pdl_enabled, pdl_launch,
+                                          pdl_wait, tl)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -119,7 +120,9 @@ def _tiered_decode_split_kernel(
     kmax, max_pages, pages_per_split,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     offs_g = tl.arange(0, G_PAD)
@@ -225,6 +228,7 @@ def tiered_decode_attention(q: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.T
     splits, pages_per_split = decode_splits(hkv, kmax, page_size, block_n, device, num_splits)
     part_out = torch.empty((hq, splits, d), device=device, dtype=torch.float32)
     part_lse = torch.empty((hq, splits), device=device, dtype=torch.float32)
+    pdl = pdl_enabled(device)
     _tiered_decode_split_kernel[(hkv, splits)](
         q, gpu_k, gpu_v, as_kernel_pointer(host_kv, device), sel_pages, sel_lens, cache_slot, tag, host_slot,
         part_out, part_lse, sm_scale * LOG2E,
@@ -234,6 +238,7 @@ def tiered_decode_attention(q: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.T
         G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
         DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=1,  # no cp.async pipelining: loads may come from host memory
+        PDL=pdl, **pdl_launch(pdl),
     )
     if out is None:
         out = torch.empty((hq, d), device=device, dtype=q.dtype)
@@ -242,6 +247,7 @@ def tiered_decode_attention(q: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.T
         part_out, part_lse, out, splits,
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0),
         D=d, BLOCK_D=block_d, SPLITS_PAD=next_pow2(splits), num_warps=4 if block_d <= 128 else 8,
+        PDL=pdl, **pdl_launch(pdl),
     )
     return out
 

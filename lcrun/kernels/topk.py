@@ -30,7 +30,7 @@ import torch
 
 from lcrun.kernels.select import SelectionPlan
 from lcrun.kernels.select_kernels import plan_bounds, plan_kernel_args, store_forced
-from lcrun.kernels.triton_support import jit, next_pow2, tl
+from lcrun.kernels.triton_support import jit, next_pow2, pdl_enabled, pdl_launch, pdl_wait, tl
 
 MAX_ROW = 1 << 16  # pages per KV head held in one program's registers (2M tokens at P = 32)
 INT_MIN = tl.constexpr(-2147483648)
@@ -83,7 +83,9 @@ def _topk_select_kernel(
     ROWS: tl.constexpr, GROUPS: tl.constexpr, CAP: tl.constexpr, SMALL: tl.constexpr,
     FORCE_BISECT: tl.constexpr,
     FOLD: tl.constexpr = False, SINK_PAGES: tl.constexpr = 0, WINDOW: tl.constexpr = 0, BUDGET: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     head = tl.program_id(0)
     row = scores + head * stride_s
     work = scratch + head * (2 * CAP + 1)  # [pages | keys | counter] of the compacted candidates
@@ -202,11 +204,12 @@ def topk_indices(scores: torch.Tensor, k: int, groups: int | None = None, cap: i
         return top
     cfg, num_warps = _config(n_cols, k, groups, cap, num_warps)
     scratch = torch.empty((rows, 2 * cfg["CAP"] + 1), device=scores.device, dtype=torch.int32)
+    pdl = pdl_enabled(scores.device)
     _topk_select_kernel[(rows,)](
         scores, top, top, top, top, top, scratch,
         n_cols, scores.stride(0), 0, 0, top.stride(0),
         K=k, ASSEMBLE=False, KMAX=k, BLOCK_K=next_pow2(k), P=1, FORCE_BISECT=method == "bisect",
-        num_warps=num_warps, maxnreg=_maxnreg(num_warps), **cfg,
+        num_warps=num_warps, maxnreg=_maxnreg(num_warps), **cfg, PDL=pdl, **pdl_launch(pdl),
     )
     return top
 
@@ -232,10 +235,12 @@ def select_top_pages(scores: torch.Tensor, page_table: torch.Tensor, plan: Selec
     sel_lens = torch.empty_like(sel_slots)
     cfg, num_warps = _config(max_pages, plan.top_k, groups, cap, num_warps)
     scratch = torch.empty((hkv, 2 * cfg["CAP"] + 1), device=scores.device, dtype=torch.int32)
+    pdl = pdl_enabled(scores.device)
     _topk_select_kernel[(hkv,)](
         scores, plan_ptr, page_table, sel_slots, sel_lens, sel_slots, scratch,
         max_pages, scores.stride(0), page_table.stride(0), sel_slots.stride(0), 0,
         K=plan.top_k, ASSEMBLE=True, KMAX=plan.kmax, BLOCK_K=next_pow2(plan.kmax), P=plan.page_size,
         FORCE_BISECT=method == "bisect", num_warps=num_warps, maxnreg=_maxnreg(num_warps), **cfg, **plan_kw,
+        PDL=pdl, **pdl_launch(pdl),
     )
     return sel_slots, sel_lens

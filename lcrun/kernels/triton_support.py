@@ -83,3 +83,59 @@ def use_triton(device: torch.device, backend: str) -> bool:
     if backend == "triton" and not can_run_triton(device):
         raise RuntimeError(f"Triton kernels cannot run on {device}: use a CUDA device or TRITON_INTERPRET=1")
     return backend == "triton" or (backend == "auto" and device.type == "cuda" and can_run_triton(device))
+
+
+# Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may be scheduled
+# while the kernel before it in the stream is still running, so its launch latency and ramp-up
+# hide behind its predecessor's tail instead of adding to every kernel boundary of a decode step
+# (a layer's selection is four dependent launches of a few microseconds each). The kernels that
+# take a PDL flag call ``pdl_wait`` before touching memory: it waits until the predecessor has
+# finished and its writes are visible, so memory order is exactly the stream's.
+PDL_ENV = "LCRUN_PDL"  # "0" turns it off
+_pdl_override: list[bool] = []
+
+
+@functools.cache
+def _device_supports_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with PDL: CUDA compute capability 9.0 or newer, compiled
+    (not interpreted), and not turned off by LCRUN_PDL=0 or ``pdl_override(False)``."""
+    if device.type != "cuda" or interpreting():
+        return False
+    if _pdl_override:
+        return _pdl_override[-1] and _device_supports_pdl(device.index or 0)
+    if os.environ.get(PDL_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return _device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class pdl_override:
+    """``with pdl_override(False): ...`` launches without PDL (benchmarks compare both)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        _pdl_override.append(self.on)
+
+    def __exit__(self, *exc):
+        _pdl_override.pop()
+
+
+def pdl_launch(on: bool) -> dict:
+    """Launch keyword arguments: {"launch_pdl": True} with PDL, nothing otherwise (the interpreter
+    and older Triton do not take the argument)."""
+    return {"launch_pdl": True} if on else {}
+
+
+if HAVE_TRITON:
+    @jit
+    def pdl_wait(PDL: tl.constexpr):
+        """First thing in a PDL kernel: wait for the predecessor grid (and its writes), then let the
+        next PDL kernel be scheduled: it will wait here in turn, so at most two grids overlap."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
