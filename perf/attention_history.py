@@ -99,6 +99,12 @@ NOTES = {
         "32x16 36.8 vs 23.9; 32K (32 chunks, a page-sized tile) 23.5 vs 23.2. Missed the other way: every one of "
         "the 256 programs reading and reducing a 128 x 128 tile costs far more than the launch it saves, and at "
         "32K, where the tile is small, the saved launch is worth nothing. Reverted; the kernel keeps the launch."),
+    "stage breakdown (H200, bench_attention-h200-2026-11-29-stack-stages.json and -stack-topk-warps{4,8}.json)": (
+        "inside the graph at 128K: flat score 6.9 us, top-k 9.6 us (16 warps, the default; 8 warps 9.6, 4 warps "
+        "10.7: not a matter of warps), attend split + merge 8.2 us; hier chunk score 3.2 us, pages + top-k 13.6 "
+        "us. The top-k's chain of dependent round trips (row, threshold, global-atomic compaction, scratch, "
+        "ranking, page table) is the largest piece at 128K; dense in these runs 124-129 us (ratios move ~4% "
+        "between runs)."),
     'round 5 measured (8 warps, 128 leader groups; bench_attention-h100-2026-11-22-hier.json)': (
         "hier 32x32 total 31.7 / 34.4 / 35.2 / 37.0 us at 32K / 128K / 512K / 1M = 2.0 / 5.6 / 20.1 / 37.7x vs cuDNN (predicted ~30 us, 6.4x at 128K and ~32 us, 43x at 1M: 2-5 us slower); hier select alone 20.5 / 23.3 / 23.6 / 25.3 us (chunk score 7.3-8.9 of it, latency-bound at 18-470 GB/s for 0.5-4 MB); 32x16: 6.0x at 128K, 41.2x at 1M but hot-page recall 0.67-0.74. Flat with the folded plan: 27.8 / 36.1 / 59.5 / 99.6 us (2.3 / 5.3 / 11.9 / 14.0x), score kernel 2220 GB/s at 1M (74% of the 3001 GB/s copy). Structured keys: hot-page recall 32x32 1.00 / 1.00 / 0.93 / 0.92 (128 leader groups: two hot chunks in one group keep only the better one), attention mass 0.961 / 0.889 / 0.692 / 0.585 vs flat 0.961 / 0.889 / 0.742 / 0.633. Random keys: recall of flat's top pages 1.00 / 0.33 / 0.09 / 0.06, attention mass equal to flat's (all pages alike). In the hier step at 128K and 1M the attend (~15 us alone) and the selection's three latency-bound launches (~23-25 us alone) dominate; no byte stream is left to dominate."),
 }
