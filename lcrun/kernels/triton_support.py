@@ -106,10 +106,11 @@ def pdl_enabled(device: torch.device) -> bool:
     if device.type != "cuda" or interpreting():
         return False
     if _pdl_override:
-        return _pdl_override[-1] and _device_supports_pdl(device.index or 0)
-    if os.environ.get(PDL_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
-        return False
-    return _device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
+        wanted = _pdl_override[-1]
+    else:
+        wanted = os.environ.get(PDL_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return wanted and _device_supports_pdl(index)
 
 
 class pdl_override:
