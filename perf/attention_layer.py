@@ -3,6 +3,8 @@ on it, as the runtime runs them: plan, page scoring, top-k selection (fused, and
 torch.topk one), hierarchical selection, sparse attention, whole flat and hierarchical steps."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lcrun.kernels import plan_selection, select_with_plan
@@ -65,6 +67,33 @@ class Layer:
         k = self.k_pool.view(hkv, self.max_pages * self.P, d)[:, : self.context]
         v = self.v_pool.view(hkv, self.max_pages * self.P, d)[:, : self.context]
         return k, v
+
+
+def dense_names() -> list[str]:
+    """The dense baselines, ``backend/form``: SDPA backends by GQA formulation (enable_gqa, or the G
+    query heads of a group as G query rows of one KV head); the math backend alone without CUDA."""
+    backends = ("flash", "efficient", "cudnn") if torch.cuda.is_available() else ("math",)
+    return [f"{b}/{f}" for b in backends for f in ("enable_gqa", "group_rows")]
+
+
+def dense_call(layer: Layer, args, name: str):
+    """A callable running the dense baseline ``name`` (see dense_names) over the whole context."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    backend_name, form = name.split("/")
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+    k, v = layer.dense_kv()
+    k4, v4 = k[None], v[None]  # (1, Hkv, L, D)
+    gqa = form == "enable_gqa"
+    q4 = layer.q.view(1, args.hq, 1, -1) if gqa else layer.q.view(1, args.hkv, args.hq // args.hkv, -1)
+
+    def run():
+        with sdpa_kernel(backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "kernel not used because ..." for unsupported shapes
+            return F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=gqa)
+    return run
 
 
 def plan(layer: Layer, args):

@@ -15,13 +15,12 @@ of each kernel inside the graph is a difference of two stacks.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from lcrun.kernels.triton_support import pdl_override
 from lcrun.kernels.score import score_pages
-from perf.attention_layer import Layer, attend, flat_step_folded, folded_plan, hier_select, hier_step, score, select
+from perf.attention_layer import (Layer, attend, dense_call, flat_step_folded, folded_plan, hier_select, hier_step,
+                                  score, select)
 from perf.attention_timing import graph_of, time_ms
 
 
@@ -31,29 +30,6 @@ def stack_depth(context: int, args) -> int:
     pages = -(-context // args.page)
     per_layer = args.hkv * pages * (2 * args.page * d + 2 * d) * esize
     return max(2, min(32, int(args.stack_gib * 2**30 // per_layer)))
-
-
-def _dense_call(layer: Layer, args, backend_name: str):
-    """The dense baseline ``backend/form`` (as in bench_attention.dense_variants) on one layer."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
-
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend_name.split("/")[0]]
-    k, v = layer.dense_kv()
-    k4, v4 = k[None], v[None]
-    if backend_name.endswith("enable_gqa"):
-        q4 = layer.q.view(1, args.hq, 1, -1)
-        call = lambda: F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=True)  # noqa: E731
-    else:
-        q4 = layer.q.view(1, args.hkv, args.hq // args.hkv, -1)
-        call = lambda: F.scaled_dot_product_attention(q4, k4, v4)  # noqa: E731
-
-    def run():
-        with sdpa_kernel(backend), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return call()
-    return run
 
 
 def _per_layer_us(fns, args, pdl: bool | None = None) -> float | None:
@@ -106,7 +82,7 @@ def bench_stack(context: int, args, dense_best: str | None, hier: list[tuple[int
                 for name, fn in stages.items()}
     result = {"layers": n, "per_layer_us": us, "stages_us": stage_us}
     if dense_best is not None:
-        dense_us = _per_layer_us([_dense_call(layer, args, dense_best) for layer in layers], args)
+        dense_us = _per_layer_us([dense_call(layer, args, dense_best) for layer in layers], args)
         us[f"dense {dense_best}"] = dense_us
         if dense_us:
             result["speedup"] = {name: dense_us / t for name, t in us.items() if t and not name.startswith("dense")}

@@ -32,7 +32,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -50,9 +49,9 @@ from lcrun.kernels.score import score_pages  # noqa: E402
 from lcrun.kernels.sparse_decode import decode_splits  # noqa: E402
 from lcrun.units import parse_tokens  # noqa: E402
 from perf.attention_history import NOTES, PREDICTIONS  # noqa: E402
-from perf.attention_layer import (DTYPES, Layer, attend, flat_step_folded, folded_plan, hier_select,  # noqa: E402
-                                  hier_step, page_mask, plan, rel_err, same_selection, score, select, select_old,
-                                  sparse_step)
+from perf.attention_layer import (DTYPES, Layer, attend, dense_call, dense_names, flat_step_folded,  # noqa: E402
+                                  folded_plan, hier_select, hier_step, page_mask, plan, rel_err, same_selection,
+                                  score, select, select_old, sparse_step)
 from perf.attention_quality import DenseProbs, quality  # noqa: E402
 from perf.attention_report import environment, print_table  # noqa: E402
 from perf.attention_stack import bench_stack, print_stack  # noqa: E402
@@ -151,40 +150,23 @@ def check_correctness(args) -> None:
 
 def dense_variants(layer: Layer, args) -> dict:
     """SDPA decode over the whole context, by backend and GQA formulation; each timed or its error."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
-
-    k, v = layer.dense_kv()
-    k4, v4 = k[None], v[None]  # (1, Hkv, L, D)
-    g = args.hq // args.hkv
-    q_gqa = layer.q.view(1, args.hq, 1, -1)
-    q_rows = layer.q.view(1, args.hkv, g, -1)  # the G query heads of a group as G query rows: no GQA needed
-    forms = {"enable_gqa": lambda: F.scaled_dot_product_attention(q_gqa, k4, v4, enable_gqa=True),
-             "group_rows": lambda: F.scaled_dot_product_attention(q_rows, k4, v4)}
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION}
-    if not torch.cuda.is_available():
-        backends = {"math": SDPBackend.MATH}
     reference_out = None
     results = {}
-    for bname, backend in backends.items():
-        for fname, fn in forms.items():
-            name = f"{bname}/{fname}"
-            try:
-                with sdpa_kernel(backend), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "kernel not used because ..." for unsupported shapes
-                    got = fn().reshape(args.hq, -1)
-                    if reference_out is None:
-                        reference_out = got
-                    elif rel_err(got, reference_out) > 2e-2:
-                        raise RuntimeError(f"disagrees with the first dense result ({rel_err(got, reference_out):.2e})")
-                    timing = time_ms(fn, args)
-                    replay = None if args.no_graph else graph_of(fn)
-                    if replay is not None:
-                        timing["graph_ms"] = time_ms(replay, args)["ms"]
-                results[name] = timing
-            except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape is reported
-                results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    for name in dense_names():
+        try:
+            fn = dense_call(layer, args, name)
+            got = fn().reshape(args.hq, -1)
+            if reference_out is None:
+                reference_out = got
+            elif rel_err(got, reference_out) > 2e-2:
+                raise RuntimeError(f"disagrees with the first dense result ({rel_err(got, reference_out):.2e})")
+            timing = time_ms(fn, args)
+            replay = None if args.no_graph else graph_of(fn)
+            if replay is not None:
+                timing["graph_ms"] = time_ms(replay, args)["ms"]
+            results[name] = timing
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot run this shape is reported
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
     return results
 
 

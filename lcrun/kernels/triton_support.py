@@ -86,17 +86,21 @@ def use_triton(device: torch.device, backend: str) -> bool:
 
 
 # Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may be scheduled
-# while the kernel before it in the stream is still running, so its launch latency and ramp-up
-# hide behind its predecessor's tail instead of adding to every kernel boundary of a decode step
-# (a layer's selection is four dependent launches of a few microseconds each). The kernels that
-# take a PDL flag call ``pdl_wait`` before touching memory: it waits until the predecessor has
-# finished and its writes are visible, so memory order is exactly the stream's.
-PDL_ENV = "LCRUN_PDL"  # "0" turns it off
+# while the kernel before it in the stream is still running, so its launch and ramp-up overlap its
+# predecessor's tail (measured on an H200: 0.5-1.4 us per decode layer of four to five dependent
+# kernels; perf/results/bench_attention-h200-2026-11-29-stack-pdl.json). The kernels that take a
+# PDL flag call ``pdl_wait`` before touching memory: it waits until the predecessor has finished
+# and its writes are visible, so memory order is exactly the stream's.
+PDL_ENV = "LCRUN_PDL"  # "0" turns it off (read once per process and device)
 _pdl_override: list[bool] = []
 
 
 @functools.cache
-def _device_supports_pdl(index: int) -> bool:
+def _pdl_default(index: int) -> bool:
+    """Compute capability 9.0 or newer and not turned off by LCRUN_PDL; cached, since every kernel
+    launch of an eager decode step asks."""
+    if os.environ.get(PDL_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
@@ -105,12 +109,10 @@ def pdl_enabled(device: torch.device) -> bool:
     (not interpreted), and not turned off by LCRUN_PDL=0 or ``pdl_override(False)``."""
     if device.type != "cuda" or interpreting():
         return False
-    if _pdl_override:
-        wanted = _pdl_override[-1]
-    else:
-        wanted = os.environ.get(PDL_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return wanted and _device_supports_pdl(index)
+    if _pdl_override:
+        return _pdl_override[-1] and torch.cuda.get_device_capability(index)[0] >= 9
+    return _pdl_default(index)
 
 
 class pdl_override:
