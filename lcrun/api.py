@@ -129,9 +129,10 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
     from lcrun.runtime.paged_cache import PagedTopKCache
     # The plan's page size (the one its memory accounting used) when there is a plan.
     page_size = plan.page_size if plan is not None else config.page_size or DEFAULT_PAGE_SIZE
+    # Hierarchical selection (chunk abstracts) for long caches, flat below (auto_chunk_pages).
     return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,
-                          window_tokens=config.window_tokens, group_score=config.group_score)
+                          window_tokens=config.window_tokens, group_score=config.group_score, chunk_pages="auto")
 
 
 class LLM:

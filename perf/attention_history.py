@@ -48,11 +48,46 @@ PREDICTIONS = {
         "in the stack, H200: hier 32x32 at 128K 26.3 -> ~23 us (a dependent launch ~5 us, minus ~1-1.5 us for "
         "each pages program scoring its head's 128 chunks from L2): ~5.6x; 32K likewise -3 us; 512K and 1M "
         "unchanged (not fused)"),
+    "round 8 / top-k timeline (perf/diag_topk_timeline.py)": (
+        "in-kernel %globaltimer stamps, 128K, graph of 24 layers, 16 warps, stamps on (each adds a reduction): "
+        "from the PDL wait to row loaded 0.3 us, threshold 2.6, kept counted 3.2, atomic compaction returned 5.7, "
+        "scratch read back 8.7, ranked 12.2, page table 12.3 (diag-h200-topk-timeline.json). Predicted for "
+        "compaction by prefix sums of the group counts (no atomics, no second count: the count of the "
+        "threshold check is reused) and ranking in a 64-entry block when <= 64 pages pass (~55 of 4096 for "
+        "random rows at k = 46): compaction 2.5 -> ~1 us, scratch segment 3 -> ~2 us, ranking 3.5 -> ~2 us: "
+        "top-k in the stack 9.6 -> ~6 us, flat layer 25.9 -> ~22.5 us at 128K (~5.7x); hier's final top-k "
+        "is a separate kernel, unchanged"),
+    "round 8 / hier select ranks in a half-size block too": (
+        "the final top-k of the hierarchical path ranks 128 x 128 int64 keys; in a 64 x 64 block when <= 64 "
+        "pass (~55 of 1024 at k = 46): hier 32x32 at 128K 26.3 -> ~24 us, 1M 28.4 -> ~26 us"),
+    "round 8 / V loaded with K in the split kernel, partials with their LSEs in the merge": (
+        "one memory round trip less per attend (the V load waited for the scores): attend 9.2 -> ~8.2 us in the "
+        "layer stack at 128K (diag measured 20.96 -> 20.05 us per layer). Final round 8 run, stack per layer: "
+        "flat 128K ~20 us (~6.2x against ~125 us dense), 1M flat ~70 us, hier 32x32 128K ~24 us, 1M ~28 us; "
+        "lcrun bench decode 32K ~5.6 ms, 128K (tiered, flat selection) 7.6 -> ~7.4 ms"),
     "round 3 / recall": ("random keys: low (128K: 32 of 128 chunks, ~0.3-0.5 of flat's top pages; 1M: 32 of 1024 "
                          "chunks, ~0.05-0.1); structured (24 hot pages per head): hot-page recall 1.0 when top chunks "
                          ">= 24, attention mass within a few % of flat's"),
 }
 NOTES = {
+    "round 8 measured first (diag-h200-topk-timeline-variants.json, 128K, 24 layers)": (
+        "per layer without stamps: scan + half-size ranking 21.0 us (top-k 4.6 us in the stack), scan alone "
+        "24.0 (7.4), atomic (the old kernel) 24.9 (8.3), scan + half with 8 warps 21.4 (4.7). Ranking was the "
+        "largest piece: 3.3 us in the 128 x 128 block, 0.5 us in 64 x 64; compaction by prefix sums 1.9 -> 0.7 "
+        "us. Prediction (top-k ~6 us, layer ~22.5 us) beaten by ~1.5 us."),
+    "round 8 measured (H200, bench_attention-h200-2026-11-29-round8.json)": (
+        "per layer in a graph of L distinct layers: flat 16.4 / 20.1 / 39.4 / 69.2 us, hier 32x32 20.5 / 24.0 / "
+        "25.0 / 27.7 us, hier 32x16 19.8 / 21.8 / 22.8 / 25.0 us, dense cuDNN 37.7 / 124.6 / 469.5 / 928.2 us at "
+        "32K / 128K / 512K / 1M: 128K flat 6.2x (target 6x: met), 1M hier 32x32 33.6x (flat 13.4x). In-graph "
+        "stages at 128K: score 6.9, top-k 4.8 (was 9.6), attend 7.5 (was 8.2: V loaded with K); 1M flat top-k "
+        "21.2 (was 25.5). Score kernel at 1M 2880 GB/s = 68% of the 4216 GB/s copy. Predictions: flat 128K ~20 "
+        "(met: 20.1), hier 32x32 128K ~24 (met: 24.0), 1M flat ~70 (69.2), hier 1M ~26 (27.7: the half-size "
+        "ranking saves less there). lcrun bench decode (bench-h200-2026-11-29-round8.json): 32K 5.72, 128K "
+        "7.28 ms (predicted ~7.4; was 7.59); 512K 9.23 vs 5.64 at 32K (bench-h200-2026-11-29-512k-round8.json). "
+        "Tried and dropped (diag-h200-topk-timeline-knobs.json, not kept as code): the threshold counted in four "
+        "64 x 64 blocks instead of one 128 x 128 (slower: 22.1 vs 21.3 us per layer), 4 or 8 top-k warps, "
+        "score kernel with 128-page blocks, 8 warps, 32 programs per head or one stage, attend with 17 or 66 "
+        "splits: none faster than the defaults."),
     "round 1 measured (H100, graph replay, alone)": (
         "fused top-k v1 (prefix-sum compaction): 128K 13.6 us (4 warps 12.9) vs torch.topk 41.6; 1M: 16 and 32 "
         "warps did not launch (Triton 3.6 put the row's prefix sums through 256 KiB of shared memory), 8 warps "

@@ -1,6 +1,8 @@
 """GPU checks (run on the device: `pytest -m gpu`); skipped where there is no CUDA GPU."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -40,18 +42,50 @@ def test_gpu_mem_cap_is_enforced():
         LLM("synthetic:llama-3.2-1b", ctx="1M", gpu_mem="4GiB", progress=False)
 
 
-@pytest.mark.parametrize("attention", ["dense", "topk"])
-def test_graph_replayed_decode_matches_eager(attention, monkeypatch):
+@pytest.mark.parametrize("attention,ctx", [("dense", "8k"), ("topk", "8k"), ("topk", "256k")])
+def test_graph_replayed_decode_matches_eager(attention, ctx, monkeypatch):
     """The captured decode step (DecodeStepper) gives the tokens of eager steps, for the dense
-    cache and the on-GPU paged top-k cache (context past the budget, so selection is live)."""
+    cache and the on-GPU paged top-k cache (context past the budget, so selection is live; a
+    256K cache selects hierarchically, through chunk abstracts)."""
     from lcrun import LLM
 
     def run(graph: str) -> list[int]:
         monkeypatch.setenv("LCRUN_CUDA_GRAPH", graph)
-        llm = LLM("synthetic:llama-3.2-1b", ctx="8k", attention=attention, budget=512, sink_tokens=32, window_tokens=128, dtype="float32",
-                  progress=False)
+        llm = LLM("synthetic:llama-3.2-1b", ctx=ctx, attention=attention, budget=512, sink_tokens=32, window_tokens=128,
+                  dtype="float32", positions="true", progress=False)
+        if ctx == "256k":
+            assert llm.cache.chunk_pages > 0
         assert llm.generator.stepper.use_graph == (graph != "0")
         prompt = torch.randint(0, llm.model_config.vocab_size, (3000,), generator=torch.Generator().manual_seed(0))
         return list(llm.stream_ids(prompt.tolist(), max_new_tokens=24))
 
     assert run("auto") == run("0")
+
+
+def test_prefetch_never_changes_tokens_of_the_tiered_store(monkeypatch):
+    """KV tiered to pinned host memory with a GPU page cache smaller than the prompt: the
+    next-layer prefetch (hidden-state predictor, on a side stream captured in the decode graph)
+    moves pages early but never changes what is attended."""
+    from lcrun import LLM
+    from lcrun.runtime.tiered_cache import TieredTopKCache
+
+    def run(prefetch: str) -> tuple[list[int], dict]:
+        monkeypatch.setenv("LCRUN_CUDA_GRAPH", "auto")
+        llm = LLM("synthetic:llama-3.2-1b", ctx="64k", attention="topk", budget=512, sink_tokens=32,
+                  window_tokens=128, gpu_mem="4GiB", prefetch=prefetch, progress=False)
+        cache = llm.cache
+        assert isinstance(cache, TieredTopKCache), f"the plan kept the KV cache on the GPU: {llm.plan}"
+        prompt = torch.randint(0, llm.model_config.vocab_size, (40000,), generator=torch.Generator().manual_seed(0))
+        ids = list(llm.stream_ids(prompt.tolist(), max_new_tokens=24))
+        report = cache.report()
+        cache.close()
+        del llm, cache
+        gc.collect()
+        torch.cuda.empty_cache()
+        return ids, report
+
+    off, off_report = run("off")
+    hidden, hidden_report = run("hidden")
+    assert off_report["hit_rate"] < 1.0, "the GPU page cache must miss for this test to mean anything"
+    assert hidden_report["prefetched_pages"] > 0
+    assert hidden == off

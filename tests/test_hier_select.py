@@ -259,6 +259,7 @@ def test_paged_cache_hier_mode():
 @pytest.mark.parametrize("P,cp,top_chunks,seq_len,budget_pages", [
     (16, 2, 8, 16 * 700 + 5, 20),    # 351 chunks > 128 leader groups: leaders compete
     (16, 8, 32, 16 * 400, 100),      # 100 top pages of 256 candidates: the threshold keeps > CAP, sort fallback
+    (16, 8, 32, 16 * 400, 70),       # ~67 top pages: 64-128 keys pass, ranked in the full-size block
 ])
 def test_hier_selection_leaders_and_fallback(P, cp, top_chunks, seq_len, budget_pages):
     hkv, g, d = 2, 4, 64
@@ -276,3 +277,18 @@ def test_hier_selection_leaders_and_fallback(P, cp, top_chunks, seq_len, budget_
     ref = reference.select_top_pages_hier(q, kmin, kmax, cmin, cmax, num_full, table, plan, cp, top_chunks)
     assert_same_up_to_ties(got, ref, table, reference.score_pages(q, kmin, kmax, num_full))
     assert int((got[1] > 0).sum(1).min()) >= budget_pages - 2
+
+
+def test_runtime_cache_is_hierarchical_only_for_long_contexts():
+    """make_cache (all KV on the device) builds flat selection up to AUTO_MIN_PAGES pages per KV
+    head and hierarchical selection (chunk abstracts) from there, where flat scoring costs more."""
+    from lcrun.api import make_cache
+    from lcrun.config import LcrunConfig
+    from lcrun.kernels.chunk_abstracts import AUTO_MIN_PAGES, CHUNK_PAGES
+    from lcrun.runtime.model_config import ModelConfig
+    cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=1 << 20)
+    for pages, chunked in ((AUTO_MIN_PAGES - 1, 0), (AUTO_MIN_PAGES, CHUNK_PAGES)):
+        config = LcrunConfig(attention="topk", ctx=pages * 32, page_size=32, positions="true").resolve()
+        cache = make_cache(config, cfg, torch.device("cpu"), torch.float32)
+        assert cache.chunk_pages == chunked

@@ -363,6 +363,20 @@ def test_topk_indices_order_and_ties():
     _check_topk(half, 8)
 
 
+@pytest.mark.parametrize("hot_groups", [0, 2])
+def test_topk_ranks_small_and_large_survivor_sets(hot_groups):
+    """Pages above the threshold are ranked in a half-size block when few pass (random rows) and in
+    the full block when more do: here every page of two strided groups (page i is in group i % 128
+    at k = 46) is large, so ~64 + ~44 pages pass. Both give torch.topk's order exactly."""
+    gen = torch.Generator().manual_seed(11 + hot_groups)
+    n, k, groups = 4096, 46, 128
+    scores = torch.randn(3, n, generator=gen)
+    for g in range(hot_groups):
+        scores[:, g::groups] += 10.0
+    idx = _check_topk(scores.to(DEVICE), k)
+    assert torch.equal(idx.cpu().long(), torch.topk(scores, k, dim=1).indices)
+
+
 @pytest.mark.parametrize("hkv", [1, 2, 8])
 @pytest.mark.parametrize("P,S,W,B,max_pages", [
     (32, 64, 512, 2048, 600), (16, 32, 64, 256, 90), (16, 0, 0, 64, 300), (32, 40, 70, 142, 2100),

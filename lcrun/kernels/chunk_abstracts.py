@@ -48,7 +48,10 @@ CHUNK_PAGES = 32      # default pages per chunk
 LEADER_GROUPS = 128   # chunk groups whose leaders compete (exact top chunks up to this many chunks)
 
 
-AUTO_MIN_PAGES = 4096  # auto mode: hierarchical from 4096 pages per KV head (128K tokens at P = 32)
+# auto mode: hierarchical from 8192 pages per KV head (256K tokens at P = 32). Per layer inside a
+# decode graph on an H200 (bench_attention-h200-2026-11-29-round8.json): flat is faster at 128K
+# (20-21 us against 25 for 32x32) and slower at 512K (41 against 26); 256K lies between, unmeasured.
+AUTO_MIN_PAGES = 8192
 
 
 def auto_chunk_pages(max_pages: int, chunk_pages: int = CHUNK_PAGES) -> int:
@@ -207,7 +210,22 @@ def _hier_select_kernel(
     tl.store(work + pos, key, mask=take)
     tl.debug_barrier()  # the scratch row is written and read by different threads
     count = tl.sum(take.to(tl.int32), axis=0)
-    c = tl.arange(0, CAP)
+    if count <= CAP // 2:  # usual: rank in a block of half the size (a quarter of the pairs)
+        _rank_kept(work, count, CAP // 2, n_win, page_table, sel_slots, sel_lens, head, stride_t, stride_sel, n,
+                   n_forced, P)
+    else:
+        _rank_kept(work, count, CAP, n_win, page_table, sel_slots, sel_lens, head, stride_t, stride_sel, n,
+                   n_forced, P)
+    # Forced (sink, window) and unused entries (same arithmetic as select.assemble_selection).
+    store_forced(page_table, sel_slots, sel_lens, head, stride_t, stride_sel, n, n_sink, window_first,
+                 n_forced, n_win, P, KMAX, BLOCK_K)
+
+
+@jit
+def _rank_kept(work, count, R: tl.constexpr, n_win, page_table, sel_slots, sel_lens, head, stride_t, stride_sel, n,
+               n_forced, P: tl.constexpr):
+    """Rank the first ``count`` (<= R) keys of the scratch row; the n_win best become top entries."""
+    c = tl.arange(0, R)
     ck = tl.load(work + c, mask=c < count, other=INT64_MIN)
     rank = tl.sum((ck[None, :] > ck[:, None]).to(tl.int32), axis=1)
     win = (ck != INT64_MIN) & (rank < n_win)
@@ -216,9 +234,6 @@ def _hier_select_kernel(
     entry = head * stride_sel + n_forced + rank
     tl.store(sel_slots + entry, slot, mask=win)
     tl.store(sel_lens + entry, tl.minimum(tl.maximum(n - page * P, 0), P), mask=win)
-    # Forced (sink, window) and unused entries (same arithmetic as select.assemble_selection).
-    store_forced(page_table, sel_slots, sel_lens, head, stride_t, stride_sel, n, n_sink, window_first,
-                 n_forced, n_win, P, KMAX, BLOCK_K)
 
 
 def select_top_pages_hier(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, cmin: torch.Tensor,

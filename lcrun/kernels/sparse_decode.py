@@ -53,17 +53,17 @@ def _sparse_decode_split_kernel(
         live = tok_of_row < length
         row_off = slot * stride_slot + tok_of_row * stride_tok
         kt = tl.load(k_pool + row_off[None, :] + offs_d[:, None], mask=live[None, :] & mask_d[:, None], other=0.0)
+        # V is loaded with K, not after the scores: one memory round trip per block, not two.
+        v = tl.load(v_pool + row_off[:, None] + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0)
         if DOT_FP32:
             kt = kt.to(tl.float32)
+            v = v.to(tl.float32)
         s = tl.dot(qt, kt, input_precision=PRECISION) * qk_scale  # (G_PAD, BLOCK_N), log2 units
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_pool + row_off[:, None] + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0)
-        if DOT_FP32:
-            v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -89,12 +89,12 @@ def _merge_splits_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_splits
     lse = tl.load(part_lse + row * stride_pl_h + offs_s, mask=mask_s, other=float("-inf"))
+    parts = tl.load(part_out + row * stride_po_h + offs_s[:, None] * stride_po_s + offs_d[None, :],
+                    mask=mask_s[:, None] & (offs_d < D)[None, :], other=0.0)
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)  # no token at all: weights 0, output 0
     w = tl.exp2(lse - m)
     denom = tl.sum(w, axis=0)
-    parts = tl.load(part_out + row * stride_po_h + offs_s[:, None] * stride_po_s + offs_d[None, :],
-                    mask=mask_s[:, None] & (offs_d < D)[None, :], other=0.0)
     res = tl.sum(parts * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(out + row * stride_o_h + offs_d, res.to(out.dtype.element_ty), mask=offs_d < D)
 

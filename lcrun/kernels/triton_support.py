@@ -142,3 +142,10 @@ if HAVE_TRITON:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+
+    @jit
+    def timer_after(dep):
+        """%globaltimer (ns) read by each thread once its elements of ``dep`` (int32) are computed:
+        stage timestamps inside a kernel, for diagnostics (perf/diag_topk_timeline.py)."""
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=tl.int64,
+                                         is_pure=False, pack=1)

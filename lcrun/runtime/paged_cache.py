@@ -32,7 +32,7 @@ class PagedTopKCache(AttentionCache):
         chunk_pages: 0 = flat selection (every page abstract scored each step); a power of two =
         hierarchical selection (lcrun.kernels.chunk_abstracts): chunk abstracts of that many pages
         are kept too, scored first, and only the pages of the best ``top_chunks`` chunks compete;
-        "auto" = hierarchical (32-page chunks) from 4096 pages per KV head (chunk_abstracts.auto_chunk_pages)."""
+        "auto" = hierarchical (32-page chunks) from AUTO_MIN_PAGES pages per KV head (chunk_abstracts.auto_chunk_pages)."""
         if chunk_pages == "auto":
             from lcrun.kernels.chunk_abstracts import auto_chunk_pages
             chunk_pages = auto_chunk_pages(-(-capacity // page_size))
