@@ -7,6 +7,8 @@ If the oracle is far better, the scores are what to fix; if not, the budget is.
 
     python perf/diag_fidelity_oracle.py --length 4000 --steps 256 --budgets 1024,2048 \
         --out perf/results/diag-fidelity-oracle-4k.json
+    python perf/diag_fidelity_oracle.py --length 8000 --steps 512 --offsets 0,8000 --page-size 16 \
+        --out perf/results/diag-fidelity-oracle-8k-page16.json
 """
 from __future__ import annotations
 
@@ -121,6 +123,7 @@ def main() -> int:
     ap.add_argument("--budgets", default="1024")
     ap.add_argument("--scores", default="quest,oracle", help="comma list of quest, oracle, centroid, softmax, rerankN (rerank2, ...)")
     ap.add_argument("--window-tokens", type=int, default=512)
+    ap.add_argument("--page-size", type=int, default=32)
     ap.add_argument("--offsets", default="0", help="comma list of token offsets into the text (more samples)")
     ap.add_argument("--retrieval", default=None, metavar="TASK:LENGTH:TRIALS",
                     help="instead of the fidelity test, run a retrieval cell (top-k, true positions) per scorer")
@@ -132,13 +135,13 @@ def main() -> int:
     results = dict(meta=run_metadata(), text=text_meta, length=args.length, steps=args.steps, runs=[])
     t0 = time.perf_counter()
     for budget in (int(b) for b in args.budgets.split(",")):
-        ev = Evaluator(args.model, budget=budget, window_tokens=args.window_tokens)
+        ev = Evaluator(args.model, budget=budget, window_tokens=args.window_tokens, page_size=args.page_size)
         ids = ev.tok.encode(text, add_special_tokens=False)
         for kind in args.scores.split(","):
             SCORES = kind
             for off in (int(o) for o in args.offsets.split(",")):
                 r = ev.fidelity(ids[off:], parse_length(args.length), args.steps, Mode.parse("topk:true"))
-                r.update(budget=budget, scores=kind, offset=off, window_tokens=args.window_tokens)
+                r.update(budget=budget, scores=kind, offset=off, window_tokens=args.window_tokens, page_size=args.page_size)
                 results["runs"].append(r)
                 print(f"budget {budget} window {args.window_tokens} {kind:8s} offset {off}: top-1 {r['top1_agreement']:.4f} "
                       f"KL {r['mean_kl']:.5f} ({time.perf_counter() - t0:.0f} s)", flush=True)
