@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcrun.kernels.topk import select_top_pages  # noqa: E402
 from lcrun.profiling.meta import run_metadata  # noqa: E402
+from lcrun.units import parse_tokens  # noqa: E402
 from perf.attention_layer import Layer, attend, folded_plan, score  # noqa: E402
 from perf.attention_timing import graph_of, time_ms  # noqa: E402
 from perf.bench_attention import parse_args  # noqa: E402
@@ -89,7 +90,7 @@ def main() -> int:
     args = parse_args()
     results = dict(meta=run_metadata(), stages=STAGES, runs=[])
     for text in args.contexts.split(","):
-        context = int(float(text[:-1]) * (1 << 10 if text[-1] in "kK" else 1 << 20)) if text[-1] in "kKmM" else int(text)
+        context = parse_tokens(text.strip())
         for variant in mine.variants.split(","):
             warps = int(variant[1:]) if variant.startswith("w") else None
             run = timeline_for(context, args, mine.layers, mine.replays, warps)
