@@ -51,7 +51,8 @@ def plan_memory(config: LcrunConfig, model_cfg: ModelConfig, device: torch.devic
     from lcrun.planner import ModelSpec, detect_hardware, make_plan
     elem = torch.tensor([], dtype=dtype).element_size()
     spec = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
-                               kv_dtype_bytes=elem, name=model_cfg.name or str(config.model))
+                               kv_dtype_bytes=elem, name=model_cfg.name or str(config.model),
+                               offload_kv_dtype_bytes=1 if config.kv_dtype == "fp8" else None)
     from lcrun.offload.calibrate import gpu_calibration
     props = torch.cuda.get_device_properties(device)
     hw = detect_hardware(props.name, props.total_memory, gpu_mem=config.gpu_mem, host_mem=config.host_mem,
@@ -125,7 +126,8 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                                page_size=plan.page_size, budget=config.budget, sink_tokens=config.sink_tokens,
                                window_tokens=config.window_tokens, group_score=config.group_score,
                                prefill_block=plan.prefill_chunk, sparse_prefill=config.prefill == "topk",
-                               prefetch=config.prefetch, **tiers)
+                               prefetch=config.prefetch,
+                               kv_dtype=torch.float8_e4m3fn if config.kv_dtype == "fp8" else None, **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
     # The plan's page size (the one its memory accounting used) when there is a plan.
     page_size = plan.page_size if plan is not None else config.page_size or DEFAULT_PAGE_SIZE

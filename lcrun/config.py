@@ -49,6 +49,11 @@ class LcrunConfig:
                          "input (hidden, as InfiniGen) or this layer's query (layer); off; or auto: probe hidden on "
                          "the first decode steps and keep it only if enough of what it fetches is used.",
                          choices=["auto", "hidden", "layer", "off"])
+    kv_dtype: str = _opt("auto", "tiered KV: how KV pages that leave the GPU are stored (host memory, NVMe and the GPU "
+                         "page cache): auto (the compute dtype, exact) or fp8 (e4m3 with per-head scales: half the "
+                         "bytes per page, so half the PCIe traffic and twice the cached pages; slightly lossy; needs "
+                         "an RTX 40xx/L4/H100-class GPU). A KV cache that fits on the GPU stays in the compute dtype.",
+                         choices=["auto", "fp8"])
     gpu_mem: str | None = _opt(None, "Cap on GPU memory lcrun may hold, e.g. 24GiB.")
     host_mem: str | None = _opt(None, "Cap on pinned host memory for the KV cache, e.g. 32GiB.")
     kv_dir: str | None = _opt(None, "Folder for KV pages spilled to disk (NVMe).")
@@ -60,6 +65,11 @@ class LcrunConfig:
     def resolve(self) -> "LcrunConfig":
         """Validate and normalise; returns self for chaining."""
         self.ctx_tokens = parse_tokens(self.ctx)
+        for f in dataclasses.fields(self):  # the Python API gets the CLI's choices checked too
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                                  f"got {value!r}")
         if self.prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
         if self.page_size is not None and self.page_size not in (16, 32, 64, 128):

@@ -43,3 +43,11 @@ def test_cli_fields_cover_every_setting():
     names = {f.name for f in LcrunConfig.cli_fields()}
     assert {"model", "ctx", "device", "attention", "budget", "page_size", "gpu_mem"} <= names
     assert "ctx_tokens" not in names
+
+
+def test_python_api_settings_get_the_cli_choices_checked():
+    assert LcrunConfig.from_kwargs(kv_dtype="fp8").kv_dtype == "fp8"
+    with pytest.raises(ConfigError, match="--kv-dtype must be one of auto, fp8, got 'int4'"):
+        LcrunConfig.from_kwargs(kv_dtype="int4")
+    with pytest.raises(ConfigError, match="--attention must be one of dense, topk"):
+        LcrunConfig.from_kwargs(attention="sparse")

@@ -62,30 +62,42 @@ def test_graph_replayed_decode_matches_eager(attention, ctx, monkeypatch):
     assert run("auto") == run("0")
 
 
-def test_prefetch_never_changes_tokens_of_the_tiered_store(monkeypatch):
-    """KV tiered to pinned host memory with a GPU page cache smaller than the prompt: the
-    next-layer prefetch (hidden-state predictor, on a side stream captured in the decode graph)
-    moves pages early but never changes what is attended."""
+def _tiered_tokens(monkeypatch, graph: str = "auto", **settings) -> tuple[list[int], dict]:
+    """24 greedy tokens after a 40K-token prompt, with the KV cache tiered to pinned host memory
+    behind a GPU page cache smaller than the prompt; and the store's report."""
     from lcrun import LLM
     from lcrun.runtime.tiered_cache import TieredTopKCache
+    monkeypatch.setenv("LCRUN_CUDA_GRAPH", graph)
+    llm = LLM("synthetic:llama-3.2-1b", ctx="64k", attention="topk", budget=512, sink_tokens=32,
+              window_tokens=128, gpu_mem="4GiB", progress=False, **settings)
+    cache = llm.cache
+    assert isinstance(cache, TieredTopKCache), f"the plan kept the KV cache on the GPU: {llm.plan}"
+    prompt = torch.randint(0, llm.model_config.vocab_size, (40000,), generator=torch.Generator().manual_seed(0))
+    ids = list(llm.stream_ids(prompt.tolist(), max_new_tokens=24))
+    report = cache.report()
+    report["host_dtype"] = cache.host_kv.dtype
+    cache.close()
+    del llm, cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ids, report
 
-    def run(prefetch: str) -> tuple[list[int], dict]:
-        monkeypatch.setenv("LCRUN_CUDA_GRAPH", "auto")
-        llm = LLM("synthetic:llama-3.2-1b", ctx="64k", attention="topk", budget=512, sink_tokens=32,
-                  window_tokens=128, gpu_mem="4GiB", prefetch=prefetch, progress=False)
-        cache = llm.cache
-        assert isinstance(cache, TieredTopKCache), f"the plan kept the KV cache on the GPU: {llm.plan}"
-        prompt = torch.randint(0, llm.model_config.vocab_size, (40000,), generator=torch.Generator().manual_seed(0))
-        ids = list(llm.stream_ids(prompt.tolist(), max_new_tokens=24))
-        report = cache.report()
-        cache.close()
-        del llm, cache
-        gc.collect()
-        torch.cuda.empty_cache()
-        return ids, report
 
-    off, off_report = run("off")
-    hidden, hidden_report = run("hidden")
+def test_prefetch_never_changes_tokens_of_the_tiered_store(monkeypatch):
+    """The next-layer prefetch (hidden-state predictor, on a side stream captured in the decode
+    graph) moves pages early but never changes what is attended."""
+    off, off_report = _tiered_tokens(monkeypatch, prefetch="off")
+    hidden, hidden_report = _tiered_tokens(monkeypatch, prefetch="hidden")
     assert off_report["hit_rate"] < 1.0, "the GPU page cache must miss for this test to mean anything"
     assert hidden_report["prefetched_pages"] > 0
     assert hidden == off
+
+
+def test_fp8_pages_of_the_tiered_store_graph_equals_eager(monkeypatch):
+    """fp8 pages (host pool and GPU page cache, compiled write/admit/attend kernels): a decode step
+    replayed as a CUDA graph gives the tokens eager decode gives, with a cache that misses."""
+    graph, report = _tiered_tokens(monkeypatch, "auto", prefetch="off", kv_dtype="fp8")
+    eager, _ = _tiered_tokens(monkeypatch, "0", prefetch="off", kv_dtype="fp8")
+    assert report["hit_rate"] < 1.0 and report["kv_dtype"] == "float8_e4m3fn"
+    assert report["host_dtype"] == torch.float8_e4m3fn
+    assert graph == eager

@@ -114,6 +114,26 @@ def test_a_rtx4090_128k_spills_to_host():
 
 # -- (b) 12 GB GPU / 32 GB RAM, 128K --
 
+def test_fp8_offloaded_pages_halve_page_bytes_but_not_the_on_gpu_decision():
+    """offload_kv_dtype_bytes=1 (--kv-dtype fp8): tiered pages take 8 KiB instead of 16, so the same
+    GPU bytes hold twice the cache slots and the host half the bytes; abstracts and the question
+    whether everything fits on the GPU (in the model dtype) stay as they were."""
+    hw = machine(24 * GiB, 128 * GiB, 120 * GiB, host_mem="72GiB")
+    fp8 = dataclasses.replace(LLAMA_8B, offload_kv_dtype_bytes=1)
+    bf16_plan, fp8_plan = make_plan(LLAMA_8B, "512k", hw), make_plan(fp8, "512k", hw)
+    assert not bf16_plan.all_on_gpu and not fp8_plan.all_on_gpu
+    assert fp8_plan.page_size == bf16_plan.page_size == 32
+    assert fp8_plan.page_bytes * 2 == bf16_plan.page_bytes == 16 * 1024
+    assert fp8_plan.kv_total_bytes * 2 == bf16_plan.kv_total_bytes and fp8_plan.kv_bytes_per_token == 65536
+    assert fp8_plan.page_abstract_bytes == bf16_plan.page_abstract_bytes
+    assert 1.9 < fp8_plan.gpu_slots / bf16_plan.gpu_slots < 2.1
+    assert any("1 byte(s) per element" in n for n in fp8_plan.notes)
+    # 32K fits on the GPU in bf16: fp8 changes nothing there.
+    assert make_plan(fp8, "32k", hw).all_on_gpu and make_plan(fp8, "32k", hw).page_bytes == 16 * 1024
+    with pytest.raises(ConfigError, match="offload_kv_dtype_bytes"):
+        dataclasses.replace(LLAMA_8B, offload_kv_dtype_bytes=3)
+
+
 def test_b_weights_larger_than_gpu_name_the_shortfall():
     hw = machine(12_000_000_000, 32_000_000_000, 28_000_000_000)
     with pytest.raises(CapacityError) as err:

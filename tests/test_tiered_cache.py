@@ -48,6 +48,60 @@ def test_equals_dense_when_budget_covers_context(cache_slots):
     tiered.close()
 
 
+def test_fp8_pages_stay_close_to_dense_and_take_a_quarter_of_fp32():
+    """fp8 pages (per-head scales from the first prompt; heads and steps of very different sizes)
+    through prefill, host reads and decode: attention within e4m3's rounding of the dense result
+    while the budget covers the context; host pool and page cache hold 1-byte elements."""
+    steps = _steps([37, 50, 21], decode=12, seed=3)
+    k_size, v_size = torch.tensor([0.05, 2.0]).view(1, 2, 1), torch.tensor([0.01, 30.0]).view(1, 2, 1)  # per KV head
+    steps = [(q, k * k_size, v * v_size) for q, k, v in steps]
+    dense = _run(DenseCache(CFG, 160, "cpu", torch.float32), steps)
+    args = dict(cache_slots_per_layer=6, page_size=16, budget=256, sink_tokens=16, window_tokens=32, prefill_block=32,
+                backend="torch")
+    exact = TieredTopKCache(CFG, 160, "cpu", torch.float32, **args)
+    fp8 = TieredTopKCache(CFG, 160, "cpu", torch.float32, kv_dtype=torch.float8_e4m3fn, **args)
+    got = _run(fp8, steps)
+    for a, b in zip(got[1:], dense[1:]):
+        err = ((a - b).norm() / b.norm()).item()
+        assert 1e-4 < err < 0.08  # lossy by e4m3 rounding: ~2.5% per element on random data, K and V
+    assert fp8.host_kv.dtype == fp8.gpu_k.dtype == torch.float8_e4m3fn
+    assert fp8.page_bytes * 4 == exact.page_bytes  # (host slots round up to 4 KiB for direct I/O)
+    assert fp8.gpu_k.nbytes * 4 == exact.gpu_k.nbytes
+    scales = fp8.kv_scale[:, :, :2]
+    assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)  # powers of two
+    assert (scales[:, 1] > 20 * scales[:, 0]).all()  # each head its own scales (K 40x, V 3000x larger)
+    report = fp8.report()
+    assert report["kv_dtype"] == "float8_e4m3fn" and report["decode_steps"] == 12
+    exact.close()
+    fp8.close()
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_hierarchical_selection_matches_the_paged_cache(kv_dtype):
+    """chunk_pages > 0: the tiered store selects like the on-GPU paged cache with the same chunk
+    abstracts (pages of the best chunks only), kept up to date through prefill and decode, so with
+    pages in the model dtype the outputs are the same; fp8 pages stay close."""
+    from lcrun.runtime.paged_cache import PagedTopKCache
+    steps = _steps([200, 37], decode=40, seed=4)  # 17 pages per head at 16 tokens; chunks of 2 pages
+    sel = dict(page_size=16, budget=96, sink_tokens=16, window_tokens=32, chunk_pages=2, top_chunks=2)
+    paged = PagedTopKCache(CFG, 320, "cpu", torch.float32, backend="torch", **sel)
+    tiered = TieredTopKCache(CFG, 320, "cpu", torch.float32, cache_slots_per_layer=24, prefill_block=64,
+                             backend="torch", kv_dtype=kv_dtype, **sel)
+    flat = TieredTopKCache(CFG, 320, "cpu", torch.float32, cache_slots_per_layer=24, prefill_block=64,
+                           backend="torch", **dict(sel, chunk_pages=0))
+    want, got, got_flat = _run(paged, steps), _run(tiered, steps), _run(flat, steps)
+    assert tiered.report()["selection"] == "hierarchical 2x2" and flat.report()["selection"] == "flat"
+    for a, b in zip(got, want):
+        if kv_dtype is None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert ((a - b).norm() / b.norm()).item() < 0.08
+    # ... and not like flat selection, which scores every page (or the test would not tell).
+    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(got_flat[2:], want[2:]))
+    tiered.close()
+    flat.close()
+
+
 def test_small_budget_selects_and_reports():
     steps = _steps([200], decode=10, seed=1)
     tiered = TieredTopKCache(CFG, 256, "cpu", torch.float32, cache_slots_per_layer=64, page_size=16,

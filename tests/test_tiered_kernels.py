@@ -31,7 +31,7 @@ def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Bit pattern (NaN-safe, exact comparisons)."""
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()]) if t.is_floating_point() else t
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()]) if t.is_floating_point() else t
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -433,6 +433,116 @@ def test_gather_pages_to_staging(hkv, P, d, dtype, num_pages):
     assert same_bits(staging_k[:, :n], store.true_k[:, :num_pages].reshape(hkv, n, d))
     assert same_bits(staging_v[:, :n], store.true_v[:, :num_pages].reshape(hkv, n, d))
     assert staging_k[:, n:].isnan().all() and staging_v[:, n:].isnan().all()
+
+
+# -- fp8 pages -------------------------------------------------------------------------------------
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_store(hkv, max_pages, P, d, seed, num_cache_slots=5, spill=0.0):
+    """A Store whose pages are e4m3 codes with per-head power-of-two scales; true_k/v hold what the
+    codes mean (code * scale, in fp32), kv_scale the (Hkv, 4) scales of lcrun.kernels.tiered."""
+    from lcrun.runtime.tiered_cache import fp8_scales
+    store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=F32, num_cache_slots=num_cache_slots, spill=spill,
+                  seed=seed)
+    # Heads of very different magnitudes: one scale per head has to serve each.
+    mag = torch.tensor([0.02, 1.0, 30.0, 0.5][:hkv]).view(hkv, 1, 1, 1)
+    amax = torch.stack(((store.true_k * mag).abs().amax((1, 2, 3)), (store.true_v * mag).abs().amax((1, 2, 3))), -1)
+    scale = fp8_scales(amax)
+    ks, vs = scale[:, 0].view(hkv, 1, 1, 1), scale[:, 1].view(hkv, 1, 1, 1)
+    codes_k = ref.encode(store.true_k * mag, 1 / ks, FP8)
+    codes_v = ref.encode(store.true_v * mag, 1 / vs, FP8)
+    store.true_k, store.true_v = codes_k.float() * ks, codes_v.float() * vs
+    host = store.host_kv.cpu().to(FP8)  # junk slots stay junk codes
+    home = store.home.cpu().long()
+    host[home, 0], host[home, 1] = codes_k, codes_v
+    store.host_kv = to_host(host)
+    cached = store.cached()
+    gk, gv = store.gpu_k.cpu().to(FP8), store.gpu_v.cpu().to(FP8)
+    for h, p in cached.nonzero().tolist():
+        slot = int(store.cache_slot[h, p])
+        gk[slot], gv[slot] = codes_k[h, p], codes_v[h, p]
+    store.gpu_k, store.gpu_v = gk.to(DEVICE), gv.to(DEVICE)
+    store.dtype, store.kv_scale, store.codes = FP8, scale.to(DEVICE), (codes_k, codes_v)
+    return store, mag
+
+
+@pytest.mark.parametrize("T,start,P,d,dtype", [(1, 37, 16, 64, F16), (45, 3, 32, 128, BF16), (70, 0, 16, 64, F32)])
+def test_fp8_write_through_stores_codes_and_exact_abstracts(T, start, P, d, dtype):
+    """Tokens land as e4m3 codes of value / scale (their head's scale; kernel = reference, bit for
+    bit), in the host page and the cached copy; code * scale is within e4m3's rounding of the
+    value; the running abstracts stay exact."""
+    hkv, max_pages = 3, -(-(start + T) // P) + 2
+    store, mag = fp8_store(hkv, max_pages, P, d, seed=T)
+    mag = mag.view(1, hkv, 1).to(DEVICE)
+    k_new = (torch.randn(T, hkv, d, generator=store.gen).to(DEVICE) * mag).to(dtype)
+    v_new = (torch.randn(T, hkv, d, generator=store.gen).to(DEVICE) * mag).to(dtype)
+    abstracts = T == 1
+    results = []
+    for fn in (write_through, ref.write_through):
+        host_kv, gpu_k, gpu_v = to_host(store.host_kv.clone()), store.gpu_k.clone(), store.gpu_v.clone()
+        kmin = torch.zeros(hkv, max_pages, d, dtype=dtype, device=DEVICE) if abstracts else None
+        kmax = torch.zeros_like(kmin) if abstracts else None
+        fn(k_new, v_new, i32(start), host_kv, store.host_slot, gpu_k, gpu_v, store.cache_slot, store.tag, kmin, kmax,
+           kv_scale=store.kv_scale)
+        results.append((host_kv, gpu_k, gpu_v) + ((kmin, kmax) if abstracts else ()))
+    for a, b in zip(*results):
+        assert same_bits(a, b)
+    host_kv = results[0][0].cpu()
+    scale = store.kv_scale.cpu()
+    for t in (0, T - 1):
+        p, off = divmod(start + t, P)
+        for h in range(hkv):
+            slot = int(store.host_slot[h, p])
+            for kv, new in ((0, k_new), (1, v_new)):
+                value = new[t, h].float().cpu()
+                got = host_kv[slot, kv, off].float() * scale[h, kv]
+                assert ((got - value).abs() <= value.abs() / 16 + scale[h, kv] * 2.0 ** -9).all()
+    if abstracts:  # from the exact key (the page's running values started at 0)
+        page, k = start // P, k_new[0].cpu()
+        assert same_bits(results[0][3][:, page].cpu(), torch.minimum(k, torch.zeros_like(k)))
+        assert same_bits(results[0][4][:, page].cpu(), torch.maximum(k, torch.zeros_like(k)))
+
+
+@pytest.mark.parametrize("hkv,P,d,num_pages,dtype", [(3, 16, 64, 7, F16), (2, 32, 128, 5, BF16), (4, 16, 128, 3, F32)])
+def test_fp8_gather_decodes_and_admission_copies_codes(hkv, P, d, num_pages, dtype):
+    store, _ = fp8_store(hkv, 10, P, d, seed=num_pages)
+    results = []
+    for fn in (gather_pages_to_staging, ref.gather_pages_to_staging):
+        staging_k = torch.full((hkv, num_pages * P + 3, d), float("nan"), dtype=dtype, device=DEVICE)
+        staging_v = torch.full_like(staging_k, float("nan"))
+        fn(store.host_kv, store.host_slot, num_pages, staging_k, staging_v, kv_scale=store.kv_scale)
+        results.append((staging_k.cpu(), staging_v.cpu()))
+    assert same_bits(results[0][0], results[1][0]) and same_bits(results[0][1], results[1][1])
+    n = num_pages * P
+    assert same_bits(results[0][0][:, :n], store.true_k[:, :num_pages].reshape(hkv, n, d).to(dtype))
+    assert same_bits(results[0][1][:, :n], store.true_v[:, :num_pages].reshape(hkv, n, d).to(dtype))
+    # Admission moves codes, byte for byte.
+    sel_pages, sel_lens = store.select(kmax=6)
+    admitted = [run_admit(store, sel_pages, sel_lens, fn) for fn in (admit_pages, ref.admit_pages)]
+    for a, b in zip(*admitted):
+        assert same_bits(a, b)
+
+
+@pytest.mark.parametrize("g,d,P,dtype", [(1, 64, 16, F16), (3, 128, 32, F32), (4, 64, 32, F16), (8, 128, 16, F32)])
+def test_fp8_sparse_decode_attention_matches_reference(g, d, P, dtype):
+    """fp8 pools with per-head scales (heads of magnitudes 0.02 .. 30): the kernel equals the torch
+    reference over the decoded pages, with partial pages and unused entries."""
+    from lcrun.kernels.reference import sparse_decode_attention as ref_sparse
+    hkv = 4 if g != 3 else 3
+    store, _ = fp8_store(hkv, 12, P, d, seed=g)
+    sel_pages, sel_lens = store.select(kmax=9)
+    heads = torch.arange(hkv, device=DEVICE, dtype=torch.int32)[:, None]
+    sel_slots = (heads * store.max_pages + sel_pages).contiguous()
+    codes_k, codes_v = (c.reshape(hkv * store.max_pages, P, d).to(DEVICE) for c in store.codes)
+    q = torch.randn(hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
+    got = sparse_decode_attention(q, codes_k, codes_v, sel_slots, sel_lens, num_splits=2, kv_scale=store.kv_scale)
+    want = ref_sparse(q, codes_k, codes_v, sel_slots, sel_lens, kv_scale=store.kv_scale)
+    assert rel_err(got, want) < TOL[dtype]
+    # ... which is attention over the values the codes stand for.
+    pool_k, pool_v = (t.reshape(hkv * store.max_pages, P, d).to(DEVICE) for t in (store.true_k, store.true_v))
+    assert rel_err(got, ref_sparse(q, pool_k, pool_v, sel_slots, sel_lens)) < TOL[dtype]
 
 
 # -- GPU only --------------------------------------------------------------------------------------

@@ -57,6 +57,29 @@ def test_layerwise_prefill_equals_dense_over_two_turns(tmp_path, host):
     assert not os.listdir(tmp_path)  # and is removed on close
 
 
+def test_fp8_pages_through_nvme_over_two_turns(tmp_path):
+    """fp8 pages spilled to page files and read back (the second turn stages its past from the host
+    pool and NVMe): each turn's logits stay within e4m3's rounding of dense, and greedy decode
+    after it runs (the NVMe files hold the same codes as the host pool)."""
+    model = random_model(CFG, "cpu", torch.float32, seed=0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (300,), generator=g).tolist()
+    ids2 = ids + torch.randint(0, 128, (70,), generator=g).tolist()
+    dense = Generator(model, DenseCache(CFG, 512, "cpu", torch.float32), 64)
+    cache = _tiered(512, tmp_path, 40, kv_dtype=torch.float8_e4m3fn)
+    tiered = Generator(model, cache, 64)
+    want = dense.prefill(ids)
+    torch.testing.assert_close(tiered.prefill(ids), want, rtol=1e-5, atol=1e-5)  # a first prompt attends exactly
+    want, got = dense.prefill(ids2), tiered.prefill(ids2)
+    err = ((got - want).norm() / want.norm()).item()
+    assert 0 < err < 0.02  # the past came back through fp8 pages
+    report = cache.report()
+    assert report["prefill_nvme_read_bytes"] > 0 and report["kv_dtype"] == "float8_e4m3fn"
+    greedy = SamplingParams(max_new_tokens=4, temperature=0)
+    assert len(list(tiered.stream(ids2 + [5], greedy))) == 4
+    cache.close()
+
+
 def test_host_only_decode_after_layerwise_prefill_equals_dense():
     model = random_model(CFG, "cpu", torch.float32, seed=2)
     ids = torch.randint(0, 128, (150,), generator=torch.Generator().manual_seed(3)).tolist()

@@ -12,12 +12,12 @@ from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit,
 
 @jit
 def _sparse_decode_split_kernel(
-    q, k_pool, v_pool, sel_slots, sel_lens, num_entries, part_out, part_lse, qk_scale,
-    stride_q_h, stride_slot, stride_tok, stride_sel_h, stride_po_h, stride_po_s, stride_pl_h,
+    q, k_pool, v_pool, sel_slots, sel_lens, num_entries, kv_scale, part_out, part_lse, qk_scale,
+    stride_q_h, stride_slot, stride_tok, stride_sel_h, stride_po_h, stride_po_s, stride_pl_h, stride_scale_h,
     kmax, pages_per_split,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ENTRIES: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)
@@ -32,6 +32,8 @@ def _sparse_decode_split_kernel(
                  mask=(offs_g < G)[:, None] & mask_d[None, :], other=0.0)
     if DOT_FP32:
         qt = qt.to(tl.float32)
+    if SCALED:  # fp8 pages: K's scale folds into the logits' scale, V's into the output
+        qk_scale = qk_scale * tl.load(kv_scale + head * stride_scale_h)
 
     first = split * pages_per_split
     last = tl.minimum(first + pages_per_split, kmax)
@@ -58,6 +60,9 @@ def _sparse_decode_split_kernel(
         if DOT_FP32:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
+        elif SCALED:
+            kt = kt.to(qt.dtype)
+            v = v.to(qt.dtype)
         s = tl.dot(qt, kt, input_precision=PRECISION) * qk_scale  # (G_PAD, BLOCK_N), log2 units
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -69,6 +74,8 @@ def _sparse_decode_split_kernel(
 
     has_tokens = l_i > 0
     out = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
+    if SCALED:
+        out = out * tl.load(kv_scale + head * stride_scale_h + 1)
     lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
     row_mask = offs_g < G
     tl.store(part_out + rows[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :], out,
@@ -121,7 +128,8 @@ def decode_splits(hkv: int, kmax: int, page_size: int, block_n: int, device: tor
 def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                             sel_slots: torch.Tensor, sel_lens: torch.Tensor, sm_scale: float | None = None,
                             num_entries: torch.Tensor | None = None,
-                            num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                            num_splits: int | None = None, out: torch.Tensor | None = None,
+                            kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one decode token over the selected pages of its KV head.
 
     q: (Hq, D) fp16/bf16/fp32, last dim contiguous (Hq = G * Hkv, head i uses KV head i // G);
@@ -131,13 +139,22 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     entries at or past it are skipped without being read (dense layers over a capacity-sized list).
     Returns out (Hq, D) in q's dtype (into ``out`` if given, contiguous); a head with no selected
     token gets zeros. num_splits overrides the split heuristic (tuning).
+    fp8 pools (e4m3 codes): kv_scale (Hkv, 4) fp32 gives each KV head's K and V scale (columns 0
+    and 1; lcrun.kernels.tiered's layout); keys are code * K scale, values code * V scale.
     """
     hq, d = q.shape
     hkv, kmax = sel_slots.shape
     num_slots, page_size, d_pool = k_pool.shape
     assert q.stride(1) == 1 and d_pool == d and hq % hkv == 0, f"q {tuple(q.shape)} vs pool {tuple(k_pool.shape)}"
     assert k_pool.is_contiguous() and v_pool.is_contiguous() and v_pool.shape == k_pool.shape
-    assert q.dtype == k_pool.dtype == v_pool.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k_pool.dtype == v_pool.dtype
+    scaled = k_pool.dtype == torch.float8_e4m3fn
+    assert k_pool.dtype == q.dtype or scaled, f"q is {q.dtype}, pools {k_pool.dtype}"
+    if scaled:
+        assert kv_scale is not None and kv_scale.shape == (hkv, 4) and kv_scale.dtype == torch.float32
+        assert kv_scale.stride(1) == 1 and kv_scale.device == q.device
+    else:
+        assert kv_scale is None, "kv_scale is for fp8 pools"
     assert sel_lens.shape == sel_slots.shape and sel_slots.dtype == sel_lens.dtype == torch.int32
     assert sel_slots.is_contiguous() and sel_lens.is_contiguous()
     assert page_size & (page_size - 1) == 0
@@ -154,13 +171,13 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     pdl = pdl_enabled(q.device)
     _sparse_decode_split_kernel[(hkv, splits)](
         q, k_pool, v_pool, sel_slots, sel_lens, num_entries if num_entries is not None else sel_lens,
-        part_out, part_lse, sm_scale * LOG2E,
+        kv_scale if scaled else sel_lens, part_out, part_lse, sm_scale * LOG2E,
         q.stride(0), k_pool.stride(0), k_pool.stride(1), sel_slots.stride(0),
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0),
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), kv_scale.stride(0) if scaled else 0,
         kmax, pages_per_split,
         G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
         HAS_NUM_ENTRIES=num_entries is not None,
-        DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
+        DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype), SCALED=scaled,
         num_warps=4, num_stages=2, PDL=pdl, **pdl_launch(pdl),
     )
     if out is None:

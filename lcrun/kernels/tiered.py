@@ -12,6 +12,9 @@ Layouts, one layer (the caller passes one layer's tensors):
     gpu_k/gpu_v (num_cache_slots, P, D) contiguous, GPU: the page cache.
     cache_slot  (Hkv, max_pages) int32, GPU: the one cache slot page (h, p) may occupy (direct-mapped).
     tag         (num_cache_slots,) int32, GPU: flat id h * max_pages + p of the page in the slot, or -1.
+    kv_scale    (Hkv, 4) fp32, GPU, for fp8 pages only: [K scale, V scale, 1 / K scale, 1 / V scale]
+                of each KV head; a page stores codes = clamp(x / scale, +-448) in e4m3, read as
+                code * scale. The host pool and the GPU cache hold the same codes.
                 Page (h, p) is cached iff tag[cache_slot[h, p]] == h * max_pages + p.
     sel_pages   (Hkv, Kmax) int32 logical pages, sel_lens (Hkv, Kmax) int32 valid tokens (0 = unused;
                 the page of an unused entry is never looked at).
@@ -41,6 +44,11 @@ from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit,
                                           pdl_wait, tl)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Page storage may also be fp8 (e4m3): codes = clamp(x / scale, +-FP8_MAX), one power-of-two scale
+# per KV head for K and one for V (``kv_scale`` below), so a page costs half the bytes to move.
+FP8 = torch.float8_e4m3fn
+STORE_DTYPES = DTYPES + (FP8,)
+FP8_MAX = 448.0
 
 
 # -- host pointers ---------------------------------------------------------------------------------
@@ -93,7 +101,7 @@ def _check_host(host_kv: torch.Tensor, device: torch.device, page_size: int, d: 
 
 def _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot) -> None:
     assert gpu_k.dim() == 3 and gpu_k.is_contiguous() and gpu_v.is_contiguous() and gpu_v.shape == gpu_k.shape
-    assert gpu_k.dtype == gpu_v.dtype and gpu_k.dtype in DTYPES
+    assert gpu_k.dtype == gpu_v.dtype and gpu_k.dtype in STORE_DTYPES
     page_size = gpu_k.shape[1]
     assert page_size & (page_size - 1) == 0, f"page size {page_size} must be a power of two"
     assert tag.shape == (gpu_k.shape[0],) and tag.dtype == torch.int32 and tag.is_contiguous()
@@ -101,6 +109,17 @@ def _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot) -> None:
         f"cache_slot {tuple(cache_slot.shape)} vs host_slot {tuple(host_slot.shape)}"
     assert cache_slot.dtype == host_slot.dtype == torch.int32
     assert cache_slot.is_contiguous() and host_slot.is_contiguous()
+
+
+def check_kv_scale(kv_scale: torch.Tensor | None, store_dtype: torch.dtype, hkv: int, device: torch.device) -> None:
+    """fp8 pages need their (Hkv, 4) fp32 scales on the kernels' device; other dtypes take none."""
+    if store_dtype != FP8:
+        assert kv_scale is None, f"kv_scale is for fp8 pages, these are {store_dtype}"
+        return
+    assert kv_scale is not None, "fp8 pages need kv_scale (Hkv, 4): K/V scales and their inverses"
+    assert kv_scale.shape == (hkv, 4) and kv_scale.dtype == torch.float32 and kv_scale.stride(1) == 1, \
+        f"kv_scale {tuple(kv_scale.shape)} {kv_scale.dtype}, expected ({hkv}, 4) float32, last dim contiguous"
+    assert kv_scale.device == device, f"kv_scale on {kv_scale.device}, kernels on {device}"
 
 
 def _check_selection(sel_pages, sel_lens, hkv) -> None:
@@ -418,12 +437,29 @@ def _check_counters(counters, spec_mark, step, tag, device) -> None:
 # -- write-through ---------------------------------------------------------------------------------
 
 @jit
+def _to_e4m3(x, code_max: tl.constexpr):
+    """fp32 -> e4m3 codes, round to nearest even, saturating at +-code_max. Rounded on e4m3's grid
+    in fp32 first (adding and subtracting 1.5 * 2^(23 + s) rounds to a multiple of the grid step
+    2^s; subnormals have step 2^-9), so the cast only meets representable values: the interpreter's
+    own fp8 cast mis-rounds some values (7.9 -> 4); the GPU's hardware cast agrees with torch on
+    every value (perf/diag_fp8_rounding.py), and so does this."""
+    size = tl.abs(x)
+    biased = (size.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    step_exp = tl.maximum(biased - 127, -6) - 3
+    magic = (((step_exp + 150) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    rounded = tl.minimum((size + magic) - magic, code_max)
+    # x's sign bit, also on a zero (a compiled negation is 0 - x, which loses it)
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True).to(tl.float8e4nv)
+
+
+@jit
 def _write_through_kernel(
-    k_new, v_new, start_ptr, start_int, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag, kmin, kmax,
+    k_new, v_new, start_ptr, start_int, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag, kmin, kmax, kv_scale,
     T, max_pages, stride_kt, stride_kh, stride_vt, stride_vh, stride_hslot, stride_hkv, stride_htok,
-    stride_cslot, stride_ctok, stride_map_h, stride_abs_h, stride_abs_p,
+    stride_cslot, stride_ctok, stride_map_h, stride_abs_h, stride_abs_p, stride_scale_h,
     START_IS_TENSOR: tl.constexpr, P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_T: tl.constexpr, ABSTRACTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, ABSTRACTS: tl.constexpr, QUANT: tl.constexpr, CODE_MAX: tl.constexpr,
 ):
     head = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -444,14 +480,22 @@ def _write_through_kernel(
     m_in = in_t[:, None] & mask_d[None, :]
     k = tl.load(k_new + offs_t[:, None] * stride_kt + head * stride_kh + offs_d[None, :], mask=m_in)
     v = tl.load(v_new + offs_t[:, None] * stride_vt + head * stride_vh + offs_d[None, :], mask=m_in)
+    if QUANT:  # fp8 pages: codes with the head's scales (multiplying by a power-of-two inverse is exact)
+        inv_k = tl.load(kv_scale + head * stride_scale_h + 2)
+        inv_v = tl.load(kv_scale + head * stride_scale_h + 3)
+        k_st = _to_e4m3(k.to(tl.float32) * inv_k, CODE_MAX)
+        v_st = _to_e4m3(v.to(tl.float32) * inv_v, CODE_MAX)
+    else:
+        k_st = k
+        v_st = v
     h_off = hslot.to(tl.int64) * stride_hslot + tok * stride_htok
     m_h = (ok & (hslot >= 0))[:, None] & mask_d[None, :]
-    tl.store(host_kv + h_off[:, None] + offs_d[None, :], k, mask=m_h)
-    tl.store(host_kv + stride_hkv + h_off[:, None] + offs_d[None, :], v, mask=m_h)
+    tl.store(host_kv + h_off[:, None] + offs_d[None, :], k_st, mask=m_h)
+    tl.store(host_kv + stride_hkv + h_off[:, None] + offs_d[None, :], v_st, mask=m_h)
     c_off = cslot.to(tl.int64) * stride_cslot + tok * stride_ctok
     m_c = cached[:, None] & mask_d[None, :]
-    tl.store(gpu_k + c_off[:, None] + offs_d[None, :], k, mask=m_c)
-    tl.store(gpu_v + c_off[:, None] + offs_d[None, :], v, mask=m_c)
+    tl.store(gpu_k + c_off[:, None] + offs_d[None, :], k_st, mask=m_c)
+    tl.store(gpu_v + c_off[:, None] + offs_d[None, :], v_st, mask=m_c)
     if ABSTRACTS:
         # One token (decode): the running min/max of its page; the page's first token restarts them.
         a_off = head * stride_abs_h + page.to(tl.int64) * stride_abs_p
@@ -465,12 +509,14 @@ def _write_through_kernel(
 
 def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.Tensor, host_kv: torch.Tensor,
                   host_slot: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor, cache_slot: torch.Tensor,
-                  tag: torch.Tensor, kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None) -> None:
+                  tag: torch.Tensor, kmin: torch.Tensor | None = None, kmax: torch.Tensor | None = None,
+                  kv_scale: torch.Tensor | None = None) -> None:
     """Write tokens at positions start .. start+T-1 of every KV head into their host pages (zero-copy
     stores into host_kv[host_slot[h, pos // P], 0/1, pos % P]) and into the page's GPU cache slot
     when the page is cached there. Never claims a slot (a page cached part-way would hold garbage).
 
-    k_new, v_new: (T, Hkv, D), host_kv's dtype, last dim contiguous (keys post-RoPE); start: a
+    k_new, v_new: (T, Hkv, D), host_kv's dtype (or fp16/bf16/fp32 when the pages are fp8: then
+    stored as codes with ``kv_scale``, module docstring), last dim contiguous (keys post-RoPE); start: a
     Python int, or a 1-element int32/int64 tensor on the GPU side's device (decode: no host sync,
     graph-capturable); host_kv: (num_host_slots, 2, P, D) pinned CPU (or device) memory;
     host_slot, cache_slot: (Hkv, max_pages) int32; gpu_k, gpu_v: (num_cache_slots, P, D); tag:
@@ -479,7 +525,7 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
 
     kmin, kmax: optional (Hkv, max_pages, D) page abstracts, k_new's dtype, last dim contiguous; only
     with T == 1 (a decode step): the token's page gets its running per-channel min/max (reset when
-    the token is the page's first), in the same launch.
+    the token is the page's first), in the same launch; from the exact keys, also for fp8 pages.
 
     One launch, grid (ceil(T / BLOCK_T), Hkv); each program moves BLOCK_T rows of D contiguous
     elements (16-byte vectors) per K and V.
@@ -489,9 +535,11 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
     device = _kernel_device(k_new, v_new, host_slot, gpu_k, gpu_v, cache_slot, tag)
     assert v_new.shape == k_new.shape and d_cache == d, f"k {tuple(k_new.shape)}, v {tuple(v_new.shape)}, cache {tuple(gpu_k.shape)}"
     assert k_new.stride(2) == 1 and v_new.stride(2) == 1, "k_new/v_new: last dim must be contiguous"
-    assert k_new.dtype == v_new.dtype == gpu_k.dtype
+    assert k_new.dtype == v_new.dtype and k_new.dtype in DTYPES
+    assert gpu_k.dtype in (k_new.dtype, FP8), f"tokens are {k_new.dtype}, pages {gpu_k.dtype}"
     _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot)
     _check_host(host_kv, device, page_size, d, gpu_k.dtype)
+    check_kv_scale(kv_scale, gpu_k.dtype, hkv, device)
     assert host_slot.shape[0] == hkv
     if isinstance(start, torch.Tensor):
         assert start.numel() == 1 and start.dtype in (torch.int32, torch.int64) and start.device == device
@@ -509,12 +557,15 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
     block_t = min(32, next_pow2(t))
     _write_through_kernel[(-(-t // block_t), hkv)](
         k_new, v_new, start_ptr, start_int, as_kernel_pointer(host_kv, device), host_slot, gpu_k, gpu_v,
-        cache_slot, tag, kmin if abstracts else gpu_k, kmax if abstracts else gpu_k,
+        cache_slot, tag, kmin if abstracts else k_new, kmax if abstracts else k_new,
+        kv_scale if kv_scale is not None else tag,
         t, host_slot.shape[1], k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         host_kv.stride(0), host_kv.stride(1), host_kv.stride(2), gpu_k.stride(0), gpu_k.stride(1),
         host_slot.stride(0), kmin.stride(0) if abstracts else 0, kmin.stride(1) if abstracts else 0,
+        kv_scale.stride(0) if kv_scale is not None else 0,
         START_IS_TENSOR=isinstance(start, torch.Tensor), P=page_size, D=d, BLOCK_D=next_pow2(d),
-        BLOCK_T=block_t, ABSTRACTS=abstracts, num_warps=4, num_stages=1,
+        BLOCK_T=block_t, ABSTRACTS=abstracts, QUANT=kv_scale is not None, CODE_MAX=FP8_MAX,
+        num_warps=4, num_stages=1,
     )
 
 
@@ -522,9 +573,9 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
 
 @jit
 def _gather_pages_kernel(
-    host_kv, host_slot, staging_k, staging_v, num_pages,
-    stride_hslot, stride_hkv, stride_map_h, stride_st_h,
-    PD: tl.constexpr, BLOCK_PD: tl.constexpr, PAGES: tl.constexpr,
+    host_kv, host_slot, staging_k, staging_v, num_pages, kv_scale,
+    stride_hslot, stride_hkv, stride_map_h, stride_st_h, stride_scale_h,
+    PD: tl.constexpr, BLOCK_PD: tl.constexpr, PAGES: tl.constexpr, DEQUANT: tl.constexpr,
 ):
     head = tl.program_id(1)
     pages = tl.program_id(0) * PAGES + tl.arange(0, PAGES)
@@ -535,19 +586,24 @@ def _gather_pages_kernel(
     src = host_kv + hslot[:, None] * stride_hslot + offs[None, :]
     k = tl.load(src, mask=mask)
     v = tl.load(src + stride_hkv, mask=mask)
+    if DEQUANT:  # fp8 codes -> values in the staging dtype
+        k = (k.to(tl.float32) * tl.load(kv_scale + head * stride_scale_h)).to(staging_k.dtype.element_ty)
+        v = (v.to(tl.float32) * tl.load(kv_scale + head * stride_scale_h + 1)).to(staging_k.dtype.element_ty)
     dst = head.to(tl.int64) * stride_st_h + pages.to(tl.int64)[:, None] * PD + offs[None, :]
     tl.store(staging_k + dst, k, mask=mask)
     tl.store(staging_v + dst, v, mask=mask)
 
 
 def gather_pages_to_staging(host_kv: torch.Tensor, host_slot: torch.Tensor, num_pages: int,
-                            staging_k: torch.Tensor, staging_v: torch.Tensor) -> None:
+                            staging_k: torch.Tensor, staging_v: torch.Tensor,
+                            kv_scale: torch.Tensor | None = None) -> None:
     """staging_k/v[h, p*P : (p+1)*P] = host K/V page of (h, p) for every KV head h and p < num_pages
     (chunked prefill streams all earlier tokens' K/V from the host pool in bulk).
 
     host_kv: (num_host_slots, 2, P, D) pinned CPU (or device) memory; host_slot: (Hkv, max_pages)
     int32 on the GPU; staging_k, staging_v: (Hkv, capacity_tokens, D), host_kv's dtype, with
-    contiguous (capacity_tokens, D) rows and capacity_tokens >= num_pages * P. Every page copied
+    contiguous (capacity_tokens, D) rows and capacity_tokens >= num_pages * P. fp8 pages (with
+    their ``kv_scale``) arrive as values in the staging dtype (fp16/bf16/fp32). Every page copied
     must be in the host pool (host_slot >= 0): the caller promotes spilled pages first; the kernel
     does not check (it would read slot -1).
 
@@ -557,7 +613,10 @@ def gather_pages_to_staging(host_kv: torch.Tensor, host_slot: torch.Tensor, num_
     hkv, capacity, d = staging_k.shape
     page_size = host_kv.shape[2]
     device = _kernel_device(host_slot, staging_k, staging_v)
-    _check_host(host_kv, device, page_size, d, staging_k.dtype)
+    dequant = host_kv.dtype != staging_k.dtype
+    assert not dequant or host_kv.dtype == FP8, f"host pages {host_kv.dtype}, staging {staging_k.dtype}"
+    _check_host(host_kv, device, page_size, d, host_kv.dtype)
+    check_kv_scale(kv_scale, host_kv.dtype, hkv, device)
     assert staging_v.shape == staging_k.shape and staging_v.dtype == staging_k.dtype
     assert staging_k.stride()[1:] == (d, 1) and staging_v.stride() == staging_k.stride(), \
         "staging_k/v: (capacity_tokens, D) rows must be contiguous, same strides"
@@ -573,6 +632,8 @@ def gather_pages_to_staging(host_kv: torch.Tensor, host_slot: torch.Tensor, num_
     pages = max(1, min(next_pow2(num_pages), 16384 // (block_pd * staging_k.element_size())))
     _gather_pages_kernel[(-(-num_pages // pages), hkv)](
         as_kernel_pointer(host_kv, device), host_slot, staging_k, staging_v, num_pages,
+        kv_scale if dequant else host_slot,
         host_kv.stride(0), host_kv.stride(1), host_slot.stride(0), staging_k.stride(0),
-        PD=pd, BLOCK_PD=block_pd, PAGES=pages, num_warps=8, num_stages=1,
+        kv_scale.stride(0) if dequant else 0,
+        PD=pd, BLOCK_PD=block_pd, PAGES=pages, DEQUANT=dequant, num_warps=8, num_stages=1,
     )

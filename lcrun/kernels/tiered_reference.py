@@ -10,6 +10,22 @@ import torch
 
 from lcrun.kernels import reference
 
+FP8_MAX = 448.0
+
+
+def encode(x: torch.Tensor, inv_scale: torch.Tensor, store_dtype: torch.dtype) -> torch.Tensor:
+    """Values -> page storage: fp8 codes clamp(x * inv_scale, +-448) (inv_scale broadcasts), else a cast."""
+    if store_dtype != torch.float8_e4m3fn:
+        return x.to(store_dtype)
+    return (x.float() * inv_scale).clamp(-FP8_MAX, FP8_MAX).to(store_dtype)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Page storage -> values in ``dtype`` (scale broadcasts; None: a cast)."""
+    if scale is None:
+        return codes.to(dtype)
+    return (codes.float() * scale).to(dtype)
+
 
 def _host_pages(host_kv: torch.Tensor, slots: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V pages at host ``slots`` (any shape, -1 read as slot 0) on ``device``."""
@@ -115,7 +131,7 @@ def _read_map(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, g
 
 
 def write_through(k_new, v_new, start, host_kv, host_slot, gpu_k, gpu_v, cache_slot, tag, kmin=None,
-                  kmax=None) -> None:
+                  kmax=None, kv_scale=None) -> None:
     t, hkv, d = k_new.shape
     if kmin is not None:
         running_abstracts(k_new, start, kmin, kmax, gpu_k.shape[1])
@@ -129,6 +145,9 @@ def write_through(k_new, v_new, start, host_kv, host_slot, gpu_k, gpu_v, cache_s
     ok = pages < max_pages
     heads, pages, tok = heads[ok], pages[ok], tok[ok]
     k_rows, v_rows = k_new.transpose(0, 1)[ok], v_new.transpose(0, 1)[ok]  # (n, D)
+    if kv_scale is not None:
+        k_rows = encode(k_rows, kv_scale[heads, 2, None], gpu_k.dtype)
+        v_rows = encode(v_rows, kv_scale[heads, 3, None], gpu_k.dtype)
     cslot, cached, hslot = _lookup(pages, heads, cache_slot, tag, host_slot)
     to_host = hslot >= 0
     hd = host_kv.device
@@ -151,12 +170,15 @@ def running_abstracts(k_new, start, kmin, kmax, page_size) -> None:
     kmax.index_copy_(1, page, torch.where(fresh, kt, torch.maximum(kmax.index_select(1, page), kt)))
 
 
-def gather_pages_to_staging(host_kv, host_slot, num_pages, staging_k, staging_v) -> None:
+def gather_pages_to_staging(host_kv, host_slot, num_pages, staging_k, staging_v, kv_scale=None) -> None:
     hkv, _, d = staging_k.shape
     page_size = host_kv.shape[2]
     num_pages = int(num_pages)
     if num_pages == 0:
         return
     host_k, host_v = _host_pages(host_kv, host_slot[:, :num_pages], staging_k.device)
+    if kv_scale is not None:
+        host_k = decode(host_k, kv_scale[:, 0, None, None, None], staging_k.dtype)
+        host_v = decode(host_v, kv_scale[:, 1, None, None, None], staging_k.dtype)
     staging_k[:, :num_pages * page_size] = host_k.reshape(hkv, num_pages * page_size, d)
     staging_v[:, :num_pages * page_size] = host_v.reshape(hkv, num_pages * page_size, d)

@@ -387,6 +387,14 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
             f"Use --attention topk (pages spill to host memory), a smaller --ctx (about {fit} fits), "
             f"or raise {cap_flag}")
 
+    # -- tiered: pages may be stored narrower than on the GPU (fp8) -----------------------------------
+    eo = m.offload_kv_dtype_bytes or e
+    if eo != e:
+        page_bytes = 2 * P * d * eo
+        kv_total = total_pages * page_bytes
+        notes.append(f"KV pages in the tiered store take {eo} byte(s) per element (the model's KV takes {e}): "
+                     f"{format_bytes(page_bytes)} per page, on the GPU, in host memory, on NVMe and over PCIe")
+
     # -- tiered: abstracts ----------------------------------------------------------------------------
     share = ABSTRACT_SHARE * cap
     chunk_pages = 0
@@ -481,7 +489,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
 
     t = tiers(1)
     assert t is not None  # guaranteed by the chunk search
-    kv_read = L * hkv * min(ctx, selected * P) * 2 * d * e
+    kv_read = L * hkv * min(ctx, selected * P) * 2 * d * eo
     scoring = abstract_gpu + abstract_cache
     depth = 1
     # Prefetch depth: one layer ahead hides a transfer that takes less than a layer of compute;
@@ -525,7 +533,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
         device_cap_bytes=cap, weights_bytes=m.weight_bytes, runtime_reserve_bytes=reserve,
         prefill_chunk=c, prefill_chunk_auto=prefill_chunk is None, workspace_bytes=ws, workspace_breakdown=parts,
         page_size=P, page_size_auto=page_size is None, page_size_reason=reason, page_bytes=page_bytes,
-        transfer_bytes=P * d * e, kv_bytes_per_token=m.kv_bytes_per_token, kv_total_bytes=kv_total,
+        transfer_bytes=P * d * eo, kv_bytes_per_token=m.offload_kv_bytes_per_token, kv_total_bytes=kv_total,
         pages_per_head=pages_per_head, total_pages=total_pages, abstract_mode=mode, chunk_pages=chunk_pages,
         page_abstract_bytes=all_page_abstracts, abstract_gpu_bytes=abstract_gpu, abstract_host_bytes=abstract_host,
         abstract_cache_bytes=abstract_cache, page_table_bytes=page_table, selection_bytes=sel, gpu_slots=slots,

@@ -33,6 +33,8 @@ class ModelSpec:
 
     weight_bytes: bytes of all weights as held on the compute device (after any quantisation).
     kv_dtype_bytes: bytes per KV element (2 for bf16/fp16).
+    offload_kv_dtype_bytes: bytes per KV element of pages in the tiered store (host pool, NVMe,
+        GPU page cache) when they are stored narrower than on the GPU (1 for fp8); None: kv_dtype_bytes.
     intermediate_size: MLP width; only sizes the prefill workspace (None: 4 * hidden_size).
     """
 
@@ -46,6 +48,7 @@ class ModelSpec:
     kv_dtype_bytes: int = 2
     name: str = ""
     intermediate_size: int | None = None
+    offload_kv_dtype_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_kv_heads", "num_heads", "head_dim", "hidden_size", "vocab_size",
@@ -53,6 +56,8 @@ class ModelSpec:
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model spec: {f} must be a positive whole number, got {value!r}")
+        if self.offload_kv_dtype_bytes is not None and self.offload_kv_dtype_bytes not in (1, 2, 4):
+            raise ConfigError(f"model spec: offload_kv_dtype_bytes must be 1, 2 or 4, got {self.offload_kv_dtype_bytes!r}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError(f"model spec: intermediate_size must be positive, got {self.intermediate_size!r}")
         if self.num_heads % self.num_kv_heads:
@@ -67,6 +72,11 @@ class ModelSpec:
     def kv_bytes_per_token(self) -> int:
         """K and V of one token over all layers and KV heads."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    @property
+    def offload_kv_bytes_per_token(self) -> int:
+        """As kv_bytes_per_token, for pages stored in the tiered store."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * (self.offload_kv_dtype_bytes or self.kv_dtype_bytes)
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.kv_bytes_per_token

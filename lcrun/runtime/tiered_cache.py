@@ -37,6 +37,8 @@ import torch
 
 from lcrun.errors import ConfigError
 from lcrun.kernels import kernel_backend, plan_selection
+from lcrun.kernels.chunk_abstracts import auto_chunk_pages, chunk_abstracts_like
+from lcrun.kernels.tiered_reference import FP8_MAX
 from lcrun.offload.host_pool import HostPagePool
 from lcrun.offload.movers import Promoter, SpillWriter
 from lcrun.offload.nvme_store import NvmeStore
@@ -55,6 +57,21 @@ def _tiered_ops(device: torch.device):
     else:
         from lcrun.kernels import tiered_reference as ops
     return ops
+
+
+# fp8 pages (kv_dtype): one power-of-two scale per layer, KV head and K/V, set from the first
+# prompt's largest magnitude times this headroom (later tokens up to that size keep e4m3's 3
+# mantissa bits; larger ones saturate at +-448 codes). e4m3 spans 2^15 between its smallest normal
+# and its largest value, so the headroom costs nothing that matters: values below ~1/3500 of the
+# largest key or value of a head round to the subnormal grid.
+FP8_HEADROOM = 8.0
+
+
+def fp8_scales(amax: torch.Tensor) -> torch.Tensor:
+    """(..., 2) largest |K|, |V| -> (..., 4) [K scale, V scale, 1 / K scale, 1 / V scale]: powers of
+    two, so encoding (x * inverse) and decoding (code * scale) are exact multiplications."""
+    scale = torch.exp2(torch.ceil(torch.log2((amax.float() * FP8_HEADROOM / FP8_MAX).clamp(min=2.0 ** -20))))
+    return torch.cat((scale, 1.0 / scale), dim=-1)
 
 
 PREFETCH_PROBE_STEPS = 2       # decode steps that measure the prefetch in "auto" mode
@@ -91,7 +108,8 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                  group_score: str = "max", prefill_block: int = 8192, prefetch: str = "auto",
                  backend: str = "auto", host_slots_per_layer: int | None = None, kv_dir: str | None = None,
                  nvme_slots: int | None = None, promotion_reserve: int | None = None,
-                 sparse_prefill: bool = False):
+                 sparse_prefill: bool = False, kv_dtype: torch.dtype | None = None,
+                 chunk_pages: int | str = "auto", top_chunks: int = 32):
         """host_slots_per_layer: host pool pages per layer (default: every page of the context, no
         NVMe tier); below that, pages spill to NVMe files under ``kv_dir`` (``nvme_slots`` pages at
         most, default every page) and ``promotion_reserve`` host slots per layer are kept free for
@@ -99,8 +117,25 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         top pages within ``budget`` (see _sparse_chunk_attention) instead of the whole past.
         prefetch: speculative next-layer prefetch with the query predicted from the layer's input
         ("hidden", needs the model to call ``lookahead``) or the layer's own query ("layer"), "off",
-        or "auto" (probe "hidden", then decide: module docstring); only on CUDA."""
+        or "auto" (probe "hidden", then decide: module docstring); only on CUDA.
+        kv_dtype: how pages are stored in the host pool, on NVMe and in the GPU page cache: the
+        model dtype (default) or torch.float8_e4m3fn (half the bytes per page, so twice the pages
+        per GPU byte and half the PCIe bytes per miss; per-head scales, see fp8_scales). Attention
+        reads fp8 pages as code * scale; page abstracts are computed from the exact keys.
+        chunk_pages, top_chunks: hierarchical selection as in PagedTopKCache (chunk abstracts of
+        chunk_pages pages scored first, then the pages of the best top_chunks chunks); "auto": from
+        AUTO_MIN_PAGES pages per KV head (256K tokens at page 32), flat below."""
         super().__init__(cfg, capacity, device, dtype)
+        store = dtype if kv_dtype is None else kv_dtype
+        if store not in (dtype, torch.float8_e4m3fn):
+            raise ConfigError(f"KV pages are stored in the model dtype ({dtype}) or fp8 (e4m3), not {store}")
+        if store == torch.float8_e4m3fn and self.device.type == "cuda" and \
+                torch.cuda.get_device_capability(self.device) < (8, 9):
+            name = torch.cuda.get_device_name(self.device)
+            raise ConfigError(f"fp8 KV pages need a GPU with fp8 conversions (compute capability 8.9+: RTX 40xx, "
+                              f"L4, H100); {name} has {torch.cuda.get_device_capability(self.device)}: "
+                              f"use --kv-dtype auto")
+        self.store_dtype = store
         if cache_slots_per_layer < 1:
             raise ConfigError("the GPU page cache needs at least one slot per layer")
         L, hkv, d, P = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size
@@ -121,17 +156,23 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         self.sm_scale = 1.0 / math.sqrt(d)
         self.max_pages = -(-capacity // P)
         flat_pages = hkv * self.max_pages
+        if chunk_pages == "auto":
+            chunk_pages = auto_chunk_pages(self.max_pages)
+        if chunk_pages < 0 or chunk_pages & (chunk_pages - 1) or top_chunks < 1 or top_chunks & (top_chunks - 1):
+            raise ConfigError(f"chunk_pages ({chunk_pages}) and top_chunks ({top_chunks}) must be powers of two")
+        self.chunk_pages, self.top_chunks = chunk_pages, top_chunks
         cuda = self.device.type == "cuda"
 
         # Host homes: one pinned allocation, H slots per layer, K and V side by side in a slot.
         H = flat_pages if host_slots_per_layer is None else min(int(host_slots_per_layer), flat_pages)
         self.spills = H < flat_pages
         self.host_slots_per_layer = H
-        elem = torch.tensor([], dtype=dtype).element_size()
-        slot_bytes = -(-2 * P * d * elem // 4096) * 4096
+        elem = torch.tensor([], dtype=store).element_size()
+        self.page_bytes = 2 * P * d * elem
+        slot_bytes = -(-self.page_bytes // 4096) * 4096
         self.slot_bytes = slot_bytes
         self.host_pool = HostPagePool(L * H, slot_bytes)
-        self.host_kv = self.host_pool.slots_view(dtype, (2, P, d)).view(L, H, 2, P, d)
+        self.host_kv = self.host_pool.slots_view(store, (2, P, d)).view(L, H, 2, P, d)
         if self.spills:
             if kv_dir is None:
                 self.host_pool.close()
@@ -170,7 +211,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         kmax = plan_selection(torch.ones(1, dtype=torch.int32), self.max_pages, P, sink_tokens, window_tokens,
                               budget, fold=True).kmax
         self._overflow = L * S
-        self._pool_k = torch.zeros((L * S + hkv * kmax, P, d), device=self.device, dtype=dtype)
+        self._pool_k = torch.zeros((L * S + hkv * kmax, P, d), device=self.device, dtype=store)
         self._pool_v = torch.zeros_like(self._pool_k)
         self.gpu_k = self._pool_k[:L * S].view(L, S, P, d)
         self.gpu_v = self._pool_v[:L * S].view(L, S, P, d)
@@ -181,8 +222,14 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         # recent window and the sinks of all heads never collide while the cache holds a step.
         self.cache_slot = (torch.arange(flat_pages, device=self.device, dtype=torch.int64) % S).to(
             torch.int32).view(hkv, self.max_pages)
+        # fp8 pages: per layer and KV head [K scale, V scale, 1/K, 1/V] (fp8_scales), set when
+        # position 0 of a layer is written.
+        self.kv_scale = (torch.ones((L, hkv, 4), device=self.device, dtype=torch.float32)
+                         if store == torch.float8_e4m3fn else None)
         self.kmin = torch.zeros((L, hkv, self.max_pages, d), device=self.device, dtype=dtype)
         self.kmax = torch.zeros_like(self.kmin)
+        if chunk_pages:
+            self.cmin, self.cmax = chunk_abstracts_like(self.kmin, chunk_pages)
         # Selection maps pages through a table: the identity gives logical page ids.
         self.logical = torch.arange(self.max_pages, device=self.device, dtype=torch.int32)[None].expand(
             hkv, -1).contiguous()
@@ -191,6 +238,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         self._start = torch.zeros(1, **scalar)
         self._seq_len = torch.zeros(1, **scalar)
         self._num_full = torch.zeros(1, **scalar)
+        self._last_page = torch.zeros(1, **scalar)  # page the decode token lands in
         self.stats = TierStats(counters=torch.zeros(5, device=self.device, dtype=torch.int64))
         # The decode step's number, on the device (a replayed step counts itself), and per cache
         # slot the step whose speculative prefetch filled it: hits on those measure the prefetch.
@@ -225,6 +273,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
             self._step.add_(1)
             torch.add(self._start, 1, out=self._seq_len)
             torch.floor_divide(self._seq_len, self.page_size, out=self._num_full)
+            torch.floor_divide(self._start, self.page_size, out=self._last_page)
             self._selection = plan_selection(self._seq_len, self.max_pages, self.page_size, self.sink_tokens,
                                              self.window_tokens, self.budget, self.ops.selection_bounds)
             self._prefetched_into = [False] * self.cfg.num_layers
@@ -248,19 +297,46 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
             # at the end of their forward.
             torch.cuda.current_stream(self.device).wait_event(self._prefetched[layer])
         with named_range("kv_write"):
+            if self.length == 0:
+                self._set_scales(layer, k, v, token_dim=0)
             # Decode: the page's running abstract is updated in the same launch.
             abstracts = (self.kmin[layer], self.kmax[layer]) if t == 1 else (None, None)
             self.tier_ops.write_through(k, v, start, self.host_kv[layer], self.host_slot[layer], self.gpu_k[layer],
-                                        self.gpu_v[layer], self.cache_slot, self.tag[layer], *abstracts)
+                                        self.gpu_v[layer], self.cache_slot, self.tag[layer], *abstracts,
+                                        kv_scale=self.scales(layer))
             if t > 1:
                 self._update_abstracts(layer, k)
+            elif self.chunk_pages:  # the token's chunk: it counts the page once the page is full
+                self.ops.update_chunk_abstracts(self.kmin[layer], self.kmax[layer], self.cmin[layer], self.cmax[layer],
+                                                self._last_page, self._num_full, self.chunk_pages)
         if t > 1:
             return self._prefill_attention(layer, q, k, v)
         return self._decode_attention(layer, q[0].contiguous())[None]
 
+    def scales(self, layer: int) -> torch.Tensor | None:
+        """The layer's (Hkv, 4) fp8 scales, or None when pages are stored in the model dtype."""
+        return None if self.kv_scale is None else self.kv_scale[layer]
+
+    def _set_scales(self, layer: int, k: torch.Tensor, v: torch.Tensor, token_dim: int) -> None:
+        """fp8 pages: the layer's scales from the first K/V written at position 0 (tokens along
+        ``token_dim``, KV heads along the other leading dim)."""
+        if self.kv_scale is None:
+            return
+        dims = (token_dim, 2)
+
+        def largest(x: torch.Tensor) -> torch.Tensor:  # max |x| without an |x| copy (a whole layer at 512K)
+            return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
+        amax = torch.stack((largest(k), largest(v)), dim=-1)  # (Hkv, 2)
+        self.kv_scale[layer].copy_(fp8_scales(amax))
+
     # -- decode ------------------------------------------------------------------------------------
     def _select(self, layer: int, q1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self._selection
+        if self.chunk_pages:
+            with named_range("topk"):
+                return self.ops.select_top_pages_hier(q1, self.kmin[layer], self.kmax[layer], self.cmin[layer],
+                                                      self.cmax[layer], self._num_full, self.logical, plan,
+                                                      self.chunk_pages, self.top_chunks, self.group_score)
         with named_range("score"):
             scores = self.ops.score_pages(q1, self.kmin[layer], self.kmax[layer], self._num_full, self.group_score,
                                           candidates=plan.bounds)
@@ -302,7 +378,8 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         with named_range("fetch.host"):
             pool_k, pool_v, slots, read_lens = self._admit_for_attention(layer, pages, lens)
         with named_range("attend"):
-            out = self.ops.sparse_decode_attention(q1, pool_k, pool_v, slots, read_lens, self.sm_scale)
+            out = self.ops.sparse_decode_attention(q1, pool_k, pool_v, slots, read_lens, self.sm_scale,
+                                                   kv_scale=self.scales(layer))
         if self.prefetch and self.predictor == "layer" and layer + 1 < self.cfg.num_layers:
             self._speculate(layer + 1, lambda: q1)
         return out
@@ -448,6 +525,8 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
 
     def memory_bytes(self) -> int:
         gpu = (self.gpu_k, self.gpu_v, self.tag, self.cache_slot, self.kmin, self.kmax, self.host_slot, self.logical)
+        gpu += (self.kv_scale,) if self.kv_scale is not None else ()
+        gpu += (self.cmin, self.cmax) if self.chunk_pages else ()
         staging = sum(t.numel() * t.element_size() for pair in (self._staging or []) for t in pair)
         return sum(t.numel() * t.element_size() for t in gpu) + staging
 
@@ -458,7 +537,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         """Hit rate and bytes moved (one sync: call after a run, not inside it)."""
         selected = int(self.stats.selected)
         hits = int(self.stats.hits)
-        page_bytes = 2 * self.page_size * self.cfg.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        page_bytes = self.page_bytes
         steps = max(1, self.stats.decode_steps)
         out = {"decode_steps": self.stats.decode_steps, "selected_pages": selected, "cache_hits": hits,
                "hit_rate": hits / selected if selected else None,
@@ -469,7 +548,8 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                "prefetch": self.prefetch_mode, "prefetch_decision": self.prefetch_decision,
                "h2d_bytes_per_token_prefetch": int(self.stats.prefetched) * page_bytes / steps,
                "prefill_h2d_bytes": self.stats.prefill_bytes_h2d,
-               "gpu_cache_slots_per_layer": self.cache_slots, "host_pool_bytes": self.host_pool.nbytes,
+               "selection": f"hierarchical {self.chunk_pages}x{self.top_chunks}" if self.chunk_pages else "flat",
+               "gpu_cache_slots_per_layer": self.cache_slots, "kv_dtype": str(self.store_dtype).replace("torch.", ""), "host_pool_bytes": self.host_pool.nbytes,
                "host_slots_per_layer": self.host_slots_per_layer, "pinned": self.host_pool.pinned}
         if self.spills:
             self.promoter.wait_idle()

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
+from lcrun.kernels.tiered_reference import decode as decode_pages
+from lcrun.kernels.tiered_reference import encode as encode_pages
 from lcrun.runtime.kv_cache import _chunk_attention
 from lcrun.runtime.rope import Rotary
 
@@ -50,6 +52,18 @@ class TieredPrefill:
                                                   tmp_min))
         kmax.index_copy_(1, page_ids, torch.where(continuing, torch.maximum(kmax.index_select(1, page_ids), tmp_max),
                                                   tmp_max))
+        self._refresh_chunks(layer, self.length // P, self.length + t)
+
+    def _refresh_chunks(self, layer: int, first_page: int, end: int) -> None:
+        """Hierarchical selection: the chunk abstracts of pages first_page .. ceil(end / P) - 1, with
+        the pages full at ``end`` tokens counted."""
+        if not self.chunk_pages:
+            return
+        P = self.page_size
+        pages = torch.arange(first_page, -(-end // P), device=self.device, dtype=torch.int32)
+        full = torch.tensor([end // P], device=self.device, dtype=torch.int32)
+        self.ops.update_chunk_abstracts(self.kmin[layer], self.kmax[layer], self.cmin[layer], self.cmax[layer], pages,
+                                        full, self.chunk_pages)
 
     def _abstracts_from_staging(self, layer: int, first_page: int, end: int) -> None:
         """Min/max of pages first_page .. ceil(end / P) - 1 from the staged keys (the staged past
@@ -74,16 +88,18 @@ class TieredPrefill:
         return self.sparse_prefill
 
     def _carve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        """A tensor from the page cache's memory (K pool, then V pool; a bump allocator reset per
-        prefill), or None when it does not fit."""
-        numel = math.prod(shape)
+        """A tensor from the page cache's memory (K pool, then V pool, as bytes: the pages may be
+        fp8; a bump allocator reset per prefill), or None when it does not fit."""
+        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
         for i, storage in enumerate((self.gpu_k, self.gpu_v)):
-            if i < self._carve_at[0] or storage.dtype != dtype:
+            if i < self._carve_at[0]:
                 continue
             offset = self._carve_at[1] if i == self._carve_at[0] else 0
-            if offset + numel <= storage.numel():
-                self._carve_at = (i, offset + numel)
-                return storage.view(-1)[offset:offset + numel].view(shape)
+            offset = -(-offset // 256) * 256  # aligned for any dtype and vector loads
+            raw = storage.view(-1).view(torch.uint8)
+            if offset + nbytes <= raw.numel():
+                self._carve_at = (i, offset + nbytes)
+                return raw[offset:offset + nbytes].view(dtype).view(shape)
         return None
 
     def begin_layerwise(self, positions: torch.Tensor) -> None:
@@ -179,8 +195,9 @@ class TieredPrefill:
         zero-copy gather, NVMe-only pages through a pinned bounce buffer."""
         n = -(-start // self.page_size)
         table = self.host_slot[layer][:, :n].clamp(min=0).contiguous()
-        self.tier_ops.gather_pages_to_staging(self.host_kv[layer], table, n, self._lw_k, self._lw_v)
-        self.stats.prefill_bytes_h2d += self.cfg.num_kv_heads * n * self.slot_bytes
+        self.tier_ops.gather_pages_to_staging(self.host_kv[layer], table, n, self._lw_k, self._lw_v,
+                                              kv_scale=self.scales(layer))
+        self.stats.prefill_bytes_h2d += self.cfg.num_kv_heads * n * self.page_bytes
         if not self.spills:
             return
         d = self.directory
@@ -196,8 +213,8 @@ class TieredPrefill:
             buf = self.writer.buffer()
             try:
                 self.nvme.read_into_sync(d.nvme_map[layer, part].tolist(), buf[:part.size])
-                pages = self._bytes_to_pages(buf[:part.size].to(self.device, non_blocking=True))
                 h = torch.from_numpy(part // self.max_pages).to(self.device)
+                pages = self._bytes_to_pages(buf[:part.size].to(self.device, non_blocking=True), layer, h)
                 p = torch.from_numpy(part % self.max_pages).to(self.device)
                 tok = p[:, None] * self.page_size + torch.arange(self.page_size, device=self.device)
                 self._lw_k[h[:, None], tok] = pages[:, 0]
@@ -208,13 +225,12 @@ class TieredPrefill:
                 self.writer.give_back(buf)
             self.stats.prefill_nvme_read_bytes += part.size * self.slot_bytes
 
-    def _page_elems(self) -> int:
-        return 2 * self.page_size * self.cfg.head_dim
-
-    def _bytes_to_pages(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n, slot_bytes) uint8 -> (n, 2, P, D) pages (the slot's padding dropped)."""
-        elem = self._lw_k.element_size()
-        return rows[:, :self._page_elems() * elem].view(self.dtype).view(-1, 2, self.page_size, self.cfg.head_dim)
+    def _bytes_to_pages(self, rows: torch.Tensor, layer: int, heads: torch.Tensor) -> torch.Tensor:
+        """(n, slot_bytes) uint8 of KV ``heads`` (n,) -> (n, 2, P, D) pages in the model dtype (the
+        slot's padding dropped; fp8 codes decoded with the layer's scales)."""
+        pages = rows[:, :self.page_bytes].view(self.store_dtype).view(-1, 2, self.page_size, self.cfg.head_dim)
+        scale = self.scales(layer)
+        return decode_pages(pages, None if scale is None else scale[heads, :2, None, None], self.dtype)
 
     def _host_plan(self, n_pages: int) -> tuple[int, int]:
         """Pages per head that stay in the host pool after a prefill: [0, sinks) and
@@ -226,13 +242,16 @@ class TieredPrefill:
     def _finish_layer(self, layer: int, start: int, end: int) -> None:
         """The layer's new tokens go to their homes; abstracts of the touched pages are updated."""
         P = self.page_size
+        if start == 0:  # fp8 pages: scales from the whole first prompt, before any page is written
+            self._set_scales(layer, self._lw_k[:, :end], self._lw_v[:, :end], token_dim=1)
         first = start // P
         self._abstracts_from_staging(layer, first, end)
+        self._refresh_chunks(layer, first, end)
         if self.spills:
             self._place_pages(layer, first, -(-end // P), end // P)
         self.tier_ops.write_through(self._lw_k[:, start:end].transpose(0, 1), self._lw_v[:, start:end].transpose(0, 1),
                                     start, self.host_kv[layer], self.host_slot[layer], self.gpu_k[layer],
-                                    self.gpu_v[layer], self.cache_slot, self.tag[layer])
+                                    self.gpu_v[layer], self.cache_slot, self.tag[layer], kv_scale=self.scales(layer))
 
     def _place_pages(self, layer: int, first: int, n_pages: int, end_full: int) -> None:
         """Spill mode: decide the host set after this prefill, evict old host pages outside it,
@@ -268,26 +287,28 @@ class TieredPrefill:
         room = d.nvme_slots - d.nvme_pages - hkv * to_disk.size  # a small page file: write on eviction
         if full_host.size and hkv * full_host.size <= room:
             flats = (heads + full_host[None, :]).ravel()
-            self._spill_from_staging(flats, d.assign_nvme(layer, flats))
+            self._spill_from_staging(layer, flats, d.assign_nvme(layer, flats))
         if to_disk.size:
             disk_flats = (heads + to_disk[None, :]).ravel()
             was_host = disk_flats[d.host_map[layer, disk_flats] >= 0]
             nvme_slots = d.assign_nvme(layer, disk_flats)
-            self._spill_from_staging(disk_flats, nvme_slots)
+            self._spill_from_staging(layer, disk_flats, nvme_slots)
             if was_host.size:  # a continuing page that now belongs on disk
                 slots = d.release_host(layer, was_host)
                 self._set_host_slots(layer, was_host, np.full(was_host.size, -1, dtype=np.int32))
                 d.recycle(layer, slots)
         self._mapped_through = max(self._mapped_through, n_pages)
 
-    def _spill_from_staging(self, flats: np.ndarray, nvme_slots: np.ndarray) -> None:
-        P, used = self.page_size, self._page_elems() * self._lw_k.element_size()
+    def _spill_from_staging(self, layer: int, flats: np.ndarray, nvme_slots: np.ndarray) -> None:
+        P, used = self.page_size, self.page_bytes
         rows = self.writer.rows_per_buffer
         for i in range(0, flats.size, rows):
             part = flats[i:i + rows]
             h = torch.from_numpy(part // self.max_pages).to(self.device)
             tok = torch.from_numpy(part % self.max_pages).to(self.device)[:, None] * P + torch.arange(P, device=self.device)
             pages = torch.stack((self._lw_k[h[:, None], tok], self._lw_v[h[:, None], tok]), dim=1)
+            scale = self.scales(layer)
+            pages = encode_pages(pages, None if scale is None else scale[h, 2:, None, None], self.store_dtype)
             buf = self.writer.buffer()
             buf[:part.size, :used].copy_(pages.reshape(part.size, -1).view(torch.uint8), non_blocking=True)
             event = None
@@ -309,8 +330,9 @@ class TieredPrefill:
     def _stage_block(self, layer: int, first_page: int, n_pages: int, buf: int) -> None:
         k_st, v_st = self._stream_buffers()[buf]
         slots = self.host_slot[layer][:, first_page:first_page + n_pages].contiguous()
-        self.tier_ops.gather_pages_to_staging(self.host_kv[layer], slots, n_pages, k_st, v_st)
-        self.stats.prefill_bytes_h2d += 2 * k_st.shape[0] * n_pages * self.page_size * k_st.shape[2] * k_st.element_size()
+        self.tier_ops.gather_pages_to_staging(self.host_kv[layer], slots, n_pages, k_st, v_st,
+                                              kv_scale=self.scales(layer))
+        self.stats.prefill_bytes_h2d += k_st.shape[0] * n_pages * self.page_bytes
 
     def _prefill_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, start = q.shape[0], self.length
