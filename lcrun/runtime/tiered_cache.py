@@ -576,7 +576,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         unreadable = int(self.stats.unreadable)
         out = {"selected_pages": selected, "gpu_hits": hits, "host_reads": selected - hits - unreadable,
                "prefetched_pages": int(self.stats.prefetched), "prefetch_hits": int(self.stats.prefetch_hits),
-               "nvme_reads": unreadable, "h2d_bytes": (selected - hits - unreadable) * self.slot_bytes,
+               "nvme_reads": unreadable, "h2d_bytes": (selected - hits - unreadable) * self.page_bytes,
                "pages_gpu": int((self.tag >= 0).sum())}
         if self.spills:
             d = self.directory
