@@ -52,7 +52,7 @@ def plan_memory(config: LcrunConfig, model_cfg: ModelConfig, device: torch.devic
     elem = torch.tensor([], dtype=dtype).element_size()
     spec = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
                                kv_dtype_bytes=elem, name=model_cfg.name or str(config.model),
-                               offload_kv_dtype_bytes=1 if config.kv_dtype == "fp8" else None)
+                               offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
     from lcrun.offload.calibrate import gpu_calibration
     props = torch.cuda.get_device_properties(device)
     hw = detect_hardware(props.name, props.total_memory, gpu_mem=config.gpu_mem, host_mem=config.host_mem,

@@ -232,7 +232,7 @@ def planner_inputs(config: LcrunConfig):
     elem = torch.tensor([], dtype=resolve_dtype(config.dtype, torch.device("cuda"))).element_size()
     model = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
                                 name=model_cfg.name or spec, kv_dtype_bytes=elem,
-                                offload_kv_dtype_bytes=1 if config.kv_dtype == "fp8" else None)
+                                offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu_name, gpu_total = props.name, props.total_memory

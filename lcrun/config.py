@@ -86,6 +86,11 @@ class LcrunConfig:
         return self
 
     @property
+    def offload_kv_dtype_bytes(self) -> int | None:
+        """Bytes per element of tiered KV pages when narrower than the compute dtype (fp8: 1)."""
+        return 1 if self.kv_dtype == "fp8" else None
+
+    @property
     def gpu_mem_bytes(self) -> int | None:
         return None if self.gpu_mem is None else parse_bytes(self.gpu_mem)
 

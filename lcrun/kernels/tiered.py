@@ -40,6 +40,7 @@ import math
 import torch
 
 from lcrun.kernels.sparse_decode import _device_sm_count, _merge_splits_kernel, decode_splits
+from lcrun.kernels.tiered_reference import FP8_MAX
 from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit, next_pow2, pdl_enabled, pdl_launch,
                                           pdl_wait, tl)
 
@@ -48,7 +49,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # per KV head for K and one for V (``kv_scale`` below), so a page costs half the bytes to move.
 FP8 = torch.float8_e4m3fn
 STORE_DTYPES = DTYPES + (FP8,)
-FP8_MAX = 448.0
 
 
 # -- host pointers ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 from lcrun.kernels import reference
 
-FP8_MAX = 448.0
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 
 def encode(x: torch.Tensor, inv_scale: torch.Tensor, store_dtype: torch.dtype) -> torch.Tensor:

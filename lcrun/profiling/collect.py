@@ -99,7 +99,7 @@ def _plan_info(llm) -> dict:
             cfg, elem = llm.model_config, llm.dtype.itemsize
             spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=cfg.num_parameters() * elem, kv_dtype_bytes=elem,
                                        name=cfg.name or str(llm.model_spec),
-                                       offload_kv_dtype_bytes=1 if llm.config.kv_dtype == "fp8" else None)
+                                       offload_kv_dtype_bytes=llm.config.offload_kv_dtype_bytes)
             c = llm.config
             plan = make_plan(spec, c.ctx_tokens, links.hardware_for(llm), budget_tokens=c.budget,
                              sink_tokens=c.sink_tokens, window_tokens=c.window_tokens, attention=c.attention,

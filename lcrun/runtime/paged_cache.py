@@ -22,6 +22,17 @@ from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
 
 
+def resolve_chunk_pages(chunk_pages: int | str, max_pages: int, top_chunks: int) -> int:
+    """Pages per chunk of hierarchical selection (0: flat): "auto" picks by the pages per KV head
+    (lcrun.kernels.chunk_abstracts.auto_chunk_pages); both counts must be powers of two."""
+    if chunk_pages == "auto":
+        from lcrun.kernels.chunk_abstracts import auto_chunk_pages
+        chunk_pages = auto_chunk_pages(max_pages)
+    if chunk_pages < 0 or chunk_pages & (chunk_pages - 1) or top_chunks < 1 or top_chunks & (top_chunks - 1):
+        raise ConfigError(f"chunk_pages ({chunk_pages}) and top_chunks ({top_chunks}) must be powers of two")
+    return chunk_pages
+
+
 class PagedTopKCache(AttentionCache):
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype, page_size: int = 32,
                  budget: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
@@ -33,9 +44,7 @@ class PagedTopKCache(AttentionCache):
         hierarchical selection (lcrun.kernels.chunk_abstracts): chunk abstracts of that many pages
         are kept too, scored first, and only the pages of the best ``top_chunks`` chunks compete;
         "auto" = hierarchical (32-page chunks) from AUTO_MIN_PAGES pages per KV head (chunk_abstracts.auto_chunk_pages)."""
-        if chunk_pages == "auto":
-            from lcrun.kernels.chunk_abstracts import auto_chunk_pages
-            chunk_pages = auto_chunk_pages(-(-capacity // page_size))
+        chunk_pages = resolve_chunk_pages(chunk_pages, -(-capacity // page_size), top_chunks)
         super().__init__(cfg, capacity, device, dtype)
         if page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"page size must be a power of two, got {page_size}")
@@ -43,8 +52,6 @@ class PagedTopKCache(AttentionCache):
             raise ConfigError(f"budget {budget} is smaller than one page of {page_size} tokens")
         if group_score not in ("max", "sum"):
             raise ConfigError(f"group_score must be max or sum, got {group_score!r}")
-        if chunk_pages < 0 or chunk_pages & (chunk_pages - 1) or top_chunks < 1 or top_chunks & (top_chunks - 1):
-            raise ConfigError(f"chunk_pages ({chunk_pages}) and top_chunks ({top_chunks}) must be powers of two")
         self.page_size = page_size
         self.chunk_pages = chunk_pages
         self.top_chunks = top_chunks

@@ -37,7 +37,7 @@ import torch
 
 from lcrun.errors import ConfigError
 from lcrun.kernels import kernel_backend, plan_selection
-from lcrun.kernels.chunk_abstracts import auto_chunk_pages, chunk_abstracts_like
+from lcrun.kernels.chunk_abstracts import chunk_abstracts_like
 from lcrun.kernels.tiered_reference import FP8_MAX
 from lcrun.offload.host_pool import HostPagePool
 from lcrun.offload.movers import Promoter, SpillWriter
@@ -46,6 +46,7 @@ from lcrun.offload.page_directory import PageDirectory
 from lcrun.profiling.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.paged_cache import resolve_chunk_pages
 from lcrun.runtime.rope import Rotary
 from lcrun.runtime.tiered_prefill import TieredPrefill
 
@@ -156,10 +157,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         self.sm_scale = 1.0 / math.sqrt(d)
         self.max_pages = -(-capacity // P)
         flat_pages = hkv * self.max_pages
-        if chunk_pages == "auto":
-            chunk_pages = auto_chunk_pages(self.max_pages)
-        if chunk_pages < 0 or chunk_pages & (chunk_pages - 1) or top_chunks < 1 or top_chunks & (top_chunks - 1):
-            raise ConfigError(f"chunk_pages ({chunk_pages}) and top_chunks ({top_chunks}) must be powers of two")
+        chunk_pages = resolve_chunk_pages(chunk_pages, self.max_pages, top_chunks)
         self.chunk_pages, self.top_chunks = chunk_pages, top_chunks
         cuda = self.device.type == "cuda"
 
@@ -537,8 +535,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         """Hit rate and bytes moved (one sync: call after a run, not inside it)."""
         selected = int(self.stats.selected)
         hits = int(self.stats.hits)
-        page_bytes = self.page_bytes
-        steps = max(1, self.stats.decode_steps)
+        page_bytes, steps = self.page_bytes, max(1, self.stats.decode_steps)
         out = {"decode_steps": self.stats.decode_steps, "selected_pages": selected, "cache_hits": hits,
                "hit_rate": hits / selected if selected else None,
                "h2d_bytes_per_token_attention": (selected - hits) * page_bytes / steps,
@@ -549,7 +546,8 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                "h2d_bytes_per_token_prefetch": int(self.stats.prefetched) * page_bytes / steps,
                "prefill_h2d_bytes": self.stats.prefill_bytes_h2d,
                "selection": f"hierarchical {self.chunk_pages}x{self.top_chunks}" if self.chunk_pages else "flat",
-               "gpu_cache_slots_per_layer": self.cache_slots, "kv_dtype": str(self.store_dtype).replace("torch.", ""), "host_pool_bytes": self.host_pool.nbytes,
+               "gpu_cache_slots_per_layer": self.cache_slots, "kv_dtype": str(self.store_dtype).replace("torch.", ""),
+               "host_pool_bytes": self.host_pool.nbytes,
                "host_slots_per_layer": self.host_slots_per_layer, "pinned": self.host_pool.pinned}
         if self.spills:
             self.promoter.wait_idle()
