@@ -7,7 +7,9 @@
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+import dataclasses
+import warnings
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -19,10 +21,14 @@ from lcrun.runtime.generate import Generator, ProgressFn
 from lcrun.runtime.kv_cache import AttentionCache, DenseCache
 from lcrun.runtime.loading import default_model, open_source
 from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.positions import PositionRule
 from lcrun.runtime.sampling import SamplingParams
 from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
 from lcrun.units import format_bytes
+
+if TYPE_CHECKING:
+    from lcrun.planner import AttentionChoice, Hardware, ModelSpec
 
 TIERED_ALLOCATOR_SLACK = 1 << 30  # bytes of the plan's page slots left unallocated
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,35 +50,74 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def plan_memory(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
-    """The planner's MemoryPlan for this run on this GPU (None on the CPU or for dense attention)."""
-    if device.type != "cuda" or config.attention != "topk":
-        return None
-    from lcrun.planner import ModelSpec, detect_hardware, make_plan
+class TrainedWindowWarning(UserWarning):
+    """--attention dense with --ctx past the model's trained window: the output there degrades."""
+
+
+def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> "ModelSpec":
+    """The planner's view of the model: its shape, trained window and bytes in ``dtype``."""
+    from lcrun.planner import ModelSpec
     elem = torch.tensor([], dtype=dtype).element_size()
-    spec = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
-                               kv_dtype_bytes=elem, name=model_cfg.name or str(config.model),
+    return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
+                               kv_dtype_bytes=elem, name=model_cfg.name or str(config.model or default_model()),
                                offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
-    from lcrun.offload.calibrate import gpu_calibration
-    props = torch.cuda.get_device_properties(device)
-    hw = detect_hardware(props.name, props.total_memory, gpu_mem=config.gpu_mem, host_mem=config.host_mem,
-                         kv_dir=config.kv_dir, calibration=gpu_calibration(device, props.name))
-    return make_plan(spec, config.ctx_tokens, hw, page_size=config.page_size, budget_tokens=config.budget,
-                     sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
-                     prefill_chunk=config.prefill_chunk, attention="topk")
 
 
-def resolve_positions(config: LcrunConfig, model_cfg: ModelConfig) -> str:
-    """'true' or 'window' for --positions auto|true|window. The trained window is the model's
-    max_position_embeddings (GGUF context_length): for llama3-scaled models that is the length
-    they were fine-tuned to with the scaling (131072 for Llama 3.1), not the original 8192."""
-    if config.positions == "window" and config.attention != "topk":
+def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool = False) -> "Hardware":
+    """The machine the plan is for. On CUDA: this GPU, capped at --gpu-mem or, unset, its total
+    memory, with its calibration (the GPU links measured once if none are stored). On the CPU:
+    host memory; with ``what_if`` (lcrun plan) and --gpu-mem, a GPU of --gpu-mem instead, and a
+    host of --host-mem even where that is more than this machine has."""
+    from lcrun.planner import detect_hardware
+    if device.type == "cuda":
+        from lcrun.offload.calibrate import gpu_calibration
+        props = torch.cuda.get_device_properties(device)
+        return detect_hardware(props.name, props.total_memory, gpu_mem=config.gpu_mem, host_mem=config.host_mem,
+                               kv_dir=config.kv_dir, calibration=gpu_calibration(device, props.name))
+    if not (what_if and config.gpu_mem is not None):
+        return detect_hardware(None, None, gpu_mem=config.gpu_mem, host_mem=config.host_mem, kv_dir=config.kv_dir)
+    host: dict[str, int] = {}
+    note = None
+    if config.host_mem is not None:
+        import psutil
+        vm, cap = psutil.virtual_memory(), config.host_mem_bytes
+        if cap > vm.total:  # planning another machine: take --host-mem as its memory
+            host = dict(host_total_bytes=cap, host_available_bytes=cap)
+            note = (f"planned for a host with --host-mem {format_bytes(cap)} (this machine has "
+                    f"{format_bytes(vm.total)})")
+    hw = detect_hardware("GPU of --gpu-mem (no GPU on this machine)", config.gpu_mem_bytes, gpu_mem=config.gpu_mem,
+                         host_mem=config.host_mem, kv_dir=config.kv_dir, **host)
+    if note:
+        hw.notes.append(note)
+    return hw
+
+
+def plan_run(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype, *,
+             what_if: bool = False, cpu_plan: bool = False) -> "AttentionChoice":
+    """The one place a run's plan is made (lcrun plan, run, chat, bench and LLM): --attention
+    resolved (auto: see lcrun.planner.choose) and, on a GPU, the plan for it, from the same inputs
+    (prefill chunk, calibration, page size, budget, KV dtype, positions). ``config`` must be
+    resolved. ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU and its plan on a CPU."""
+    from lcrun.planner import choose_attention
+    return choose_attention(planner_model(config, model_cfg, dtype), config.ctx_tokens,
+                            planner_hardware(config, device, what_if=what_if), attention=config.attention,
+                            positions=config.positions, cpu_plan=cpu_plan, page_size=config.page_size,
+                            budget_tokens=config.budget, sink_tokens=config.sink_tokens,
+                            window_tokens=config.window_tokens, prefill_chunk=config.prefill_chunk)
+
+
+def resolve_positions(config: LcrunConfig, model_cfg: ModelConfig) -> PositionRule:
+    """When queries move to window positions (lcrun.runtime.positions) for --positions
+    auto|true|window. auto: true positions while the sequence is inside the trained window, window
+    positions past it. The trained window is the model's max_position_embeddings (GGUF
+    context_length): for llama3-scaled models that is the length they were fine-tuned to with the
+    scaling (131072 for Llama 3.1), not the original 8192."""
+    if config.positions == "window" and config.attention == "dense":
         raise ConfigError("--positions window needs --attention topk (dense attention attends to every "
                           "token, so there is no window to place them in)")
-    if config.positions != "auto":
-        return config.positions
-    beyond = config.ctx_tokens > model_cfg.max_position_embeddings
-    return "window" if beyond and config.attention == "topk" else "true"
+    if config.attention == "dense":
+        return PositionRule(None)
+    return PositionRule.for_run(config.positions, model_cfg.max_position_embeddings, config.ctx_tokens)
 
 
 def _nvme_slots(plan, kv_dir: str) -> int:
@@ -90,16 +135,13 @@ def _nvme_slots(plan, kv_dir: str) -> int:
 
 def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                plan=None) -> AttentionCache:
-    if resolve_positions(config, model_cfg) == "window":
-        # Keys kept before RoPE, all on this device (no tiers yet for window positions).
-        from lcrun.runtime.window_cache import WindowTopKCache
-        return WindowTopKCache(model_cfg, config.ctx_tokens, device, dtype,
-                               page_size=config.page_size or DEFAULT_PAGE_SIZE,
-                               budget=config.budget, sink_tokens=config.sink_tokens,
-                               window_tokens=config.window_tokens, group_score=config.group_score,
-                               far_positions=config.far_positions)
+    positions = resolve_positions(config, model_cfg)
     if config.attention == "dense":
         return DenseCache(model_cfg, config.ctx_tokens, device, dtype)
+    if config.far_positions != "paged" and positions.may_move:
+        raise ConfigError(f"--far-positions {config.far_positions} is not supported by the paged and tiered caches "
+                          "(they place far pages 'paged': each at the same positions, order inside a page kept): "
+                          "use --far-positions paged")
     if plan is not None and not plan.all_on_gpu:
         from lcrun.runtime.tiered_cache import TieredTopKCache
         if plan.abstract_mode == "chunk":
@@ -126,7 +168,7 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                                page_size=plan.page_size, budget=config.budget, sink_tokens=config.sink_tokens,
                                window_tokens=config.window_tokens, group_score=config.group_score,
                                prefill_block=plan.prefill_chunk, sparse_prefill=config.prefill == "topk",
-                               prefetch=config.prefetch,
+                               prefetch=config.prefetch, positions=positions,
                                kv_dtype=torch.float8_e4m3fn if config.kv_dtype == "fp8" else None, **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
     # The plan's page size (the one its memory accounting used) when there is a plan.
@@ -134,11 +176,16 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
     # Hierarchical selection (chunk abstracts) for long caches, flat below (auto_chunk_pages).
     return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,
-                          window_tokens=config.window_tokens, group_score=config.group_score, chunk_pages="auto")
+                          window_tokens=config.window_tokens, group_score=config.group_score, chunk_pages="auto",
+                          positions=positions)
 
 
 class LLM:
-    """A loaded model with its KV cache, ready to generate. Settings are LcrunConfig's fields."""
+    """A loaded model with its KV cache, ready to generate. Settings are LcrunConfig's fields.
+
+    ``attention`` ("dense" or "topk") and ``attention_reason`` say what --attention resolved to and
+    why; ``config`` is the settings with that resolved value (the config passed in is not changed
+    beyond its own resolve()); ``plan`` is the memory plan on a GPU (None on the CPU)."""
 
     def __init__(self, model: str | None = None, *, config: LcrunConfig | None = None, progress: bool = True,
                  **settings: Any):
@@ -146,7 +193,7 @@ class LLM:
             config = LcrunConfig.from_kwargs(model=model, **settings)
         elif model is not None or settings:
             raise ConfigError("pass either config= or model/settings, not both")
-        self.config = config.resolve()
+        config.resolve()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cuda":
@@ -164,22 +211,27 @@ class LLM:
         else:
             source = open_source(spec)
             model_cfg = source.config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        # Check before allocating anything: with top-k attention on a GPU the planner places the
-        # KV cache (and says what is short); otherwise weights plus the whole KV must fit the cap.
-        self.positions = resolve_positions(config, model_cfg)  # 'true' or 'window': what make_cache builds
-        # Window positions keep every page on this device: the tier planner does not apply.
-        self.plan = None if self.positions == "window" else plan_memory(config, model_cfg, self.device, self.dtype)
-        if self.plan is None:
-            self._check_gpu_budget(model_cfg.num_parameters() * elem,
-                                   model_cfg.kv_bytes_per_token(elem) * config.ctx_tokens)
+        # Before allocating anything: --attention resolved and, on a GPU, the plan for it (which
+        # says what is short when the context does not fit the caps).
+        choice = plan_run(config, model_cfg, self.device, self.dtype)
+        self.attention_choice = choice
+        self.attention: str = choice.attention            # "dense" or "topk"
+        self.attention_reason: str = choice.reason
+        self.attention_warning: str | None = choice.warning
+        if choice.warning:
+            warnings.warn(choice.warning, TrainedWindowWarning, stacklevel=2)
+        config = dataclasses.replace(config, attention=choice.attention)
+        self.config = config
+        self.plan = choice.plan if self.device.type == "cuda" else None
+        self.positions = resolve_positions(config, model_cfg)  # 'true' or 'window'
         try:
             if source is None:
                 self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)
             else:
                 self.tokenizer = source.tokenizer()
                 self.model = load_model(source, self.device, self.dtype, progress=progress)
-            self.cache = make_cache(config, self.model.cfg, self.device, self.dtype, self.plan)
+            self.cache = make_cache(config, self.model.cfg, self.device, self.dtype,
+                                    self.plan if config.attention == "topk" else None)
         except torch.cuda.OutOfMemoryError as exc:
             raise CapacityError(f"out of GPU memory while loading ({str(exc).splitlines()[0]}): "
                                 "lower --ctx or free the GPU") from None
@@ -188,17 +240,6 @@ class LLM:
     @property
     def model_config(self) -> ModelConfig:
         return self.model.cfg
-
-    def _check_gpu_budget(self, weight_bytes: int, cache_bytes: int) -> None:
-        cap = self.config.gpu_mem_bytes
-        if cap is None or self.device.type != "cuda":
-            return
-        used = weight_bytes + cache_bytes
-        if used > cap:
-            raise CapacityError(
-                f"weights ({format_bytes(weight_bytes)}) and KV cache for {self.config.ctx_tokens} tokens "
-                f"({format_bytes(cache_bytes)}) need {format_bytes(used)}, over --gpu-mem "
-                f"{format_bytes(cap)} by {format_bytes(used - cap)}: lower --ctx or raise --gpu-mem")
 
     # -- token level -------------------------------------------------------------------------
     def _need_tokenizer(self) -> TextTokenizer:

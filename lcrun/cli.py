@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,21 +79,44 @@ def info(message: str) -> None:
     click.secho(message, fg="cyan", err=True)
 
 
+def warn(message: str) -> None:
+    click.secho(f"warning: {message}", fg="yellow", err=True)
+
+
+def show_attention(choice) -> None:
+    """The resolved --attention and why, one line on stderr (and its warning, one more)."""
+    info(choice.line())
+    if choice.warning:
+        warn(choice.warning)
+
+
+def _positions_line(llm) -> str:
+    window = llm.model_config.max_position_embeddings
+    rule = llm.positions
+    moves_at = getattr(rule, "trained_window", None)  # lcrun.runtime.positions.PositionRule
+    if llm.attention == "dense" or moves_at is None:
+        return f"positions: true (real positions; the trained window is {window:,} tokens)"
+    if moves_at == 0:
+        return f"positions: window (attended tokens kept inside the trained window of {window:,} tokens)"
+    return f"positions: true up to the trained window of {moves_at:,} tokens, window positions past it"
+
+
 def load_llm(config: LcrunConfig):
     config.resolve()
-    from lcrun.api import LLM
+    from lcrun.api import LLM, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
     if config.model is None:
         config.model = default_model()
         info(f"no --model given: using the built-in demo model {config.model}")
-    info(f"context: {config.ctx_tokens} tokens ({config.ctx}); attention: {config.attention}")
-    llm = LLM(config=config)
+    info(f"context: {config.ctx_tokens} tokens ({config.ctx})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainedWindowWarning)  # shown below as one line
+        llm = LLM(config=config)
+    show_attention(llm.attention_choice)
     info(f"loaded {llm.model_config.arch} model, {llm.model_config.num_layers} layers, on {llm.device} "
          f"({str(llm.dtype).replace('torch.', '')})")
-    window = llm.model_config.max_position_embeddings
-    info(f"positions: {llm.positions} ({'kept inside' if llm.positions == 'window' else 'real positions;'} "
-         f"the trained window of {window} tokens)")
+    info(_positions_line(llm))
     return llm
 
 
@@ -216,32 +240,23 @@ def _prefill_bar():
     return progress
 
 
-def planner_inputs(config: LcrunConfig):
-    """(ModelSpec, Hardware) for the planner: the model's shape without loading its weights, and
-    this machine (the GPU through torch; a CPU-only machine plans for a GPU of --gpu-mem if given)."""
+def plan_choice(config: LcrunConfig):
+    """What `lcrun run` would do with ``config``, without loading weights: the resolved attention and
+    its plan, through the same api.plan_run that LLM calls. On this machine's GPU; a CPU-only
+    machine plans for a GPU of --gpu-mem when given, else for the CPU."""
     import torch
 
-    from lcrun.api import resolve_device, resolve_dtype
-    from lcrun.planner import ModelSpec, detect_hardware
+    from lcrun.api import plan_run, resolve_device, resolve_dtype
     from lcrun.runtime.loading import default_model, open_source
     from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 
+    config.resolve()
     spec = config.model or default_model()
     model_cfg = synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
     device = resolve_device(config.device)
-    elem = torch.tensor([], dtype=resolve_dtype(config.dtype, torch.device("cuda"))).element_size()
-    model = ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
-                                name=model_cfg.name or spec, kv_dtype_bytes=elem,
-                                offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        gpu_name, gpu_total = props.name, props.total_memory
-    elif config.gpu_mem is not None:
-        gpu_name, gpu_total = "GPU of --gpu-mem (no GPU on this machine)", config.gpu_mem_bytes
-    else:
-        gpu_name, gpu_total = None, None
-    hw = detect_hardware(gpu_name, gpu_total, gpu_mem=config.gpu_mem, host_mem=config.host_mem, kv_dir=config.kv_dir)
-    return model, hw
+    on_gpu = device.type == "cuda" or config.gpu_mem is not None
+    dtype = resolve_dtype(config.dtype, torch.device("cuda") if on_gpu else device)
+    return plan_run(config, model_cfg, device, dtype, what_if=True, cpu_plan=True)
 
 
 @main.command()
@@ -252,14 +267,14 @@ def plan(config: LcrunConfig, as_json: bool) -> None:
     """Show where weights and the KV cache would live, and the predicted decode speed."""
     import json
 
-    from lcrun.planner import format_plan, make_plan
+    from lcrun.planner import format_plan
 
-    config.resolve()
-    model, hw = planner_inputs(config)
-    the_plan = make_plan(model, config.ctx_tokens, hw, page_size=config.page_size, budget_tokens=config.budget,
-                         sink_tokens=config.sink_tokens, window_tokens=config.window_tokens,
-                         attention=config.attention)
-    click.echo(json.dumps(the_plan.to_dict(), indent=2) if as_json else format_plan(the_plan))
+    choice = plan_choice(config)
+    show_attention(choice)
+    if as_json:
+        click.echo(json.dumps({**choice.plan.to_dict(), **choice.to_dict()}, indent=2))
+    else:
+        click.echo(format_plan(choice.plan))
 
 
 @main.command()

@@ -28,11 +28,14 @@ class LcrunConfig:
     dtype: str = _opt("auto", "Compute dtype: bfloat16, float16, float32, or auto (bf16 on GPU, fp32 on CPU).",
                       choices=["auto", "bfloat16", "float16", "float32"])
     prefill_chunk: int = _opt(2048, "Tokens per prefill chunk.")
-    attention: str = _opt("dense", "dense: attend to every cached token; topk: attend to the top-scoring KV pages.",
-                          choices=["dense", "topk"])
+    attention: str = _opt("auto", "dense: attend to every cached token; topk: attend to the top-scoring KV pages; "
+                          "auto: dense while the whole KV cache fits beside the weights and the plan predicts it no "
+                          "slower than top-k, else top-k (always top-k past the model's trained window; on the CPU: "
+                          "dense while weights and KV fit the host memory cap).", choices=["auto", "dense", "topk"])
     budget: int = _opt(2048, "topk: tokens attended per KV head per step, sinks and local window included.")
-    page_size: int | None = _opt(None, "Tokens per KV page. Default: the planner's choice on a GPU with --attention "
-                                 "topk (32 for Llama-3.1-8B until its page abstracts would crowd --gpu-mem), else 32.",
+    page_size: int | None = _opt(None, "Tokens per KV page. Default: the planner's choice on a GPU with top-k "
+                                 "attention (32 for Llama-3.1-8B until its page abstracts would crowd --gpu-mem), "
+                                 "else 32.",
                                  choices=[16, 32, 64, 128])
     sink_tokens: int = _opt(64, "topk: first tokens always attended (inside the budget).")
     window_tokens: int = _opt(512, "topk: last tokens always attended (inside the budget).")
@@ -54,7 +57,7 @@ class LcrunConfig:
                          "bytes per page, so half the PCIe traffic and twice the cached pages; slightly lossy; needs "
                          "an RTX 40xx/L4/H100-class GPU). A KV cache that fits on the GPU stays in the compute dtype.",
                          choices=["auto", "fp8"])
-    gpu_mem: str | None = _opt(None, "Cap on GPU memory lcrun may hold, e.g. 24GiB.")
+    gpu_mem: str | None = _opt(None, "Cap on GPU memory lcrun may hold, e.g. 24GiB. Default: the GPU's total memory.")
     host_mem: str | None = _opt(None, "Cap on pinned host memory for the KV cache, e.g. 32GiB.")
     kv_dir: str | None = _opt(None, "Folder for KV pages spilled to disk (NVMe).")
     seed: int = _opt(0, "Random seed for sampling and synthetic weights.")
@@ -74,7 +77,10 @@ class LcrunConfig:
             raise ConfigError(f"--prefill-chunk must be at least 1, got {self.prefill_chunk}")
         if self.page_size is not None and self.page_size not in (16, 32, 64, 128):
             raise ConfigError(f"--page-size must be 16, 32, 64 or 128, got {self.page_size}")
-        if self.attention == "topk":
+        if self.positions == "window" and self.attention == "dense":
+            raise ConfigError("--positions window needs --attention topk (dense attention attends to every "
+                              "token, so there is no window to place them in)")
+        if self.attention in ("topk", "auto"):  # auto may pick top-k: its settings must make sense
             if self.budget < self.sink_tokens + self.window_tokens + (self.page_size or DEFAULT_PAGE_SIZE):
                 raise ConfigError(
                     f"--budget {self.budget} leaves no room for selected pages after {self.sink_tokens} sink and "

@@ -51,6 +51,9 @@ def test_config_object_and_unknown_setting():
     cfg = LcrunConfig(model="synthetic:tiny", ctx="1k")
     llm = LLM(config=cfg, progress=False)
     assert llm.cache.capacity == 1024
+    # --attention auto on the CPU, inside the trained window, with room: dense; resolved in a copy
+    assert llm.attention == "dense" and llm.config.attention == "dense" and cfg.attention == "auto"
+    assert "fits in host memory" in llm.attention_reason and llm.plan is None
     ids = list(llm.stream_ids([1, 2, 3], max_new_tokens=5))
     assert len(ids) == 5
     with pytest.raises(ConfigError, match="unknown setting"):
@@ -74,12 +77,27 @@ def test_tiered_plan_with_chunk_abstracts_is_refused_clearly():
     from lcrun.planner import ModelSpec
     cfg = synthetic_config("synthetic:llama-3.1-8b")
     spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=cfg.num_parameters() * 2, kv_dtype_bytes=2)
-    plan = make_plan(spec, "1M", hw, page_size=32)
+    assert spec.trained_window == 131072
+    plan = make_plan(spec, "1M", hw, page_size=32, positions="true")
     assert plan.abstract_mode == "chunk"
     config = LcrunConfig.from_kwargs(model="synthetic:llama-3.1-8b", ctx="1M", attention="topk", positions="true")
     with pytest.raises(CapacityError, match="--page-size"):
         make_cache(config, cfg, torch.device("cpu"), torch.float32, plan)
-    # Left unset (the default), the page size is the planner's: 64 keeps the abstracts on the GPU.
+    # Left unset (the default), the page size is the planner's: 64 keeps the abstracts on the GPU;
+    # 128 with --positions auto, whose pages keep two abstracts each past the trained window.
     assert LcrunConfig().page_size is None
-    auto = make_plan(spec, "1M", hw, page_size=None)
+    auto = make_plan(spec, "1M", hw, page_size=None, positions="true")
     assert auto.abstract_mode == "page" and auto.page_size == 64
+    two = make_plan(spec, "1M", hw, page_size=None, positions="auto")
+    assert two.abstract_mode == "page" and two.page_size == 128 and two.abstract_sets == 2
+
+
+def test_auto_attention_past_the_trained_window_and_dense_warning():
+    from lcrun.api import TrainedWindowWarning
+    # synthetic:tiny was trained for 4096 tokens: auto takes top-k past it.
+    llm = LLM("synthetic:tiny", ctx="8k", progress=False, budget=256, sink_tokens=16, window_tokens=64, page_size=16)
+    assert llm.attention == "topk" and llm.config.attention == "topk"
+    assert "trained window of 4,096" in llm.attention_reason
+    with pytest.warns(TrainedWindowWarning, match="trained window of 4,096 tokens will degrade"):
+        dense = LLM("synthetic:tiny", ctx="8k", attention="dense", progress=False)
+    assert dense.attention == "dense" and dense.attention_reason == "--attention dense"

@@ -43,11 +43,28 @@ def test_bench_sweep_with_baselines_writes_json(tmp_path):
         assert r["prefill_tok_s"] > 0 and r["decode_ms"] > 0
         assert len(r["decode_ms_steps"]) == 4
         assert "peak_gpu_bytes" in r
+    for key in [("lcrun", "topk", 256), ("lcrun", "topk", 512)]:
+        assert rows[key]["attention_requested"] == "topk" and rows[key]["attention_reason"] == "--attention topk"
+    assert rows[("lcrun", "dense", 256)]["attention_requested"] == "dense"
+    assert "256 tokens: attention: top-k (--attention topk)" in res.stderr
     # The offloaded cache needs a GPU: recorded as that context's error, the sweep went on.
     assert "needs a GPU" in rows[("transformers-offloaded", None, 256)]["error"]
     baselines = {(r["context"], r["baseline"]) for r in data["ratios"]}
     assert baselines == {(256, "lcrun-dense"), (256, "transformers-dense")}
     assert "transformers-dense" in res.stdout and "needs a GPU" in res.stdout
+
+
+def test_bench_records_what_auto_attention_resolved_to(tmp_path):
+    out = tmp_path / "bench.json"
+    res = cli("bench", "--model", "synthetic:tiny", "--device", "cpu", "--contexts", "256", "--steps", "2",
+              "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["settings"]["attention"] == "auto"
+    (row,) = data["rows"]
+    assert row["attention_requested"] == "auto" and row["attention"] == "dense"  # CPU, fits, inside the window
+    assert "fits in host memory" in row["attention_reason"]
+    assert f"256 tokens: attention: dense ({row['attention_reason']})" in res.stderr
 
 
 def test_bench_rejects_unknown_transformers_cache(tmp_path):
@@ -76,6 +93,9 @@ def test_ratios_pair_baselines_with_the_swept_config():
             {"impl": "transformers-dense", "context": 1, "error": "out of GPU memory"}]
     got = {r["baseline"]: r for r in ratios(rows, "topk")}
     assert set(got) == {"lcrun-dense", "transformers-offloaded"}
+    # --attention auto: the swept rows are the ones asked for auto, whatever they resolved to
+    auto_rows = [dict(rows[0], attention_requested="auto"), dict(rows[1], attention_requested="dense"), *rows[2:]]
+    assert {r["baseline"] for r in ratios(auto_rows, "auto")} == {"lcrun-dense", "transformers-offloaded"}
     assert got["transformers-offloaded"]["decode_speedup"] == 100
     assert got["lcrun-dense"]["prefill_speedup"] == 2
 

@@ -1,6 +1,9 @@
 """The CLI as a user drives it, on the real demo model (CPU)."""
 from __future__ import annotations
 
+import re
+import shutil
+
 import pytest
 from click.testing import CliRunner
 
@@ -21,6 +24,9 @@ def test_chat_answers_from_stdin_lines():
     assert res.exit_code == 0, res.output
     assert "built-in demo model" in res.stderr
     assert "context: 2048 tokens" in res.stderr
+    # --attention auto on the CPU, inside the demo model's trained window, with room: dense, one line
+    assert re.search(r"^attention: dense \(on the CPU: the whole KV cache, .* fits in host memory[^\n]*\)$",
+                     res.stderr, re.M), res.stderr
     assert "Paris" in res.stdout
     assert "Berlin" in res.stdout
 
@@ -78,3 +84,43 @@ def test_models_lists_demo_and_synthetic(tmp_path):
     assert "synthetic:llama-3.1-8b" in res.stdout
     if demo_model_path() is not None:
         assert "demo model" in res.stdout
+
+
+def _nvme_pages(plan_text: str) -> int:
+    """Pages the printed plan puts on NVMe (the KV pages line under 'NVMe:')."""
+    m = re.search(r"^NVMe: .*\n\s+KV pages\s+\S+ \S+\s+([\d,]+) pages", plan_text, re.M)
+    assert m, plan_text
+    return int(m.group(1).replace(",", ""))
+
+
+@pytest.mark.parametrize("ctx,host_mem", [("256k", "16GiB"), ("1M", "64GiB")])
+def test_plan_headline_runs_place_pages_on_nvme_by_default(tmp_path, monkeypatch, ctx, host_mem):
+    # No --attention: auto must plan them (top-k, past Llama-3.1's 128K window) on this CPU machine,
+    # for a GPU of --gpu-mem and a host of --host-mem, whatever this machine's RAM; the disk is
+    # taken as roomy so the test does not depend on the drive under tmp_path.
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=8 * 2**40))
+    # (--device cpu is what auto picks here; it keeps a GPU machine from planning its own card.)
+    res = _run(["plan", "--model", "synthetic:llama-3.1-8b", "--ctx", ctx, "--gpu-mem", "24GiB",
+                "--host-mem", host_mem, "--kv-dir", str(tmp_path / "kvd"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert _nvme_pages(res.stdout) > 0
+    assert "attention topk" in res.stdout.splitlines()[0]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("attention:")]
+    assert len(lines) == 1 and lines[0].startswith("attention: top-k (") and "trained window of 131,072" in lines[0]
+    assert "x 2 sets" in res.stdout  # true-position and page-relative abstracts past the window
+
+
+def test_plan_dense_past_the_trained_window_warns_in_one_line():
+    res = _run(["plan", "--model", "synthetic:tiny", "--ctx", "8k", "--attention", "dense", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "attention: dense (--attention dense" in res.stderr
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --attention dense with --ctx 8,192: output past the model's trained window of "
+                        "4,096 tokens will degrade (--attention auto or topk keeps it usable there)"]
+    auto = _run(["plan", "--model", "synthetic:tiny", "--ctx", "8k", "--device", "cpu", "--json"])
+    assert auto.exit_code == 0, auto.output
+    import json
+    doc = json.loads(auto.stdout)
+    assert doc["attention"] == "topk" and doc["attention_requested"] == "auto"
+    assert "trained window of 4,096" in doc["attention_reason"]

@@ -49,5 +49,14 @@ def test_python_api_settings_get_the_cli_choices_checked():
     assert LcrunConfig.from_kwargs(kv_dtype="fp8").kv_dtype == "fp8"
     with pytest.raises(ConfigError, match="--kv-dtype must be one of auto, fp8, got 'int4'"):
         LcrunConfig.from_kwargs(kv_dtype="int4")
-    with pytest.raises(ConfigError, match="--attention must be one of dense, topk"):
+    with pytest.raises(ConfigError, match="--attention must be one of auto, dense, topk"):
         LcrunConfig.from_kwargs(attention="sparse")
+
+
+def test_attention_defaults_to_auto_and_its_settings_are_checked():
+    assert LcrunConfig().attention == "auto"
+    with pytest.raises(ConfigError, match="--budget"):  # auto may pick top-k
+        LcrunConfig.from_kwargs(budget=256, sink_tokens=64, window_tokens=512)
+    LcrunConfig.from_kwargs(attention="dense", budget=256, sink_tokens=64, window_tokens=512)
+    with pytest.raises(ConfigError, match="--positions window needs --attention topk"):
+        LcrunConfig.from_kwargs(attention="dense", positions="window")

@@ -285,10 +285,11 @@ def test_model_spec_from_dict():
     cfg = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                       num_heads=32, num_kv_heads=8, head_dim=128, name="Llama-3.1-8B")
     spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=16_060_000_000)
-    assert spec == LLAMA_8B
+    assert spec == dataclasses.replace(LLAMA_8B, trained_window=cfg.max_position_embeddings)
     hf = {"num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8, "hidden_size": 3072,
-          "vocab_size": 128256, "intermediate_size": 8192}
+          "vocab_size": 128256, "intermediate_size": 8192, "max_position_embeddings": 131072}
     assert ModelSpec.from_dict(hf, weight_bytes=6.4e9).head_dim == 128
+    assert ModelSpec.from_dict(hf, weight_bytes=6.4e9).trained_window == 131072
     with pytest.raises(ConfigError, match="weight_bytes"):
         ModelSpec.from_dict(cfg.to_dict())
 
@@ -415,3 +416,87 @@ def test_gpu_link_measurement_can_be_off_and_never_stops_a_run(tmp_path, monkeyp
     monkeypatch.setattr(calibrate, "measure_gpu", lambda device: pytest.fail("measured although turned off"))
     assert calibrate.gpu_calibration(torch.device("cpu"), "GPU Y") is None
     assert Calibration.load("GPU Y") is None
+
+
+# -- two abstract sets past the trained window; --attention auto --
+
+LLAMA_8B_128K = dataclasses.replace(LLAMA_8B, trained_window=131072)
+
+
+def test_two_abstract_sets_past_the_trained_window():
+    hw = with_disk(machine(24 * GiB, 64 * GiB, 60 * GiB), 8 * TiB)
+    inside = make_plan(LLAMA_8B_128K, "128k", hw)
+    assert inside.abstract_sets == 1 and inside.page_abstract_bytes == 512 * 2**20
+    past = make_plan(LLAMA_8B_128K, "256k", hw)
+    # 262144/32 = 8192 pages/head * 256 heads * 512 B, twice: true-position and page-relative min/max
+    assert past.abstract_sets == 2 and past.page_size == 32
+    assert past.page_abstract_bytes == past.gpu_breakdown["page abstracts"] == 2 * GiB
+    assert next(t for t in past.decode_terms if t.name == "abstract scoring").bytes == 1 * GiB  # a step ranks one set
+    assert any("two abstracts" in n for n in past.notes)
+    assert "x 2 sets" in format_plan(past)
+    true_pos = make_plan(LLAMA_8B_128K, "256k", hw, positions="true")
+    assert true_pos.abstract_sets == 1 and true_pos.page_abstract_bytes == 1 * GiB
+    assert make_plan(LLAMA_8B, "256k", hw).abstract_sets == 1  # trained window unknown
+    assert make_plan(LLAMA_8B_128K, "32k", hw, positions="window").abstract_sets == 2  # window positions: always
+    assert make_plan(LLAMA_8B_128K, "16k", hw, attention="dense").abstract_sets == 0
+    # Twice the abstracts double the page size sooner: at 512K 32-token pages' 4 GiB pass 10% of 24 GiB.
+    assert make_plan(LLAMA_8B_128K, "512k", hw).page_size == 64
+    assert make_plan(LLAMA_8B_128K, "512k", hw, positions="true").page_size == 32
+    with pytest.raises(ConfigError, match="--positions must be one of"):
+        make_plan(LLAMA_8B_128K, "32k", hw, positions="rope")
+
+
+def test_auto_attention_on_a_gpu_follows_the_predicted_decode_time():
+    from lcrun.planner import choose_attention
+    hw = with_disk(machine(24 * GiB, 64 * GiB, 60 * GiB), 8 * TiB)
+    assert hw.gpu_cap_bytes == 24 * GiB  # no --gpu-mem: the card's total memory
+    for ctx in ("1k", "2k", "4k", "32k"):
+        choice = choose_attention(LLAMA_8B_128K, ctx, hw)
+        dense = make_plan(LLAMA_8B_128K, ctx, hw, attention="dense")
+        topk = make_plan(LLAMA_8B_128K, ctx, hw, attention="topk")
+        want = "dense" if dense.decode_s_per_token <= topk.decode_s_per_token else "topk"
+        assert choice.attention == want == choice.plan.attention, ctx
+        assert choice.plan.decode_s_per_token == (dense if want == "dense" else topk).decode_s_per_token
+    short = choose_attention(LLAMA_8B_128K, "1k", hw)  # within the budget dense reads what top-k reads
+    assert short.attention == "dense" and short.line().startswith("attention: dense (the whole KV cache")
+    mid = choose_attention(LLAMA_8B_128K, "32k", hw)
+    assert mid.attention == "topk" and "top-k is predicted faster" in mid.reason
+    # 128K: the dense KV cache (16 GiB) does not fit beside 15 GiB of weights under 24 GiB.
+    full = choose_attention(LLAMA_8B_128K, "128k", hw)
+    assert full.attention == "topk" and full.plan.attention == "topk"
+    assert full.line().startswith("attention: top-k (the KV cache for 131,072 tokens needs 16.00 GiB, more than "
+                                  "the 24.00 GiB cap leaves")
+    assert "\n" not in full.line() and full.warning is None
+    # Past the trained window: top-k even where dense would fit (an 80 GB card).
+    big = with_disk(machine(80 * GiB, 256 * GiB, 250 * GiB), 8 * TiB)
+    past = choose_attention(LLAMA_8B_128K, "256k", big)
+    assert past.attention == "topk" and "past the model's trained window of 131,072" in past.reason
+    assert "ms/token" in past.reason
+    # Asked for dense past the window: allowed, with a one-line warning.
+    dense = choose_attention(LLAMA_8B_128K, "256k", big, attention="dense")
+    assert dense.attention == "dense" and dense.plan.attention == "dense" and dense.reason.startswith("--attention dense")
+    assert "trained window of 131,072 tokens will degrade" in dense.warning and "\n" not in dense.warning
+    assert choose_attention(LLAMA_8B_128K, "64k", big, attention="dense").warning is None
+    assert choose_attention(LLAMA_8B_128K, "1k", hw, positions="window").attention == "topk"
+    with pytest.raises(ConfigError, match="--positions window needs --attention topk"):
+        choose_attention(LLAMA_8B_128K, "1k", hw, attention="dense", positions="window")
+    with pytest.raises(ConfigError, match="--attention must be one of auto, dense, topk"):
+        choose_attention(LLAMA_8B_128K, "1k", hw, attention="sparse")
+    # Neither fits: top-k's shortfall is the error.
+    with pytest.raises(CapacityError, match="--kv-dir"):
+        choose_attention(LLAMA_8B_128K, "128k", machine(24 * GiB, 16 * GiB, 12 * GiB))
+
+
+def test_auto_attention_on_the_cpu():
+    from lcrun.planner import choose_attention
+    cpu = detect_hardware(None, None, host_total_bytes=64 * GiB, host_available_bytes=60 * GiB, calibration=None)
+    spec = dataclasses.replace(LLAMA_3B, trained_window=131072)
+    fits = choose_attention(spec, "32k", cpu)
+    assert fits.attention == "dense" and fits.plan is None and "fits in host memory" in fits.reason
+    assert choose_attention(spec, "32k", cpu, cpu_plan=True).plan.attention == "dense"
+    small = detect_hardware(None, None, host_mem="8GiB", host_total_bytes=64 * GiB, host_available_bytes=60 * GiB,
+                            calibration=None)
+    over = choose_attention(spec, "32k", small)  # 5.96 GiB of weights + 3.5 GiB of KV > 8 GiB
+    assert over.attention == "topk" and "over the host memory cap of 8.00 GiB" in over.reason
+    past = choose_attention(spec, "256k", cpu)
+    assert past.attention == "topk" and "trained window of 131,072" in past.reason

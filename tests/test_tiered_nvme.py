@@ -5,6 +5,8 @@ NVMe tier writes and reads real files under a temporary --kv-dir."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -250,3 +252,138 @@ def test_sparse_prefill_gives_the_last_prompt_token_its_own_selection():
     torch.testing.assert_close(got, want.reshape(-1), rtol=1e-5, atol=1e-5)
     cache.close()
     ref_cache.close()
+
+
+# -- NVMe pages in the decode loop: late pages wait, and the step runs again -----------------------
+
+DECODE_BUDGET = 16 + 32 + 4 * P  # sinks + window + 4 scored pages
+
+
+def _decode_run(tmp_path, host, n=24, wait_s=None, device="cpu", **kw):
+    """Greedy tokens after a 400-token prompt (25 pages per head; with host=40 slots per layer, the
+    pages between the sinks and the last 11 live on NVMe after prefill) and the cache's report."""
+    model = random_model(CFG, device, torch.float32, seed=0)
+    ids = torch.randint(0, 128, (400,), generator=torch.Generator().manual_seed(1)).tolist()
+    args = dict(cache_slots_per_layer=8, page_size=P, budget=DECODE_BUDGET, sink_tokens=16, window_tokens=32,
+                backend="torch" if device == "cpu" else "auto", prefetch="off")
+    if host:
+        args.update(host_slots_per_layer=host, kv_dir=str(tmp_path), promotion_reserve=16)
+    args.update(kw)
+    cache = TieredTopKCache(CFG, 512, device, torch.float32, **args)
+    if wait_s is not None:
+        cache.nvme_wait_s = wait_s
+    try:
+        gen = Generator(model, cache, 64)
+        tokens = list(gen.stream(ids, SamplingParams(max_new_tokens=n, temperature=0)))
+        return tokens, {**cache.report(), "cuda_graph": gen.stepper.graph is not None}
+    finally:
+        cache.close()
+
+
+@pytest.fixture(scope="module")
+def host_only_run(tmp_path_factory):
+    return _decode_run(tmp_path_factory.mktemp("kv"), None)
+
+
+def test_decode_with_nvme_in_the_loop_equals_host_only(tmp_path, host_only_run):
+    """Every token's step waits for its late pages and runs again: the tokens are those of the same
+    store with every page in the host pool, although pages had to come from disk all along."""
+    want, host_report = host_only_run
+    got, report = _decode_run(tmp_path, 40)
+    assert got == want
+    assert report["late_pages"] > 0 and report["redone_steps"] > 0 and report["promoted_pages"] > 0
+    assert report["skipped_pages"] == 0 and report["unreadable_selected_pages"] == 0
+    assert report["nvme_wait_ms_per_token"] > 0 and report["decode_nvme_read_bytes_per_token"] > 0
+    # A redone step counts once: as many steps (and selected pages) as without NVMe.
+    assert report["decode_steps"] == host_report["decode_steps"] == len(want) - 1
+    assert report["selected_pages"] == host_report["selected_pages"]
+    for key in ("late_pages", "skipped_pages", "redone_steps", "nvme_wait_ms_per_token"):
+        assert host_report[key] == 0, key
+
+
+def test_zero_wait_bound_skips_late_pages(tmp_path, host_only_run):
+    """LCRUN_NVME_WAIT_MS=0: no step waits or runs again; its late pages are counted as skipped,
+    and skipping them changes the answer (the test above is not trivially true)."""
+    want, _ = host_only_run
+    got, report = _decode_run(tmp_path, 40, wait_s=0.0)
+    assert report["late_pages"] > 0
+    assert report["skipped_pages"] == report["late_pages"] == report["unreadable_selected_pages"]
+    assert report["redone_steps"] == 0 and report["nvme_wait_ms_per_token"] == 0
+    assert got != want
+
+
+def test_wait_bound_reached_on_a_slow_disk(tmp_path, monkeypatch):
+    """A promoter read that outlasts the wait bound: the step keeps its result and its late pages
+    count as skipped after waiting about the bound."""
+    from lcrun.offload import nvme_store
+    slow = nvme_store.NvmeStore.read_into_sync
+
+    def read_into_sync(self, slot_ids, dst):
+        time.sleep(0.15)
+        return slow(self, slot_ids, dst)
+    monkeypatch.setattr(nvme_store.NvmeStore, "read_into_sync", read_into_sync)
+    _, report = _decode_run(tmp_path, 40, n=6, wait_s=0.01)
+    assert report["skipped_pages"] > 0 and report["late_pages"] >= report["skipped_pages"]
+    assert report["nvme_wait_ms_per_token"] * report["decode_steps"] >= 10  # the first step waited the bound
+
+
+def test_wait_bound_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCRUN_NVME_WAIT_MS", "50")
+    monkeypatch.setenv("LCRUN_NVME_MAX_REDOS", "1")
+    cache = _tiered(512, tmp_path, 40)
+    assert (cache.nvme_wait_s, cache.nvme_max_redos) == (0.05, 1)
+    cache.close()
+    monkeypatch.setenv("LCRUN_NVME_WAIT_MS", "soon")
+    with pytest.raises(ConfigError, match="LCRUN_NVME_WAIT_MS"):
+        _tiered(512, tmp_path, 40)
+
+
+def test_promotion_reads_keep_many_requests_in_flight(tmp_path, monkeypatch):
+    """Scattered pages (one read call each) are dealt out to every I/O thread even when the batch
+    is small, so a disk sees up to io_threads requests at once; consecutive ones stay one call."""
+    from lcrun.offload import nvme_store
+    with nvme_store.NvmeStore(tmp_path, 4096, 512, io_threads=16) as store:
+        data = torch.randint(0, 255, (512, 4096), dtype=torch.uint8)
+        store.write(range(512), data)
+        assert len(store._plan([(s, None) for s in range(64)])) == 1  # 256 KiB in a row: one call
+        scattered = list(range(0, 512, 8))                             # 64 pages, none adjacent
+        assert len(store._plan([(s, None) for s in scattered])) == 16
+        real, lock, state = os.preadv, threading.Lock(), {"now": 0, "most": 0}
+
+        def preadv(fd, buffers, offset):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.005)  # a disk's latency: the calls overlap only if they are issued together
+            try:
+                return real(fd, buffers, offset)
+            finally:
+                with lock:
+                    state["now"] -= 1
+        monkeypatch.setattr(nvme_store.os, "preadv", preadv)
+        dst = torch.empty((len(scattered), 4096), dtype=torch.uint8)
+        store.read_into_sync(scattered[::-1], dst)
+        assert torch.equal(dst, data[scattered[::-1]])
+        assert state["most"] >= 8
+
+
+def test_io_threads_from_the_environment(tmp_path, monkeypatch):
+    from lcrun.errors import LcrunError
+    from lcrun.offload import nvme_store
+    monkeypatch.setenv("LCRUN_NVME_IO_THREADS", "5")
+    with nvme_store.NvmeStore(tmp_path, 4096, 8) as store:
+        assert store.io_threads == 5
+    monkeypatch.setenv("LCRUN_NVME_IO_THREADS", "0")
+    with pytest.raises(LcrunError, match="LCRUN_NVME_IO_THREADS"):
+        nvme_store.NvmeStore(tmp_path, 4096, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replayed_decode_with_nvme_equals_host_only_on_gpu(tmp_path):
+    """The CUDA-graph path: a replayed step that read late pages is replayed again."""
+    want, host_report = _decode_run(tmp_path, None, device="cuda")
+    got, report = _decode_run(tmp_path, 40, device="cuda")
+    assert got == want and report["cuda_graph"]
+    assert report["late_pages"] > 0 and report["redone_steps"] > 0 and report["skipped_pages"] == 0
+    assert report["decode_steps"] == host_report["decode_steps"]

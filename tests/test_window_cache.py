@@ -78,8 +78,8 @@ def test_short_context_equals_dense_prefill_and_decode():
 def test_window_positions_match_reference_when_every_page_is_selected(chunks, far_positions):
     q, k, v = _qkv(sum(chunks), seed=1)
     starts, at = [], 0
-    for n in chunks:  # blocks of piece_tokens=8 from each forward's start
-        starts += [at + (j // 8) * 8 for j in range(n)]
+    for n in chunks:  # blocks of piece_tokens=8 from each forward's start; a decode query from c + 1
+        starts += [at + 1] if n == 1 else [at + (j // 8) * 8 for j in range(n)]
         at += n
     got = _feed(_cache(far_positions=far_positions), q, k, v, chunks)
     torch.testing.assert_close(got, _reference(q, k, v, starts, far_positions), atol=1e-4, rtol=1e-4)
@@ -131,8 +131,8 @@ def test_decode_selects_the_page_its_query_points_at(far_positions):
     # Decode query of group 1 (query heads 2, 3) points at page 5's keys at the far distance
     # (the middle of the far span: scores are exact there).
     qd = torch.zeros(1, 4, d)
-    ls, sink_end = cache.layout(t - 1)
-    delta = (t - 1 - cache.shift(t - 1)) - sink_end - cache.far_span(1) // 2
+    ls, sink_end = cache.layout(t)  # a decode query measures its window from c + 1
+    delta = (t - 1 - cache.shift(t)) - sink_end - cache.far_span(1) // 2
     qd[0, 2:] = Rotary(CFG, "cpu").rotate(direction[None, None].expand(1, 2, d), torch.tensor([-delta]))[0] * 5
     _feed(cache, qd, k[-1:], v[-1:], [1])
     assert cache.last_selection.shape == (2, 1, 1)
@@ -177,25 +177,6 @@ def test_rejects_window_smaller_than_a_page():
     from lcrun.errors import ConfigError
     with pytest.raises(ConfigError, match="window-tokens"):
         WindowTopKCache(CFG, 64, "cpu", torch.float32, page_size=32, window_tokens=16)
-
-
-def test_positions_auto_resolves_by_the_trained_window():
-    from lcrun.api import make_cache, resolve_positions
-    from lcrun.config import LcrunConfig
-    from lcrun.errors import ConfigError
-    from lcrun.runtime.paged_cache import PagedTopKCache
-
-    def conf(**kw):
-        return LcrunConfig.from_kwargs(**{"attention": "topk", "budget": 64, "sink_tokens": 8, "window_tokens": 16,
-                                          "page_size": 16, **kw})
-    assert resolve_positions(conf(ctx=256), CFG) == "true"      # fits the trained window of 256
-    assert resolve_positions(conf(ctx=512), CFG) == "window"
-    assert resolve_positions(conf(ctx=512, positions="true"), CFG) == "true"
-    assert resolve_positions(conf(ctx=512, attention="dense"), CFG) == "true"
-    with pytest.raises(ConfigError, match="needs --attention topk"):
-        resolve_positions(conf(ctx=512, attention="dense", positions="window"), CFG)
-    assert isinstance(make_cache(conf(ctx=256), CFG, torch.device("cpu"), torch.float32), PagedTopKCache)
-    assert isinstance(make_cache(conf(ctx=512), CFG, torch.device("cpu"), torch.float32), WindowTopKCache)
 
 
 def test_last_prompt_token_gets_its_own_selection():

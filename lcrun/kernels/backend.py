@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from lcrun.kernels import reference, select
+from lcrun.kernels import key_rotation, reference, select
 from lcrun.kernels.triton_support import BACKENDS, can_run_triton
 
 
@@ -25,6 +25,8 @@ class KernelBackend:
     # Hierarchical selection (lcrun.kernels.chunk_abstracts): chunk abstracts, then pages in the best chunks.
     update_chunk_abstracts: Callable[..., None] | None = None
     select_top_pages_hier: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Window positions (lcrun.kernels.key_rotation): page-relative abstracts after one decode token.
+    update_relative_abstract: Callable[..., None] | None = None
 
 
 TORCH_BACKEND = KernelBackend(
@@ -38,6 +40,7 @@ TORCH_BACKEND = KernelBackend(
     select_top_pages=select.select_top_pages,
     update_chunk_abstracts=reference.update_chunk_abstracts,
     select_top_pages_hier=reference.select_top_pages_hier,
+    update_relative_abstract=key_rotation.update_relative_abstract_reference,
 )
 
 
@@ -52,7 +55,8 @@ def _triton_backend() -> KernelBackend:
     return KernelBackend("triton", update_abstracts, score_pages, sparse_decode_attention, paged_prefill_attention,
                          selection_bounds, assemble_selection, select_top_pages,
                          update_chunk_abstracts=chunk_abstracts.update_chunk_abstracts,
-                         select_top_pages_hier=chunk_abstracts.select_top_pages_hier)
+                         select_top_pages_hier=chunk_abstracts.select_top_pages_hier,
+                         update_relative_abstract=key_rotation.update_relative_abstract)
 
 
 def kernel_backend(device: torch.device | str, prefer: str = "auto") -> KernelBackend:

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lcrun.kernels.key_rotation import rotate_selected_keys
+
 _SCORE_CHUNK_PAGES = 1024
 _FINITE = 3.0e38  # scores of scored pages are kept finite, so they rank above -inf
 
@@ -56,16 +58,19 @@ def score_pages(q, kmin, kmax, num_full_pages, group_reduce="max", block_pages=N
 
 
 def sparse_decode_attention(q, k_pool, v_pool, sel_slots, sel_lens, sm_scale=None, num_entries=None,
-                            num_splits=None, out=None, kv_scale=None) -> torch.Tensor:
+                            num_splits=None, out=None, kv_scale=None, rotation=None) -> torch.Tensor:
     hq, d = q.shape
     hkv, kmax = sel_slots.shape
     page_size = k_pool.shape[1]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    keys = k_pool[sel_slots.long()].reshape(hkv, kmax * page_size, d).float()
+    keys = k_pool[sel_slots.long()].float()  # (Hkv, Kmax, P, D)
     values = v_pool[sel_slots.long()].reshape(hkv, kmax * page_size, d).float()
     if kv_scale is not None:  # fp8 codes (lcrun.kernels.tiered's kv_scale layout)
-        keys = keys * kv_scale[:, 0, None, None]
+        keys = keys * kv_scale[:, 0, None, None, None]
         values = values * kv_scale[:, 1, None, None]
+    if rotation is not None:  # window positions (lcrun.kernels.key_rotation); V is never rotated
+        keys = rotate_selected_keys(keys, rotation)
+    keys = keys.reshape(hkv, kmax * page_size, d)
     live = torch.arange(page_size, device=q.device) < sel_lens[..., None].long()  # (Hkv, Kmax, P)
     if num_entries is not None:
         live &= (torch.arange(kmax, device=q.device) < num_entries.reshape(1).long())[None, :, None]

@@ -1,24 +1,55 @@
 """Decode attention over selected pages (flash-decoding): split the pages of each KV head across
-programs, one program serving all G query heads of the group, then merge splits by log-sum-exp."""
+programs, one program serving all G query heads of the group, then merge splits by log-sum-exp.
+Optionally the keys of each selected page are moved to window positions on the way in
+(lcrun.kernels.key_rotation)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from lcrun.kernels.key_rotation import KeyRotation
 from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit, next_pow2, pdl_enabled, pdl_launch,
                                           pdl_wait, tl)
 
 
 @jit
+def _window_delta(page, sink_end, local_start, shift, P: tl.constexpr):
+    """Position delta of selected pages (int32, any shape; the rules of lcrun.kernels.key_rotation)."""
+    start = page * P
+    return tl.where(start < sink_end, 0, tl.where(start >= local_start, -shift, sink_end - start))
+
+
+@jit
+def _block_rotation(pages_row, e0, last, page_base, sink_end, local_start, shift, freq, sign,
+                    P: tl.constexpr, ENTRIES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cos and signed sin of the angles that move a block's keys to their window positions:
+    (BLOCK_D, 1) when the block is one entry, else (BLOCK_D, ENTRIES * P), token n of the block
+    in entry e0 + n // P. cos/sin (costly) are computed on a (BLOCK_D, ENTRIES) tile, once per
+    (entry, channel), then spread over the tokens.
+    freq: (BLOCK_D,) inverse frequency of each channel; sign: -1 on the first half, +1 after."""
+    entry = e0 + tl.arange(0, ENTRIES)
+    page = tl.load(pages_row + entry, mask=entry < last, other=0) - page_base
+    delta = _window_delta(page, sink_end, local_start, shift, P).to(tl.float32)
+    angle = freq[:, None] * delta[None, :]  # (BLOCK_D, ENTRIES)
+    cos = tl.cos(angle)
+    sin = tl.sin(angle) * sign[:, None]
+    if ENTRIES > 1:
+        cos = tl.reshape(tl.broadcast_to(cos[:, :, None], (BLOCK_D, ENTRIES, P)), (BLOCK_D, ENTRIES * P))
+        sin = tl.reshape(tl.broadcast_to(sin[:, :, None], (BLOCK_D, ENTRIES, P)), (BLOCK_D, ENTRIES * P))
+    return cos, sin
+
+
+@jit
 def _sparse_decode_split_kernel(
-    q, k_pool, v_pool, sel_slots, sel_lens, num_entries, kv_scale, part_out, part_lse, qk_scale,
+    q, k_pool, v_pool, sel_slots, sel_lens, num_entries, kv_scale, rot_inv_freq, rot_pages, rot_layout,
+    part_out, part_lse, qk_scale,
     stride_q_h, stride_slot, stride_tok, stride_sel_h, stride_po_h, stride_po_s, stride_pl_h, stride_scale_h,
-    kmax, pages_per_split,
+    kmax, pages_per_split, rot_page_base,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NUM_ENTRIES: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    ROTATE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)
     head = tl.program_id(0)
@@ -34,6 +65,18 @@ def _sparse_decode_split_kernel(
         qt = qt.to(tl.float32)
     if SCALED:  # fp8 pages: K's scale folds into the logits' scale, V's into the output
         qk_scale = qk_scale * tl.load(kv_scale + head * stride_scale_h)
+    if ROTATE:
+        # rotate_half: channel i pairs with i + D/2 (read from the same key row: an L1 hit) at
+        # frequency i % (D/2); k' = k cos + partner * (-sin on the first half, +sin after).
+        half_d = offs_d % (D // 2)
+        partner_d = (offs_d + D // 2) % D
+        freq = tl.load(rot_inv_freq + half_d, mask=mask_d, other=0.0)
+        sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+        pages_row = rot_pages + head * stride_sel_h
+        page_base = head * rot_page_base
+        sink_end = tl.load(rot_layout)
+        local_start = tl.load(rot_layout + 1)
+        shift = tl.load(rot_layout + 2)
 
     first = split * pages_per_split
     last = tl.minimum(first + pages_per_split, kmax)
@@ -57,6 +100,12 @@ def _sparse_decode_split_kernel(
         kt = tl.load(k_pool + row_off[None, :] + offs_d[:, None], mask=live[None, :] & mask_d[:, None], other=0.0)
         # V is loaded with K, not after the scores: one memory round trip per block, not two.
         v = tl.load(v_pool + row_off[:, None] + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0)
+        if ROTATE:  # fp32 math; fp8 codes rotate before their scale (it folds into qk_scale)
+            kp = tl.load(k_pool + row_off[None, :] + partner_d[:, None], mask=live[None, :] & mask_d[:, None],
+                         other=0.0)
+            cos, sin = _block_rotation(pages_row, e0, last, page_base, sink_end, local_start, shift, freq, sign,
+                                       P, BLOCK_N // P, BLOCK_D)
+            kt = (kt.to(tl.float32) * cos + kp.to(tl.float32) * sin).to(qt.dtype)
         if DOT_FP32:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
@@ -129,7 +178,8 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
                             sel_slots: torch.Tensor, sel_lens: torch.Tensor, sm_scale: float | None = None,
                             num_entries: torch.Tensor | None = None,
                             num_splits: int | None = None, out: torch.Tensor | None = None,
-                            kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            kv_scale: torch.Tensor | None = None,
+                            rotation: KeyRotation | None = None) -> torch.Tensor:
     """Attention of one decode token over the selected pages of its KV head.
 
     q: (Hq, D) fp16/bf16/fp32, last dim contiguous (Hq = G * Hkv, head i uses KV head i // G);
@@ -141,6 +191,9 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     token gets zeros. num_splits overrides the split heuristic (tuning).
     fp8 pools (e4m3 codes): kv_scale (Hkv, 4) fp32 gives each KV head's K and V scale (columns 0
     and 1; lcrun.kernels.tiered's layout); keys are code * K scale, values code * V scale.
+    rotation: window positions (lcrun.kernels.key_rotation.KeyRotation): each selected entry's
+    keys are rotated by its delta (fp32 math) before the dot, read on the device (no host sync);
+    delta 0 gives exactly the unrotated result in fp32. Needs an even D.
     """
     hq, d = q.shape
     hkv, kmax = sel_slots.shape
@@ -160,6 +213,8 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     assert page_size & (page_size - 1) == 0
     if num_entries is not None:
         assert num_entries.numel() == 1 and num_entries.dtype == torch.int32
+    if rotation is not None:
+        rotation.check(sel_slots, d)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
     g = hq // hkv
@@ -168,17 +223,22 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     splits, pages_per_split = decode_splits(hkv, kmax, page_size, block_n, q.device, num_splits)
     part_out = torch.empty((hq, splits, d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((hq, splits), device=q.device, dtype=torch.float32)
+    # Rotation keeps a third tile (each key's partner half) in flight: with fp32 pools and D > 128,
+    # two pipeline stages of three tiles overflow shared memory.
+    stages = 1 if rotation is not None and block_d * k_pool.element_size() > 512 else 2
     pdl = pdl_enabled(q.device)
     _sparse_decode_split_kernel[(hkv, splits)](
         q, k_pool, v_pool, sel_slots, sel_lens, num_entries if num_entries is not None else sel_lens,
-        kv_scale if scaled else sel_lens, part_out, part_lse, sm_scale * LOG2E,
+        kv_scale if scaled else sel_lens,
+        *((rotation.inv_freq, rotation.pages, rotation.layout) if rotation is not None else (sel_lens,) * 3),
+        part_out, part_lse, sm_scale * LOG2E,
         q.stride(0), k_pool.stride(0), k_pool.stride(1), sel_slots.stride(0),
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), kv_scale.stride(0) if scaled else 0,
-        kmax, pages_per_split,
+        kmax, pages_per_split, rotation.page_base if rotation is not None else 0,
         G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
         HAS_NUM_ENTRIES=num_entries is not None,
         DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype), SCALED=scaled,
-        num_warps=4, num_stages=2, PDL=pdl, **pdl_launch(pdl),
+        ROTATE=rotation is not None, num_warps=4, num_stages=stages, PDL=pdl, **pdl_launch(pdl),
     )
     if out is None:
         out = torch.empty((hq, d), device=q.device, dtype=q.dtype)

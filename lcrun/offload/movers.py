@@ -7,10 +7,14 @@ when the disk is slower than the GPU.
 
 ``Promoter``: after each decode step the cache hands it the step's selection (copied to pinned
 memory, with an event). One thread marks the selected pages as used, reads the selected pages that
-live only on NVMe into free host slots, and keeps a reserve of free slots by releasing the least
-recently used pages. It never touches the GPU mapping: it queues mapping changes, which the cache
-applies between steps (``drain``), and it reuses a released slot only after the cache reports an
-event recorded after the unmap has completed (no step can still read the old page there).
+live only on NVMe into free host slots (one batch per step, spread by the store over its I/O
+threads so that many reads are in flight), and keeps a reserve of free slots by releasing the
+least recently used pages. It never touches the GPU mapping: it queues mapping changes, which the
+cache applies between steps (``drain``), and it reuses a released slot only after the cache
+reports an event recorded after the unmap has completed (no step can still read the old page
+there). Each handed-over selection gets a number (``submit``); ``wait_promoted`` blocks, with a
+bound, until that selection's promotions are queued, which is what a cache waits for before it
+runs again a step that found selected pages still on NVMe.
 """
 from __future__ import annotations
 
@@ -156,6 +160,9 @@ class Promoter(_JobThread):
         self._updates: queue.Queue = queue.Queue()      # to the main thread: see drain()
         self._recycle: list = []                        # (event, layer, slots) released, awaiting GPU
         self._recycle_lock = threading.Lock()
+        self._submitted = 0                             # selections handed over (their numbers: 1, 2, ...)
+        self._promoted_through = 0                      # every selection up to this one has its promotions queued
+        self._progress = threading.Condition()
 
     def start(self, sel_shape: tuple[int, ...]) -> None:
         # Normal tensors even when called inside inference mode: graph replays write them outside it.
@@ -166,17 +173,30 @@ class Promoter(_JobThread):
         self._start_thread()
 
     # -- main thread ---------------------------------------------------------------------------
-    def free_buffer(self) -> int | None:
-        """Index of a selection buffer to copy into, or None when the promoter is behind."""
+    def free_buffer(self, timeout: float = 0.0) -> int | None:
+        """Index of a selection buffer to copy into, waiting up to ``timeout`` seconds for one, or
+        None when the promoter is that far behind (the caller counts ``steps_dropped``)."""
         self.check()
         try:
-            return self._ring_free.get_nowait()
+            return self._ring_free.get(timeout=timeout) if timeout > 0 else self._ring_free.get_nowait()
         except queue.Empty:
-            self.stats.steps_dropped += 1
             return None
 
-    def submit(self, step: int, length: int, buf: int, event) -> None:
-        self._jobs.put((step, length, buf, event))
+    def submit(self, step: int, length: int, buf: int, event) -> int:
+        """Hand over the selection in ``sel_buffers[buf]`` (complete once ``event`` does); returns
+        its number for ``wait_promoted``."""
+        self._submitted += 1
+        self._jobs.put((self._submitted, step, length, buf, event))
+        return self._submitted
+
+    def wait_promoted(self, seq: int, timeout: float) -> bool:
+        """Block until the promotions of selection ``seq`` (and every earlier one) are queued for
+        ``drain``, at most ``timeout`` seconds; whether they are. Re-raises a promoter error."""
+        with self._progress:
+            done = self._progress.wait_for(lambda: self._promoted_through >= seq or self._error is not None,
+                                           timeout=max(0.0, timeout))
+        self.check()
+        return done
 
     def drain(self) -> list[tuple]:
         """Mapping changes ready to apply on the GPU: (layer, flat page ids, new host slots or -1,
@@ -208,7 +228,15 @@ class Promoter(_JobThread):
         with self._recycle_lock:
             self._recycle = keep + self._recycle
 
-    def _process(self, step: int, length: int, buf: int, event) -> None:
+    def _mark_promoted(self, seq: int) -> None:
+        with self._progress:
+            self._promoted_through = max(self._promoted_through, seq)
+            self._progress.notify_all()
+
+    def _finish(self, job) -> None:
+        self._mark_promoted(job[0])  # a failed job too: its waiter then sees the error
+
+    def _process(self, seq: int, step: int, length: int, buf: int, event) -> None:
         _wait(event)
         sel = self.sel_buffers[buf].numpy().copy()     # (L, Hkv, K): page ids, -1 where unused
         self._ring_free.put(buf)
@@ -240,6 +268,8 @@ class Promoter(_JobThread):
         for layer, flats, missing, slots in found:
             if missing.size:
                 self._updates.put((layer, missing, slots, None))
+        self._mark_promoted(seq)  # a waiting step can run again now; the reserve is kept meanwhile
+        for layer, flats, missing, slots in found:
             self._keep_reserve(layer, protected, flats)
         self.stats.promoted_pages += len(reads)
         self.stats.per_step.append((step, len(reads)))

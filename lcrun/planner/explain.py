@@ -51,7 +51,9 @@ def format_plan(plan: MemoryPlan) -> str:
                       "host/NVMe pages")
         elif item in ("page abstracts", "chunk abstracts"):
             n = p.total_pages if item == "page abstracts" else None
-            detail = f"{n:,} x {2 * m.head_dim * m.kv_dtype_bytes} B" if n else f"1 per {p.chunk_pages} pages"
+            unit = 2 * m.head_dim * m.kv_dtype_bytes
+            sets = f" x {p.abstract_sets} sets" if p.abstract_sets > 1 else ""
+            detail = f"{n:,} x {unit} B{sets}" if n else f"1 per {p.chunk_pages} pages{sets.replace(' x ', ', ')}"
         lines.append(_line(item, format_bytes(size), detail))
         if item == "workspace":
             for part, part_size in p.workspace_breakdown.items():

@@ -3,7 +3,9 @@ decode step is predicted to cost.
 
 A page is P tokens of ONE KV head of ONE layer (a K page and a V page of P*head_dim elements). Its
 abstract (per-channel key min and max, 2*head_dim elements) stays on the GPU so each decode step
-can score every page and pick the top ones within the token budget. Pages have one home tier:
+can score every page and pick the top ones within the token budget. Past the model's trained
+window (unless positions are 'true') the top-k caches keep two abstracts per page, key min/max at
+true positions and page-relative (``abstract_sets``). Pages have one home tier:
 
 * GPU: the slot pool. Part of it is *home* to pages (sinks and the local window of every layer
   always, then as many more as fit); the rest is a *reuse cache* of copies of host/NVMe pages
@@ -106,6 +108,7 @@ class MemoryPlan:
     pages_per_head: int              # per layer and KV head
     total_pages: int
     abstract_mode: str               # "page", "chunk" or "none" (dense)
+    abstract_sets: int               # abstracts per page: 2 past the trained window (see abstract_sets()), else 1
     chunk_pages: int                 # C (chunk mode), else 0
     page_abstract_bytes: int         # all page abstracts, wherever they live
     abstract_gpu_bytes: int          # abstracts on the GPU (page, or chunk abstracts)
@@ -215,15 +218,32 @@ def selection_counts(page_size: int, sink_tokens: int, window_tokens: int, budge
     return selected, max(0, selected - fixed), fixed
 
 
-def page_abstract_bytes(model: ModelSpec, ctx_tokens: int, page_size: int) -> int:
+POSITIONS = ("auto", "true", "window")
+
+
+def abstract_sets(model: ModelSpec, ctx_tokens: int, positions: str = "auto") -> int:
+    """Sets of page abstracts a top-k cache keeps: 2 when queries may move to window positions (key
+    min/max at true positions, and page-relative for window positions; same shape each), else 1.
+    They may move with --positions window, and with auto when ``ctx_tokens`` is past the model's
+    trained window (as lcrun.runtime.positions.PositionRule.for_run decides)."""
+    if positions == "window":
+        return 2
+    if positions == "true" or model.trained_window is None or ctx_tokens <= model.trained_window:
+        return 1
+    return 2
+
+
+def page_abstract_bytes(model: ModelSpec, ctx_tokens: int, page_size: int, sets: int = 1) -> int:
+    """All page abstracts (every layer and KV head) of ``sets`` sets."""
     pages = -(-ctx_tokens // page_size) * model.num_layers * model.num_kv_heads
-    return pages * 2 * model.head_dim * model.kv_dtype_bytes
+    return pages * 2 * model.head_dim * model.kv_dtype_bytes * sets
 
 
 def choose_page_size(model: ModelSpec, ctx_tokens: int, cap_bytes: int, *, attention: str = "topk",
                      budget_tokens: int = 2048, sink_tokens: int = 64,
-                     window_tokens: int = 512) -> tuple[int, str]:
-    """The auto page size and why (see PAGE_SIZES' comment for the rule)."""
+                     window_tokens: int = 512, abstract_sets: int = 1) -> tuple[int, str]:
+    """The auto page size and why (see PAGE_SIZES' comment for the rule); ``abstract_sets`` as
+    make_plan counts them (2 past the trained window: see abstract_sets())."""
     allowed = [p for p in PAGE_SIZES if attention == "dense" or budget_tokens >= sink_tokens + window_tokens + p]
     if not allowed:
         raise ConfigError(f"--budget {budget_tokens} leaves no room for selected pages after {sink_tokens} sink and "
@@ -233,7 +253,7 @@ def choose_page_size(model: ModelSpec, ctx_tokens: int, cap_bytes: int, *, atten
     for p in big_enough:
         if attention == "dense":
             return p, f"smallest with {format_bytes(MIN_TRANSFER_BYTES)}+ page copies"
-        if page_abstract_bytes(model, ctx_tokens, p) <= share:
+        if page_abstract_bytes(model, ctx_tokens, p, abstract_sets) <= share:
             return p, (f"smallest with {format_bytes(MIN_TRANSFER_BYTES)}+ page copies and page abstracts "
                        f"within {ABSTRACT_SHARE:.0%} of the cap")
     p = allowed[-1]
@@ -251,13 +271,18 @@ def _about_tokens(n: float) -> str:
 
 def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_size: int | None = None,
               budget_tokens: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
-              prefill_chunk: int | None = None, attention: str = "topk",
+              prefill_chunk: int | None = None, attention: str = "topk", positions: str = "auto",
               hit_rate: float = DEFAULT_HIT_RATE) -> MemoryPlan:
     """Plan memory for ``ctx_tokens`` of ``model`` on ``hw``; raises CapacityError (what is short,
-    by how much, which setting fixes it) or ConfigError (a setting lcrun cannot use)."""
+    by how much, which setting fixes it) or ConfigError (a setting lcrun cannot use).
+
+    ``positions`` is the --positions setting: with top-k attention past the model's trained window
+    (and positions not 'true') every page has two abstracts (abstract_sets())."""
     ctx = parse_tokens(ctx_tokens)
     if attention not in ("topk", "dense"):
         raise ConfigError(f"attention must be topk or dense, got {attention!r}")
+    if positions not in POSITIONS:
+        raise ConfigError(f"--positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
     if page_size is not None and page_size not in PAGE_SIZES:
         raise ConfigError(f"--page-size must be 16, 32, 64 or 128, got {page_size}")
     if prefill_chunk is not None and prefill_chunk < 1:
@@ -295,17 +320,27 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
             f"smaller model, a quantized one (e.g. a Q8_0 or Q4_K GGUF), {more}")
 
     # -- page size and abstracts --------------------------------------------------------------------
+    sets = abstract_sets(m, ctx, positions) if attention == "topk" else 0
     if page_size is None:
         P, reason = choose_page_size(m, ctx, cap, attention=attention, budget_tokens=budget_tokens,
-                                     sink_tokens=sink_tokens, window_tokens=window_tokens)
+                                     sink_tokens=sink_tokens, window_tokens=window_tokens,
+                                     abstract_sets=max(1, sets))
     else:
         P, reason = page_size, "given (--page-size)"
     page_bytes = 2 * P * d * e
-    abstract_unit = 2 * d * e                      # one abstract: key min and max over D channels
+    # The abstracts of one page: key min and max over D channels, per set. A decode step ranks with
+    # one set (true-position or page-relative), so scoring reads one set.
+    abstract_unit = 2 * d * e * max(1, sets)
+    chunk_unit = 2 * d * e  # chunk abstracts (and the selected chunks' page abstracts): one set, the one ranked
     pages_per_head = -(-ctx // P)
     total_pages = pages_per_head * L * hkv
     kv_total = total_pages * page_bytes
     all_page_abstracts = total_pages * abstract_unit if attention == "topk" else 0
+    if sets == 2:
+        why = ("--positions window" if positions == "window" else
+               f"{ctx:,} tokens is past the model's trained window of {m.trained_window:,}")
+        notes.append(f"{why}: every page keeps two abstracts (key min/max at true positions and page-relative), "
+                     f"{format_bytes(all_page_abstracts)} in all")
     if attention == "topk":
         selected, top, fixed_pages = selection_counts(P, sink_tokens, window_tokens, budget_tokens, pages_per_head)
     else:
@@ -358,7 +393,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
         notes.append("the whole KV cache fits on the GPU: no host or NVMe tier" if on_gpu
                      else "the whole KV cache fits in host memory: no NVMe tier")
         attended = min(ctx, selected * P) if attention == "topk" else ctx
-        terms = _decode_terms(hw, m, kv_read=L * hkv * attended * 2 * d * e, scoring=all_page_abstracts,
+        terms = _decode_terms(hw, m, kv_read=L * hkv * attended * 2 * d * e, scoring=all_page_abstracts // max(1, sets),
                               h2d=0.0, disk=0.0, dense=attention == "dense")
         return _finish(
             m, hw, ctx, attention, notes, terms,
@@ -367,7 +402,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
             workspace_breakdown=parts, page_size=P, page_size_auto=page_size is None, page_size_reason=reason,
             page_bytes=page_bytes, transfer_bytes=P * d * e, kv_bytes_per_token=m.kv_bytes_per_token,
             kv_total_bytes=kv_total, pages_per_head=pages_per_head, total_pages=total_pages,
-            abstract_mode="page" if attention == "topk" else "none", chunk_pages=0,
+            abstract_mode="page" if attention == "topk" else "none", abstract_sets=sets, chunk_pages=0,
             page_abstract_bytes=all_page_abstracts, abstract_gpu_bytes=all_page_abstracts, abstract_host_bytes=0,
             abstract_cache_bytes=0, page_table_bytes=page_table, selection_bytes=sel, gpu_slots=total_pages,
             gpu_home_pages=total_pages, gpu_cache_slots=0, resident_pages=total_pages,
@@ -405,7 +440,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
     else:
         mode = "chunk"
         for C in CHUNK_SIZES:
-            if -(-pages_per_head // C) * L * hkv * abstract_unit <= share:
+            if -(-pages_per_head // C) * L * hkv * chunk_unit <= share:
                 chunk_pages = C
                 break
         else:
@@ -415,9 +450,9 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
                 f"Use a smaller --ctx or raise {cap_flag}")
         n_chunks = -(-pages_per_head // chunk_pages)
         k_chunks = min(n_chunks, max(1, top))  # as many chunks as top pages: each could sit in its own
-        abstract_gpu = L * hkv * n_chunks * abstract_unit
+        abstract_gpu = L * hkv * n_chunks * chunk_unit
         abstract_host = all_page_abstracts
-        abstract_cache = L * hkv * k_chunks * chunk_pages * abstract_unit
+        abstract_cache = L * hkv * k_chunks * chunk_pages * chunk_unit
         candidates = n_chunks + k_chunks * chunk_pages
         notes.append(f"page abstracts ({format_bytes(all_page_abstracts)}) exceed {ABSTRACT_SHARE:.0%} of the "
                      f"{dev} cap: chunk abstracts of {chunk_pages} pages on the {dev}, page abstracts in host memory; "
@@ -490,7 +525,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
     t = tiers(1)
     assert t is not None  # guaranteed by the chunk search
     kv_read = L * hkv * min(ctx, selected * P) * 2 * d * eo
-    scoring = abstract_gpu + abstract_cache
+    scoring = (abstract_gpu if mode == "chunk" else all_page_abstracts // max(1, sets)) + abstract_cache
     depth = 1
     # Prefetch depth: one layer ahead hides a transfer that takes less than a layer of compute;
     # when it takes longer, fetching two layers ahead gives it two layers of compute to hide behind.
@@ -534,7 +569,8 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
         prefill_chunk=c, prefill_chunk_auto=prefill_chunk is None, workspace_bytes=ws, workspace_breakdown=parts,
         page_size=P, page_size_auto=page_size is None, page_size_reason=reason, page_bytes=page_bytes,
         transfer_bytes=P * d * eo, kv_bytes_per_token=m.offload_kv_bytes_per_token, kv_total_bytes=kv_total,
-        pages_per_head=pages_per_head, total_pages=total_pages, abstract_mode=mode, chunk_pages=chunk_pages,
+        pages_per_head=pages_per_head, total_pages=total_pages, abstract_mode=mode, abstract_sets=sets,
+        chunk_pages=chunk_pages,
         page_abstract_bytes=all_page_abstracts, abstract_gpu_bytes=abstract_gpu, abstract_host_bytes=abstract_host,
         abstract_cache_bytes=abstract_cache, page_table_bytes=page_table, selection_bytes=sel, gpu_slots=slots,
         gpu_home_pages=t["home"], gpu_cache_slots=t["cache"], resident_pages=resident,

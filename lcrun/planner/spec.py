@@ -20,6 +20,7 @@ _ALIASES = {
     "num_key_value_heads": "num_kv_heads",
     "num_attention_heads": "num_heads",
     "_name_or_path": "name",
+    "max_position_embeddings": "trained_window",
 }
 
 # When intermediate_size is unknown the MLP width is taken as 4 * hidden: wider than Llama's 3.5x,
@@ -36,6 +37,9 @@ class ModelSpec:
     offload_kv_dtype_bytes: bytes per KV element of pages in the tiered store (host pool, NVMe,
         GPU page cache) when they are stored narrower than on the GPU (1 for fp8); None: kv_dtype_bytes.
     intermediate_size: MLP width; only sizes the prefill workspace (None: 4 * hidden_size).
+    trained_window: the context the model was trained for (``max_position_embeddings``, GGUF
+        ``context_length``); None: unknown. Past it, the top-k caches keep a second set of page
+        abstracts, and dense attention degrades.
     """
 
     num_layers: int
@@ -49,6 +53,7 @@ class ModelSpec:
     name: str = ""
     intermediate_size: int | None = None
     offload_kv_dtype_bytes: int | None = None
+    trained_window: int | None = None
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_kv_heads", "num_heads", "head_dim", "hidden_size", "vocab_size",
@@ -58,6 +63,9 @@ class ModelSpec:
                 raise ConfigError(f"model spec: {f} must be a positive whole number, got {value!r}")
         if self.offload_kv_dtype_bytes is not None and self.offload_kv_dtype_bytes not in (1, 2, 4):
             raise ConfigError(f"model spec: offload_kv_dtype_bytes must be 1, 2 or 4, got {self.offload_kv_dtype_bytes!r}")
+        if self.trained_window is not None and (not isinstance(self.trained_window, int)
+                                                or isinstance(self.trained_window, bool) or self.trained_window <= 0):
+            raise ConfigError(f"model spec: trained_window must be a positive whole number, got {self.trained_window!r}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError(f"model spec: intermediate_size must be positive, got {self.intermediate_size!r}")
         if self.num_heads % self.num_kv_heads:

@@ -17,6 +17,7 @@ import gc
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -123,17 +124,26 @@ def time_steps(step: Callable[[], None], steps: int) -> list[float]:
     return times
 
 
-def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None = None) -> dict:
-    """One lcrun measurement at ``context`` tokens with ``config``'s settings and caps."""
-    from lcrun.api import LLM
+def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None = None,
+                log: Log | None = None) -> dict:
+    """One lcrun measurement at ``context`` tokens with ``config``'s settings and caps. The row
+    records --attention as asked (``attention_requested``), what it resolved to (``attention``:
+    dense or topk, per context) and why (``attention_reason``); ``log`` gets that as one line."""
+    from lcrun.api import LLM, TrainedWindowWarning
     _free()
     cfg = dataclasses.replace(config, ctx=context + steps + 8)
-    llm = LLM(config=cfg, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainedWindowWarning)  # logged below as one line
+        llm = LLM(config=cfg, progress=False)
+    if log is not None:
+        log(f"{context} tokens: {llm.attention_choice.line()}")
+        if llm.attention_warning:
+            log(f"{context} tokens: warning: {llm.attention_warning}")
     try:
         prompt = random_prompt(llm.model_config.vocab_size, context, config.seed)
         _sync()
         t0 = time.perf_counter()
-        logits = llm.generator.prefill(prompt, _prefill_progress(f"{config.attention} {context}", context))
+        logits = llm.generator.prefill(prompt, _prefill_progress(f"{llm.attention} {context}", context))
         _sync()
         prefill_s = time.perf_counter() - t0
         state = {"token": logits.argmax(-1, keepdim=True)}
@@ -144,7 +154,8 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
 
         times = time_steps(step, steps)
         row: dict[str, Any] = {
-            "impl": "lcrun", "attention": config.attention, "context": context, "prefill_s": prefill_s,
+            "impl": "lcrun", "attention": llm.attention, "attention_reason": llm.attention_reason,
+            "attention_requested": config.attention, "context": context, "prefill_s": prefill_s,
             "prefill_tok_s": context / prefill_s, "decode_ms": warm_median(times),
             "decode_ms_late": late_median(times), "decode_ms_steps": times,
             "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
@@ -271,9 +282,10 @@ def _guarded(label: str, log: Log, fn: Callable[[], dict], row: dict) -> dict:
 
 
 def ratios(rows: list[dict], attention: str) -> list[dict]:
-    """Baseline / lcrun, per context where both were measured (higher = lcrun faster)."""
-    ours = {r["context"]: r for r in rows if r["impl"] == "lcrun" and r.get("attention") == attention
-            and "error" not in r}
+    """Baseline / lcrun, per context where both were measured (higher = lcrun faster). ``attention``
+    is the swept config's --attention as asked (auto resolves per context: rows say to what)."""
+    ours = {r["context"]: r for r in rows if r["impl"] == "lcrun"
+            and r.get("attention_requested", r.get("attention")) == attention and "error" not in r}
     out = []
     for r in rows:
         mine = ours.get(r["context"])
@@ -288,14 +300,32 @@ def ratios(rows: list[dict], attention: str) -> list[dict]:
 WARMUP_CONTEXT = 4096
 
 
-def _warm_up(config: LcrunConfig, log: Log) -> float | None:
+def resolved_attention(config: LcrunConfig, context: int, steps: int) -> str:
+    """What --attention resolves to for a ``context`` row (dense or topk), through the plan a run
+    makes (lcrun.api.plan_run) but without loading weights; topk when that plan fails."""
+    if config.attention != "auto":
+        return config.attention
+    from lcrun.api import plan_run, resolve_device, resolve_dtype
+    try:
+        cfg = dataclasses.replace(config, ctx=context + steps + 8).resolve()
+        device = resolve_device(cfg.device)
+        return plan_run(cfg, _model_config(cfg), device, resolve_dtype(cfg.dtype, device)).attention
+    except LcrunError:
+        return "topk"
+
+
+def _warm_up(config: LcrunConfig, log: Log, contexts: list[int] | None = None, steps: int = 2) -> float | None:
     """Compile the Triton kernels on a short prompt first, so the first row's prefill time is
-    not the compiler's (about 0.35 s of a 32K prefill on the H100). Seconds spent, or None on a CPU."""
+    not the compiler's (about 0.35 s of a 32K prefill on the H100). With --attention auto, warms
+    each attention the swept ``contexts`` resolve to. Seconds spent, or None on a CPU."""
     if not torch.cuda.is_available():
         return None
     t0 = time.perf_counter()
     try:
-        bench_lcrun(config, WARMUP_CONTEXT, 2)
+        kinds = dict.fromkeys(resolved_attention(config, c, steps) for c in (contexts or [WARMUP_CONTEXT]))
+        for attention in kinds:
+            bench_lcrun(dataclasses.replace(config, attention=attention), WARMUP_CONTEXT, 2)
+            _free()
     except Exception as exc:  # the real rows report their own errors
         log(f"warm-up failed: {exc}")
     _free()
@@ -317,15 +347,17 @@ def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
         if checkpoint is not None:
             checkpoint(doc)
 
-    doc["warmup_s"] = _warm_up(config, log)
+    doc["warmup_s"] = _warm_up(config, log, sweep.contexts, sweep.steps)
     for i, context in enumerate(sweep.contexts):
         label = f"lcrun {config.attention} {context}"
-        add(_guarded(label, log, lambda: bench_lcrun(config, context, sweep.steps, sweep.trace if i == 0 else None),
-                     {"impl": "lcrun", "attention": config.attention, "context": context}))
+        add(_guarded(label, log, lambda: bench_lcrun(config, context, sweep.steps, sweep.trace if i == 0 else None,
+                                                     log=log),
+                     {"impl": "lcrun", "attention": config.attention, "attention_requested": config.attention,
+                      "context": context}))
     dense = dataclasses.replace(config, attention="dense")
     for context in sweep.dense_contexts:
-        add(_guarded(f"lcrun dense {context}", log, lambda: bench_lcrun(dense, context, sweep.steps),
-                     {"impl": "lcrun", "attention": "dense", "context": context}))
+        add(_guarded(f"lcrun dense {context}", log, lambda: bench_lcrun(dense, context, sweep.steps, log=log),
+                     {"impl": "lcrun", "attention": "dense", "attention_requested": "dense", "context": context}))
     t_steps = sweep.transformers_steps or sweep.steps
     for context in sweep.transformers_contexts or sweep.contexts:
         for kind in sweep.transformers:

@@ -84,7 +84,7 @@ def _prefill(llm, ids: list[int], log: Log) -> dict:
         p["chunk_tok_s"] = (p["tokens"] - prev_n) / dt if dt > 0 else None
         prev_t, prev_n = p["seconds"], p["tokens"]
     # Layer-major prefill (the tiered store) reports once per layer, each over the whole prompt.
-    mode = "layer-major" if getattr(llm.cache, "layerwise_prefill", False) else "chunked"
+    mode = "layer-major" if llm.cache.layerwise_prefill else "chunked"
     return {"logits": logits, "tokens": len(ids), "seconds": seconds, "tok_s": len(ids) / seconds, "mode": mode,
             "points": points}
 

@@ -72,9 +72,9 @@ class Generator:
         # A cache whose prefill shares one page selection among a block of queries dilutes the
         # last token's query, and that token's logits pick the first answer token: it gets its
         # own selection, as every decode step has (window passkey at 2K: wrong -> right).
-        last_alone = getattr(self.cache, "prefill_selection_shared", False) and todo.numel() > 1
+        last_alone = self.cache.shares_prefill_selection(len(ids)) and todo.numel() > 1
         body = todo[:-1] if last_alone else todo
-        if getattr(self.cache, "layerwise_prefill", False) and body.numel() > 0:
+        if self.cache.layerwise_prefill and body.numel() > 0:
             logits = self.model.forward_layerwise(body, self.cache, self.prefill_chunk, progress)
             self.cached_ids.extend(ids[common:common + body.numel()])
             body = body[:0]
@@ -88,6 +88,8 @@ class Generator:
         if last_alone:
             with named_range("prefill_chunk"):
                 logits = self.model.forward(todo[-1:], self.cache)
+                while self.cache.settle_decode_step():  # it read late pages: run it again
+                    logits = self.model.forward(todo[-1:], self.cache)
             self.cached_ids.append(ids[-1])
             if progress is not None:
                 progress(todo.numel(), todo.numel())

@@ -42,6 +42,22 @@ class AttentionCache(ABC):
         self._positions = positions
         self._plan(positions)
 
+    # -- what the model, the generator and the decode graph may ask of a cache ----------------
+    graph_safe_decode = False  # a decode step reads its position and lengths from device tensors only
+    layerwise_prefill = False  # prompts run layer-major: begin_layerwise, then the model's forward_layerwise
+
+    def shares_prefill_selection(self, end: int) -> bool:
+        """Whether a prefill ending at token ``end`` shares page selections among blocks of queries
+        (then the Generator runs the prompt's last token alone, as a decode step)."""
+        return False
+
+    def decode_graph_key(self) -> object:
+        """Decode steps with equal keys replay one captured graph; a new key is captured anew."""
+        return None
+
+    def before_capture(self) -> None:
+        """Settle what eager decode steps measured before a step is captured as a graph."""
+
     def wants_lookahead(self, layer: int) -> bool:
         """Whether the model should call ``lookahead`` before layer ``layer``'s attention (a
         prefetcher that predicts the next layer's query from this layer's input)."""
@@ -60,6 +76,14 @@ class AttentionCache(ABC):
     def end_forward(self) -> None:
         self.length += self._pending
         self._pending = 0
+
+    def settle_decode_step(self) -> bool:
+        """Called after every one-token forward (a decode step, eager or replayed), once its result
+        is final on the host side. True means the step read pages that arrived late and must run
+        again: the cache has already forgotten the step's token (``length`` is one less) and made
+        those pages readable, so the caller runs the same token at the same position again and
+        then settles again. False (the default): keep the step's result."""
+        return False
 
     def reset(self) -> None:
         self.truncate(0)

@@ -20,15 +20,25 @@ pages hit that step) and keep it only above PREFETCH_MIN_ACCURACY.
 
 Prefill (layer by layer, into the tiers) and the page abstracts: ``lcrun.runtime.tiered_prefill``.
 
-NVMe tier (``host_slots_per_layer`` below the pages of a layer, and ``kv_dir``): a page selected
-in decode that lives only on NVMe is skipped that step (the kernels treat host slot -1 as empty)
-and promoted into the host pool by the Promoter thread from that step's selection, so the next
-step reads it; the decode step itself never waits for the disk. Mapping changes reach the GPU
-between steps.
+NVMe tier (``host_slots_per_layer`` below the pages of a layer, and ``kv_dir``): every step's
+selection goes to the Promoter thread, which reads its pages that live only on NVMe into the host
+pool (many reads in flight), so the next step -- whose selection is mostly the same -- finds them
+there. Inside a step nothing waits for the disk: a selected page still on NVMe (host slot -1) is
+unreadable, and the kernels treat it as empty. So after each decode step the caller asks
+``settle_decode_step``: when the step found selected pages unreadable ("late"), the cache waits
+for the promoter to bring that step's selection in (at most NVME_WAIT_MS per token,
+LCRUN_NVME_WAIT_MS), maps the promoted pages, forgets the step's token and answers True, and the
+caller runs the same step again (same token and position: writing the same K/V again and the
+running min/max abstracts are idempotent), which now reads them. A redo can change what later
+layers select, so a token is run at most 1 + NVME_MAX_REDOS times (LCRUN_NVME_MAX_REDOS); pages
+still unreadable in the step that is kept are "skipped", and ``report`` counts both. Mapping
+changes reach the GPU between steps.
 """
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,7 +56,9 @@ from lcrun.offload.page_directory import PageDirectory
 from lcrun.profiling.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
+from lcrun.kernels.key_rotation import KeyRotation, update_relative_abstract
 from lcrun.runtime.paged_cache import resolve_chunk_pages
+from lcrun.runtime.positions import PositionRule, decode_layout
 from lcrun.runtime.rope import Rotary
 from lcrun.runtime.tiered_prefill import TieredPrefill
 
@@ -83,6 +95,25 @@ PREFETCH_PROBE_STEPS = 2       # decode steps that measure the prefetch in "auto
 # no prefetch (a session measurement not kept as a results file).
 PREFETCH_MIN_ACCURACY = 0.8
 
+# NVMe tier (module docstring): how long one token may wait for late pages in all (ms), and how
+# many times its step may run again. LCRUN_NVME_WAIT_MS and LCRUN_NVME_MAX_REDOS override them;
+# a wait of 0 never redoes a step (late pages are skipped, as before settle_decode_step existed).
+NVME_WAIT_MS = 200.0
+NVME_MAX_REDOS = 3
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ConfigError(f"{name}={raw!r}: expected a number >= 0")
+    return value
+
 
 @dataclass
 class TierStats:
@@ -95,6 +126,13 @@ class TierStats:
     prefill_bytes_h2d: int = 0
     prefill_nvme_read_bytes: int = 0
     prefill_nvme_pages_written: int = 0
+    # NVMe tier, host side (settle_decode_step). ``counters`` and ``decode_steps`` count the run of
+    # each token that was kept; a run done again is taken out of them and added to redo_counters.
+    redone_steps: int = 0              # runs done again because they read pages that arrived late
+    late_pages: int = 0                # settled tokens: selected pages unreadable in their first run
+    skipped_settled: int = 0           # settled tokens: pages still unreadable in the kept run
+    nvme_wait_s: float = 0.0           # time spent waiting for late pages
+    redo_counters: tuple = (0, 0, 0, 0, 0)  # ``counters`` of the runs done again
 
     selected = property(lambda self: self.counters[0])
     hits = property(lambda self: self.counters[1])
@@ -110,7 +148,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                  backend: str = "auto", host_slots_per_layer: int | None = None, kv_dir: str | None = None,
                  nvme_slots: int | None = None, promotion_reserve: int | None = None,
                  sparse_prefill: bool = False, kv_dtype: torch.dtype | None = None,
-                 chunk_pages: int | str = "auto", top_chunks: int = 32):
+                 chunk_pages: int | str = "auto", top_chunks: int = 32, positions: PositionRule = PositionRule(None)):
         """host_slots_per_layer: host pool pages per layer (default: every page of the context, no
         NVMe tier); below that, pages spill to NVMe files under ``kv_dir`` (``nvme_slots`` pages at
         most, default every page) and ``promotion_reserve`` host slots per layer are kept free for
@@ -125,7 +163,9 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         reads fp8 pages as code * scale; page abstracts are computed from the exact keys.
         chunk_pages, top_chunks: hierarchical selection as in PagedTopKCache (chunk abstracts of
         chunk_pages pages scored first, then the pages of the best top_chunks chunks); "auto": from
-        AUTO_MIN_PAGES pages per KV head (256K tokens at page 32), flat below."""
+        AUTO_MIN_PAGES pages per KV head (256K tokens at page 32), flat below.
+        positions: when queries move to window positions (lcrun.runtime.positions), as in
+        PagedTopKCache: pages keep keys at true positions and the decode kernel rotates at read."""
         super().__init__(cfg, capacity, device, dtype)
         store = dtype if kv_dtype is None else kv_dtype
         if store not in (dtype, torch.float8_e4m3fn):
@@ -226,6 +266,11 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                          if store == torch.float8_e4m3fn else None)
         self.kmin = torch.zeros((L, hkv, self.max_pages, d), device=self.device, dtype=dtype)
         self.kmax = torch.zeros_like(self.kmin)
+        self.positions = positions
+        self._window_step = False  # this forward's decode query sits at window positions
+        if positions.may_move:  # page-relative abstracts (positions module doc) and the step's layout
+            self.rel_min, self.rel_max = torch.zeros_like(self.kmin), torch.zeros_like(self.kmin)
+            self._layout = torch.zeros(3, device=self.device, dtype=torch.int32)
         if chunk_pages:
             self.cmin, self.cmax = chunk_abstracts_like(self.kmin, chunk_pages)
         # Selection maps pages through a table: the identity gives logical page ids.
@@ -254,6 +299,15 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         else:
             self.side = None
         self._staging: list | None = None  # chunk-major prefill's stream buffers, made on first use
+        # NVMe tier: settling decode steps (settle_decode_step).
+        self.nvme_wait_s = _env_number("LCRUN_NVME_WAIT_MS", NVME_WAIT_MS) / 1e3
+        self.nvme_max_redos = int(_env_number("LCRUN_NVME_MAX_REDOS", NVME_MAX_REDOS))
+        self._counters_mark = torch.zeros_like(self.stats.counters)  # ``counters`` before this step
+        self._settle_pending = False  # a decode step ran and was not settled yet
+        self._sel_seq: int | None = None  # the promoter's number of this step's selection, if handed over
+        self._redos = 0                # times the current token's step ran again
+        self._redo_length = -1         # length after a redone step: the same token's
+        self._settle_deadline = 0.0
 
     # -- per forward -----------------------------------------------------------------------------
     def _plan(self, positions: torch.Tensor) -> None:
@@ -274,6 +328,15 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
             torch.floor_divide(self._start, self.page_size, out=self._last_page)
             self._selection = plan_selection(self._seq_len, self.max_pages, self.page_size, self.sink_tokens,
                                              self.window_tokens, self.budget, self.ops.selection_bounds)
+            self._window_step = self.positions.window_at(self.length)
+            self._key_cos_sin = self._score_cos_sin = self._cos_sin
+            if self._window_step:
+                # Key written at its true position; the query at c - shift, scored at its distance
+                # to the far pages (lcrun.runtime.positions).
+                decode_layout(self._selection.bounds, self.page_size, self._layout)
+                q_pos = positions - self._layout[2]
+                self._cos_sin = self.rotary.cos_sin(q_pos, self.dtype)
+                self._score_cos_sin = self.rotary.cos_sin(q_pos - self._layout[0], self.dtype)
             self._prefetched_into = [False] * self.cfg.num_layers
             self.stats.decode_steps += 1  # host count; replays add theirs in begin_replay
         elif self.spills and not self._layerwise:
@@ -282,8 +345,14 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._layerwise:
             return self._attend_layerwise(layer, q, k, v)
-        cos, sin = self._cos_sin
-        q, k = Rotary.apply_qk(q, k, cos, sin)
+        k_pre = k
+        if self._window_step and q.shape[0] == 1:
+            k = Rotary.apply(k, *self._key_cos_sin)
+            q_sel = Rotary.apply(q, *self._score_cos_sin)[0].contiguous()
+            q = Rotary.apply(q, *self._cos_sin)
+        else:
+            q, k = Rotary.apply_qk(q, k, *self._cos_sin)
+            q_sel = None
         k = k.to(self.dtype)
         v = v.to(self.dtype)
         t = q.shape[0]
@@ -297,19 +366,40 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         with named_range("kv_write"):
             if self.length == 0:
                 self._set_scales(layer, k, v, token_dim=0)
-            # Decode: the page's running abstract is updated in the same launch.
-            abstracts = (self.kmin[layer], self.kmax[layer]) if t == 1 else (None, None)
+            # Decode: the page's running abstract is updated in the same launch (true-position
+            # abstracts are read inside the trained window only).
+            abstracts = (self.kmin[layer], self.kmax[layer]) if t == 1 and not self._window_step else (None, None)
             self.tier_ops.write_through(k, v, start, self.host_kv[layer], self.host_slot[layer], self.gpu_k[layer],
                                         self.gpu_v[layer], self.cache_slot, self.tag[layer], *abstracts,
                                         kv_scale=self.scales(layer))
             if t > 1:
                 self._update_abstracts(layer, k)
-            elif self.chunk_pages:  # the token's chunk: it counts the page once the page is full
-                self.ops.update_chunk_abstracts(self.kmin[layer], self.kmax[layer], self.cmin[layer], self.cmax[layer],
-                                                self._last_page, self._num_full, self.chunk_pages)
+            else:
+                if self.positions.may_move:
+                    update_relative_abstract(k_pre[0].to(self.dtype), self.rotary.inv_freq, self.rel_min[layer],
+                                             self.rel_max[layer], self._start, self.page_size)
+                if self.chunk_pages:  # the token's chunk: it counts the page once the page is full
+                    lo, hi = self._selection_abstracts(layer, self.positions.may_move)
+                    self.ops.update_chunk_abstracts(lo, hi, self.cmin[layer], self.cmax[layer], self._last_page,
+                                                    self._num_full, self.chunk_pages)
         if t > 1:
             return self._prefill_attention(layer, q, k, v)
-        return self._decode_attention(layer, q[0].contiguous())[None]
+        return self._decode_attention(layer, q[0].contiguous(), q_sel)[None]
+
+    def _selection_abstracts(self, layer: int, relative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page abstracts that rank pages: page-relative ones for window positions."""
+        return (self.rel_min[layer], self.rel_max[layer]) if relative else (self.kmin[layer], self.kmax[layer])
+
+    def _hierarchical(self) -> bool:
+        """Chunk abstracts follow the page-relative abstracts when positions may move."""
+        return bool(self.chunk_pages) and (self._window_step or not self.positions.may_move)
+
+    def shares_prefill_selection(self, end: int) -> bool:
+        """Sparse prefill selects once per chunk, window prefill once per block of queries."""
+        return self.sparse_prefill or self.positions.window_at(end - 1)
+
+    def decode_graph_key(self) -> object:
+        return "window" if self.positions.window_at(self.length) else "true"
 
     def scales(self, layer: int) -> torch.Tensor | None:
         """The layer's (Hkv, 4) fp8 scales, or None when pages are stored in the model dtype."""
@@ -329,15 +419,16 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
 
     # -- decode ------------------------------------------------------------------------------------
     def _select(self, layer: int, q1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logical pages and lengths of sinks, window and top pages for scoring query q1."""
         plan = self._selection
-        if self.chunk_pages:
+        kmin, kmax = self._selection_abstracts(layer, self._window_step)
+        if self._hierarchical():
             with named_range("topk"):
-                return self.ops.select_top_pages_hier(q1, self.kmin[layer], self.kmax[layer], self.cmin[layer],
-                                                      self.cmax[layer], self._num_full, self.logical, plan,
+                return self.ops.select_top_pages_hier(q1, kmin, kmax, self.cmin[layer], self.cmax[layer],
+                                                      self._num_full, self.logical, plan,
                                                       self.chunk_pages, self.top_chunks, self.group_score)
         with named_range("score"):
-            scores = self.ops.score_pages(q1, self.kmin[layer], self.kmax[layer], self._num_full, self.group_score,
-                                          candidates=plan.bounds)
+            scores = self.ops.score_pages(q1, kmin, kmax, self._num_full, self.group_score, candidates=plan.bounds)
         with named_range("topk"):  # the identity table makes the selected "slots" logical page ids
             return self.ops.select_top_pages(scores, self.logical, plan, masked=True)
 
@@ -366,8 +457,9 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
             self._sel_log = torch.full((self.cfg.num_layers, *pages.shape), -1, device=self.device, dtype=torch.int32)
         self._sel_log[layer].copy_(torch.where(lens > 0, pages, -1))
 
-    def _decode_attention(self, layer: int, q1: torch.Tensor) -> torch.Tensor:
-        pages, lens = self._select(layer, q1)
+    def _decode_attention(self, layer: int, q1: torch.Tensor, q_sel: torch.Tensor | None = None) -> torch.Tensor:
+        """q1: the post-RoPE query; q_sel: a window step's scoring query (None: q1 scores)."""
+        pages, lens = self._select(layer, q1 if q_sel is None else q_sel)
         if self.spills:
             self._log_selection(layer, pages, lens)
         # Demand admission first, then attention from GPU memory only: each missed page crosses
@@ -376,10 +468,12 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         with named_range("fetch.host"):
             pool_k, pool_v, slots, read_lens = self._admit_for_attention(layer, pages, lens)
         with named_range("attend"):
+            rotation = KeyRotation(self.rotary.inv_freq, pages, 0, self._layout) if self._window_step else None
             out = self.ops.sparse_decode_attention(q1, pool_k, pool_v, slots, read_lens, self.sm_scale,
-                                                   kv_scale=self.scales(layer))
+                                                   kv_scale=self.scales(layer), rotation=rotation)
         if self.prefetch and self.predictor == "layer" and layer + 1 < self.cfg.num_layers:
-            self._speculate(layer + 1, lambda: q1)
+            sel_q = q1 if q_sel is None else q_sel
+            self._speculate(layer + 1, lambda: sel_q)
         return out
 
     def wants_lookahead(self, layer: int) -> bool:
@@ -389,7 +483,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
     def lookahead(self, layer: int, predict_next_query: Callable[[], torch.Tensor]) -> None:
         """Before layer l's attention: predict layer l+1's query from layer l's input and
         prefetch its pages while layer l runs (the longest overlap a prediction allows)."""
-        cos, sin = self._cos_sin
+        cos, sin = self._score_cos_sin  # scored as the next layer's selection will be
 
         def query() -> torch.Tensor:
             return Rotary.apply(predict_next_query(), cos, sin)[0].contiguous()
@@ -459,8 +553,10 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
             self._set_host_slots(layer, flats, slots)
         self._mapped_through = end_page
 
-    def _apply_promotions(self) -> None:
+    def _apply_promotions(self) -> int:
+        """Apply the promoter's mapping changes; returns how many pages gained a host slot."""
         updates = self.promoter.drain()
+        promoted = 0
         for layer, flats, slots, released in updates:
             self._set_host_slots(layer, flats, slots)
             if released is not None:
@@ -468,31 +564,104 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                 if event is not None:
                     event.record()  # after the unmap: once it completes no step reads the old pages
                 self.promoter.released(event, layer, released)
+            else:
+                promoted += len(flats)
+        return promoted
 
     def _before_decode_step(self) -> None:
         """Host work between steps (never inside a capture): apply promotions and evictions, and
-        map the page this step writes and the next one (a captured step skips this hook)."""
+        map the page this step writes and the next one (a captured step skips this hook); note
+        the counters before the step (settle_decode_step reads what the step added)."""
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return
         self._apply_promotions()
         self._map_pages_through(-(-(self.length + 2) // self.page_size))
+        self._counters_mark.copy_(self.stats.counters)
 
     def _after_decode_step(self) -> None:
         """Hand this step's selection to the promoter (copied to pinned memory, no wait)."""
+        self._sel_seq = None
         if self._sel_log is None or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            return
+            return  # a captured step: settle_decode_step hands it over after the replay
+        self._sel_seq = self._submit_selection(0.0)
+        if self._sel_seq is None:
+            self.promoter.stats.steps_dropped += 1
+
+    def _submit_selection(self, timeout: float) -> int | None:
+        """Copy the last step's selection to a free promoter buffer (waiting up to ``timeout`` s
+        for one) and hand it over; its number, or None when no buffer came free."""
         if not self.promoter.sel_buffers:
             self.promoter.start(tuple(self._sel_log.shape))
-        buf = self.promoter.free_buffer()
+        buf = self.promoter.free_buffer(timeout)
         if buf is None:
-            return
+            return None
         host = self.promoter.sel_buffers[buf]
         host.copy_(self._sel_log, non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        self.promoter.submit(self.stats.decode_steps, self.length, buf, event)
+        return self.promoter.submit(self.stats.decode_steps, self.length, buf, event)
+
+    def settle_decode_step(self) -> bool:
+        """After each decode step (one host sync, a read of five counters): True when the step
+        read selected pages that were still on NVMe and must run again. The cache has then waited
+        for the promoter to bring them into the host pool, mapped them and forgotten the step's
+        token (``length`` is one less): the caller runs the same token at the same position again
+        and settles again. False: keep the step's result (every selected page was read, or the
+        wait bound or NVME_MAX_REDOS was reached: the pages left unreadable count as skipped)."""
+        if not self._settle_pending or not self.spills:
+            return False
+        self._settle_pending = False
+        if self._sel_log is None:
+            return False
+        now, mark = self.stats.counters.tolist(), self._counters_mark.tolist()
+        unreadable = now[2] - mark[2]
+        if self._redos and self.length != self._redo_length:
+            self._redos = 0  # the redone token was abandoned: this step is a new token's
+        if not self._redos:  # the token's first run
+            self.stats.late_pages += unreadable
+            self._settle_deadline = time.perf_counter() + self.nvme_wait_s
+        if (unreadable and self.nvme_wait_s > 0 and self._redos < self.nvme_max_redos
+                and self._wait_for_promotions() and self._apply_promotions()):
+            self.stats.redo_counters = tuple(r + a - b for r, a, b in zip(self.stats.redo_counters, now, mark))
+            self.stats.counters.copy_(self._counters_mark)  # the run again counts the step
+            self.stats.decode_steps -= 1
+            self.stats.redone_steps += 1
+            self._redos += 1
+            self.truncate(self.length - 1)
+            self._redo_length = self.length + 1
+            return True
+        self.stats.skipped_settled += unreadable
+        self._redos = 0
+        self._counters_mark.copy_(self.stats.counters)
+        return False
+
+    def _wait_for_promotions(self) -> bool:
+        """Wait, until the token's deadline, for the promoter to queue the promotions of the last
+        step's selection (handed over now if it was not after the step); whether it did."""
+        t0 = time.perf_counter()
+        try:
+            if self._sel_seq is None:  # the promoter was behind, or the step was a graph capture
+                self._sel_seq = self._submit_selection(max(0.0, self._settle_deadline - t0))
+            return (self._sel_seq is not None
+                    and self.promoter.wait_promoted(self._sel_seq, self._settle_deadline - time.perf_counter()))
+        finally:
+            self.stats.nvme_wait_s += time.perf_counter() - t0
+
+    def _late_pages(self, skipped: int) -> int:
+        """Late pages of every token: settled ones, plus the skipped pages of steps nobody settled."""
+        return self.stats.late_pages + skipped - self.stats.skipped_settled
+
+    def _nvme_decode_report(self, selected: int, skipped: int, steps: int) -> dict:
+        late = self._late_pages(skipped)
+        return {"late_pages": late, "late_pages_per_token": late / steps,
+                "late_fraction": late / selected if selected else None,
+                "skipped_pages": skipped, "skipped_pages_per_token": skipped / steps,
+                "redone_steps": self.stats.redone_steps, "redone_steps_per_token": self.stats.redone_steps / steps,
+                "nvme_wait_ms_per_token": 1e3 * self.stats.nvme_wait_s / steps,
+                "nvme_wait_bound_ms": 1e3 * self.nvme_wait_s if self.spills else None,
+                "nvme_max_redos": self.nvme_max_redos if self.spills else None}
 
     # -- bookkeeping -------------------------------------------------------------------------------
     graph_safe_decode = True  # every per-step quantity of a decode step lives on the device
@@ -509,6 +678,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
             self._layerwise = False
             self._lw_k = self._lw_v = None
         super().end_forward()
+        self._settle_pending = decode and self.spills
         if decode and self.spills:
             self._after_decode_step()
 
@@ -519,12 +689,15 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         self.stats.decode_steps += 1
 
     def truncate(self, length: int) -> None:
+        """Forget tokens from ``length`` on. Their K/V stay where they were written and are written
+        again (the same bytes for the same token) when the position is decoded anew."""
         self.length = min(self.length, length)
 
     def memory_bytes(self) -> int:
         gpu = (self.gpu_k, self.gpu_v, self.tag, self.cache_slot, self.kmin, self.kmax, self.host_slot, self.logical)
         gpu += (self.kv_scale,) if self.kv_scale is not None else ()
         gpu += (self.cmin, self.cmax) if self.chunk_pages else ()
+        gpu += (self.rel_min, self.rel_max) if self.positions.may_move else ()
         staging = sum(t.numel() * t.element_size() for pair in (self._staging or []) for t in pair)
         return sum(t.numel() * t.element_size() for t in gpu) + staging
 
@@ -535,10 +708,15 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
         """Hit rate and bytes moved (one sync: call after a run, not inside it)."""
         selected = int(self.stats.selected)
         hits = int(self.stats.hits)
+        skipped = int(self.stats.unreadable)
         page_bytes, steps = self.page_bytes, max(1, self.stats.decode_steps)
+        redo = self.stats.redo_counters
+        # decode_steps, selected_pages, cache_hits: the kept run of each token (a step run again
+        # for late pages counts once; the runs done again are in redone_steps and the redo bytes).
         out = {"decode_steps": self.stats.decode_steps, "selected_pages": selected, "cache_hits": hits,
                "hit_rate": hits / selected if selected else None,
                "h2d_bytes_per_token_attention": (selected - hits) * page_bytes / steps,
+               "h2d_bytes_per_token_redo": (redo[0] - redo[1] - redo[2]) * page_bytes / steps,
                "prefetched_pages": int(self.stats.prefetched), "prefetch_hits": int(self.stats.prefetch_hits),
                "prefetch_accuracy": (int(self.stats.prefetch_hits) / int(self.stats.prefetched)
                                      if int(self.stats.prefetched) else None),
@@ -549,11 +727,12 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                "gpu_cache_slots_per_layer": self.cache_slots, "kv_dtype": str(self.store_dtype).replace("torch.", ""),
                "host_pool_bytes": self.host_pool.nbytes,
                "host_slots_per_layer": self.host_slots_per_layer, "pinned": self.host_pool.pinned}
+        out.update(self._nvme_decode_report(selected, skipped, steps))
         if self.spills:
             self.promoter.wait_idle()
             self.writer.flush()
             ps = self.promoter.stats
-            unreadable = int(self.stats.unreadable)
+            unreadable = skipped  # selected pages not read by the kept run of their step
             out.update({
                 "nvme_direct_io": self.nvme.direct_io, "nvme_pages": self.directory.nvme_pages,
                 "nvme_bytes_written": self.nvme.bytes_written, "nvme_bytes_read": self.nvme.bytes_read,
@@ -565,17 +744,24 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                 "unreadable_selected_pages": unreadable,
                 "unreadable_fraction": unreadable / selected if selected else None,
                 "promoter_steps_seen": ps.steps_seen, "promoter_steps_dropped": ps.steps_dropped,
-                "promoter_busy_s": ps.busy_s})
+                "promoter_busy_s": ps.busy_s, "nvme_io_threads": self.nvme.io_threads})
         return out
 
     def step_counters(self) -> dict:
         """Cumulative counters for lcrun profile (synchronises: call between steps)."""
         selected, hits = int(self.stats.selected), int(self.stats.hits)
-        unreadable = int(self.stats.unreadable)
+        unreadable = int(self.stats.unreadable)  # skipped: not read by the kept run of their step
+        redo = self.stats.redo_counters
+        late = self._late_pages(unreadable)
+        # selected_pages .. host_reads: the kept run of each token; nvme_reads: selected pages found
+        # only on NVMe by a token's first run (late: read from disk for a run again, or skipped);
+        # h2d_bytes also counts the host reads of runs done again.
         out = {"selected_pages": selected, "gpu_hits": hits, "host_reads": selected - hits - unreadable,
                "prefetched_pages": int(self.stats.prefetched), "prefetch_hits": int(self.stats.prefetch_hits),
-               "nvme_reads": unreadable, "h2d_bytes": (selected - hits - unreadable) * self.page_bytes,
-               "pages_gpu": int((self.tag >= 0).sum())}
+               "nvme_reads": late,
+               "h2d_bytes": (selected - hits - unreadable + redo[0] - redo[1] - redo[2]) * self.page_bytes,
+               "pages_gpu": int((self.tag >= 0).sum()), "late_pages": late, "skipped_pages": unreadable,
+               "redone_steps": self.stats.redone_steps, "nvme_wait_ms": 1e3 * self.stats.nvme_wait_s}
         if self.spills:
             d = self.directory
             out.update({"nvme_read_bytes": self.promoter.stats.nvme_read_bytes,

