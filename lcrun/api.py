@@ -106,6 +106,16 @@ def plan_run(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, 
                             window_tokens=config.window_tokens, prefill_chunk=config.prefill_chunk)
 
 
+def build_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device,
+                dtype: torch.dtype) -> tuple[AttentionCache, "AttentionChoice", LcrunConfig]:
+    """The run's KV cache as LLM builds it (attention resolved, planned under the caps): for
+    harnesses that bring their own model. Returns the cache, the choice and the resolved config."""
+    choice = plan_run(config, model_cfg, device, dtype)
+    config = dataclasses.replace(config, attention=choice.attention)
+    plan = choice.plan if device.type == "cuda" and config.attention == "topk" else None
+    return make_cache(config, model_cfg, device, dtype, plan), choice, config
+
+
 def resolve_positions(config: LcrunConfig, model_cfg: ModelConfig) -> PositionRule:
     """When queries move to window positions (lcrun.runtime.positions) for --positions
     auto|true|window. auto: true positions while the sequence is inside the trained window, window

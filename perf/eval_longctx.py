@@ -26,14 +26,13 @@ from typing import Callable
 
 import torch
 
-from lcrun.api import make_cache, resolve_device, resolve_dtype, resolve_positions
+from lcrun.api import build_cache, resolve_device, resolve_dtype, resolve_positions
 from lcrun.config import LcrunConfig
 from lcrun.runtime.build import load_model
 from lcrun.runtime.generate import Generator
 from lcrun.runtime.loading import default_model, open_source
 from lcrun.runtime.sampling import SamplingParams
 from lcrun.runtime.synthetic import is_synthetic
-from lcrun.runtime.window_cache import FAR_POSITIONS
 
 try:  # run as `python -m perf.eval_longctx` or imported by `lcrun eval`
     from perf.eval_tasks import TASKS, TaskSet, grade
@@ -59,22 +58,25 @@ def parse_length(text: str) -> int:
 
 @dataclass
 class Mode:
-    name: str          # as given: dense, topk, topk:true, topk:window
+    name: str          # as given: auto (the default path), dense, topk, topk:true, topk:window
     attention: str
     positions: str
 
     @classmethod
     def parse(cls, text: str) -> "Mode":
         attention, _, positions = text.partition(":")
-        if attention not in ("dense", "topk") or positions not in ("", "auto", "true", "window"):
-            raise ValueError(f"mode {text!r}: use dense, topk, topk:true or topk:window")
+        if attention not in ("auto", "dense", "topk") or positions not in ("", "auto", "true", "window"):
+            raise ValueError(f"mode {text!r}: use auto, dense, topk, topk:true or topk:window")
         return cls(text, attention, positions or "auto")
 
 
 class Evaluator:
-    def __init__(self, model_spec: str | None, device: str = "auto", dtype: str = "auto", budget: int = 1024,
-                 page_size: int = 32, sink_tokens: int = 64, window_tokens: int = 512, prefill_chunk: int = 2048,
-                 seed: int = 0, group_score: str = "max", far_positions: str = "paged"):
+    def __init__(self, model_spec: str | None, device: str = "auto", dtype: str = "auto", budget: int | None = None,
+                 page_size: int | None = None, sink_tokens: int | None = None, window_tokens: int | None = None,
+                 prefill_chunk: int | None = None, seed: int = 0, group_score: str | None = None,
+                 gpu_mem: str | None = None, host_mem: str | None = None, kv_dir: str | None = None):
+        """Unset settings take LcrunConfig's defaults (the default path); gpu_mem/host_mem/kv_dir
+        cap the run as `lcrun run` would, so pages live where its plan puts them."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.spec = model_spec or default_model()
@@ -83,9 +85,10 @@ class Evaluator:
         source = open_source(self.spec)
         self.tok = source.tokenizer()
         self.model = load_model(source, self.device, self.dtype, progress=False)
-        self.settings = dict(budget=budget, page_size=page_size, sink_tokens=sink_tokens,
-                             window_tokens=window_tokens, prefill_chunk=prefill_chunk, group_score=group_score,
-                             far_positions=far_positions)
+        settings = dict(budget=budget, page_size=page_size, sink_tokens=sink_tokens, window_tokens=window_tokens,
+                        prefill_chunk=prefill_chunk, group_score=group_score, gpu_mem=gpu_mem, host_mem=host_mem,
+                        kv_dir=kv_dir)
+        self.settings = {k: v for k, v in settings.items() if v is not None}
         bos = self.tok.token_id(self.tok.bos_token) if self.tok.bos_token else None
         self.tasks = TaskSet(self.tok, bos=[] if bos is None else [bos], seed=seed)
         self.seed = seed
@@ -95,9 +98,16 @@ class Evaluator:
                                        device=str(self.device.type), **self.settings)
 
     def generator(self, mode: Mode, ctx: int) -> tuple[Generator, str]:
-        config = self.config(mode, ctx)
-        cache = make_cache(config, self.model.cfg, self.device, self.dtype)
-        return Generator(self.model, cache, config.prefill_chunk), resolve_positions(config, self.model.cfg)
+        """A generator over the cache `lcrun run` would build (planned under the caps), and its
+        positions: "true", or "window past N" when queries move past the trained window N."""
+        if getattr(self, "_cache", None) is not None and hasattr(self._cache, "close"):
+            self._cache.close()  # the previous cell's pinned host pool and page files
+        cache, _, config = build_cache(self.config(mode, ctx), self.model.cfg, self.device, self.dtype)
+        self._cache = cache
+        rule = resolve_positions(config, self.model.cfg)
+        positions = "true" if not rule.may_move else f"window past {rule.trained_window}"
+        self.cache_kind = type(cache).__name__
+        return Generator(self.model, cache, config.prefill_chunk), positions
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -295,7 +305,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
             Mode.parse(m)
     ev = Evaluator(args.model, args.device, args.dtype, budget=args.budget, page_size=args.page_size,
                    sink_tokens=args.sink_tokens, window_tokens=args.window_tokens, prefill_chunk=args.prefill_chunk,
-                   seed=args.seed, group_score=args.group_score, far_positions=args.far_positions)
+                   seed=args.seed, group_score=args.group_score, gpu_mem=args.gpu_mem, host_mem=args.host_mem,
+                   kv_dir=args.kv_dir)
     out = Path(args.out) if args.out else RESULTS / f"eval-{datetime.date.today()}.json"
     result = dict(meta=metadata(), model=ev.spec, trained_window=ev.model.cfg.max_position_embeddings,
                   settings=dict(ev.settings, dtype=str(ev.dtype).replace("torch.", ""), device=str(ev.device),
@@ -382,17 +393,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=None, choices=["smoke", "issue5"], help="a fixed suite instead of the grid")
     p.add_argument("--tasks", default="passkey", help=f"comma list of {', '.join(TASKS)}; empty for the fidelity test alone")
     p.add_argument("--lengths", default="1k,4k", help="comma list of prompt lengths (4k, 7.3k, 1M)")
-    p.add_argument("--modes", default="dense,topk", help="comma list of dense, topk, topk:true, topk:window")
+    p.add_argument("--modes", default="dense,topk", help="comma list of auto (the default path), dense, topk, topk:true, topk:window")
     p.add_argument("--trials", type=int, default=20, help="trials per (task, length, mode); depths swept 0-100%%")
     p.add_argument("--fidelity-lengths", default="", help="comma list of lengths for the teacher-forced test")
     p.add_argument("--fidelity-steps", type=int, default=512, help="teacher-forced decode steps per length")
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--page-size", type=int, default=32)
-    p.add_argument("--group-score", default="max", choices=["max", "sum"])
-    p.add_argument("--far-positions", default="paged", choices=FAR_POSITIONS)
-    p.add_argument("--sink-tokens", type=int, default=64)
-    p.add_argument("--window-tokens", type=int, default=512)
-    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--budget", type=int, default=None, help="default: lcrun's")
+    p.add_argument("--page-size", type=int, default=None, help="default: the planner's")
+    p.add_argument("--group-score", default=None, choices=["max", "sum"])
+    p.add_argument("--sink-tokens", type=int, default=None)
+    p.add_argument("--window-tokens", type=int, default=None)
+    p.add_argument("--prefill-chunk", type=int, default=None)
+    p.add_argument("--gpu-mem", default=None, help="cap GPU memory as lcrun run does (pages go to host/NVMe)")
+    p.add_argument("--host-mem", default=None, help="cap pinned host memory (pages past it go to --kv-dir)")
+    p.add_argument("--kv-dir", default=None, help="folder for NVMe pages")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)

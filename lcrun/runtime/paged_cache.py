@@ -17,7 +17,7 @@ import torch
 from lcrun.errors import ConfigError
 from lcrun.kernels import kernel_backend, plan_selection, write_kv
 from lcrun.profiling.ranges import named_range
-from lcrun.kernels.key_rotation import KeyRotation, update_relative_abstract, update_relative_abstracts
+from lcrun.kernels.key_rotation import KeyRotation, update_relative_abstracts
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.positions import PositionRule, decode_layout, window_prefill_attention
@@ -177,7 +177,7 @@ class PagedTopKCache(AttentionCache):
             self.ops.update_abstracts(k_pool, table, self.kmin[layer], self.kmax[layer], self._last_page,
                                       self._seq_len)
         if self.positions.may_move:
-            update_relative_abstract(k_pre[0].to(self.dtype), self.rotary.inv_freq, self.rel_min[layer],
+            self.ops.update_relative_abstract(k_pre[0].to(self.dtype), self.rotary.inv_freq, self.rel_min[layer],
                                      self.rel_max[layer], self._start, self.page_size)
         if self.chunk_pages:  # the chunk of that page: it counts the page once it is full
             lo, hi = self._selection_abstracts(layer, self.positions.may_move)

@@ -56,7 +56,7 @@ from lcrun.offload.page_directory import PageDirectory
 from lcrun.profiling.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
-from lcrun.kernels.key_rotation import KeyRotation, update_relative_abstract
+from lcrun.kernels.key_rotation import KeyRotation
 from lcrun.runtime.paged_cache import resolve_chunk_pages
 from lcrun.runtime.positions import PositionRule, decode_layout
 from lcrun.runtime.rope import Rotary
@@ -376,7 +376,7 @@ class TieredTopKCache(TieredPrefill, AttentionCache):
                 self._update_abstracts(layer, k)
             else:
                 if self.positions.may_move:
-                    update_relative_abstract(k_pre[0].to(self.dtype), self.rotary.inv_freq, self.rel_min[layer],
+                    self.ops.update_relative_abstract(k_pre[0].to(self.dtype), self.rotary.inv_freq, self.rel_min[layer],
                                              self.rel_max[layer], self._start, self.page_size)
                 if self.chunk_pages:  # the token's chunk: it counts the page once the page is full
                     lo, hi = self._selection_abstracts(layer, self.positions.may_move)
