@@ -148,10 +148,6 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
     positions = resolve_positions(config, model_cfg)
     if config.attention == "dense":
         return DenseCache(model_cfg, config.ctx_tokens, device, dtype)
-    if config.far_positions != "paged" and positions.may_move:
-        raise ConfigError(f"--far-positions {config.far_positions} is not supported by the paged and tiered caches "
-                          "(they place far pages 'paged': each at the same positions, order inside a page kept): "
-                          "use --far-positions paged")
     if plan is not None and not plan.all_on_gpu:
         from lcrun.runtime.tiered_cache import TieredTopKCache
         if plan.abstract_mode == "chunk":

@@ -40,12 +40,9 @@ class LcrunConfig:
     sink_tokens: int = _opt(64, "topk: first tokens always attended (inside the budget).")
     window_tokens: int = _opt(512, "topk: last tokens always attended (inside the budget).")
     group_score: str = _opt("max", "topk: combine page scores over a GQA group by max or sum.", choices=["max", "sum"])
-    positions: str = _opt("auto", "true: real positions; window: keep attended positions inside the trained window; auto.",
+    positions: str = _opt("auto", "auto: true positions while the sequence is inside the model's trained window, far "
+                          "pages moved inside it past the window; true: never move; window: move from the start.",
                           choices=["auto", "true", "window"])
-    far_positions: str = _opt("paged", "window positions: each selected far page at the same P positions past the "
-                              "sinks, keeping the order inside a page (paged); every far token at one position (fixed, "
-                              "as InfLLM); or the pages in text order at consecutive positions (ordered).",
-                              choices=["fixed", "ordered", "paged"])
     prefill: str = _opt("exact", "topk + tiered KV: prefill chunks attend to the whole past (exact) or to sinks, window "
                         "and their top pages within --budget (topk: faster, approximate).", choices=["exact", "topk"])
     prefetch: str = _opt("auto", "tiered KV: prefetch the next layer's pages with a predicted query: from this layer's "

@@ -197,12 +197,3 @@ def test_last_prompt_token_gets_its_own_selection():
     for c0 in range(0, 100, 32):
         blocked = model.forward(torch.tensor(ids[c0:c0 + 32]), shared)
     assert not torch.allclose(whole, blocked[-1], atol=1e-5)
-
-
-def test_the_config_offers_every_far_position_mode():
-    # lcrun.config stays torch-free, so it lists the modes itself: they must not drift apart.
-    import dataclasses
-
-    from lcrun.config import LcrunConfig
-    field = {f.name: f for f in dataclasses.fields(LcrunConfig)}["far_positions"]
-    assert sorted(field.metadata["choices"]) == sorted(FAR_POSITIONS) and field.default in FAR_POSITIONS
