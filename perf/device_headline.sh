@@ -15,17 +15,17 @@ step() { echo "=== $1 ($((SECONDS - t0)) s)" | tee -a "$log"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
 
 step "GPU tests"
-timeout 150 python3 -m pytest -q -m gpu -x tests/test_gpu_positions.py tests/test_key_rotation.py \
+timeout 110 python3 -m pytest -q -m gpu -x tests/test_gpu_positions.py tests/test_key_rotation.py \
   tests/test_tiered_nvme.py 2>&1 | tail -15 | tee -a "$log"
 
 step "bench: default flags + --gpu-mem 24GiB, 32K 128K 256K"
 cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --contexts 32k,128k,256k
      --steps 48 --out "$out/bench-h200-headline-24gib.json")
 echo "${cmd[*]}" | tee -a "$log"
-timeout 300 "${cmd[@]}" 2>&1 | grep -v -i warn | tail -12 | tee -a "$log"
+timeout 270 "${cmd[@]}" 2>&1 | grep -v -i warn | tail -12 | tee -a "$log"
 
 step "quality: passkey 32K/128K through the default path, --gpu-mem 1GiB"
-timeout 150 python3 -m perf.eval_longctx --model "$LCRUN_DEMO_GGUF" --tasks passkey --lengths 32k,128k \
-  --modes auto --trials 10 --gpu-mem 1GiB --time-limit 140 --out "$out/eval-h200-passkey-default-path.json" 2>&1 \
+timeout 120 python3 -m perf.eval_longctx --model "$LCRUN_DEMO_GGUF" --tasks passkey --lengths 32k,128k \
+  --modes auto --trials 10 --gpu-mem 1GiB --time-limit 105 --out "$out/eval-h200-passkey-default-path.json" 2>&1 \
   | grep -v -i warn | tail -6 | tee -a "$log"
 step "done"
