@@ -99,13 +99,14 @@ class Evaluator:
 
     def generator(self, mode: Mode, ctx: int) -> tuple[Generator, str]:
         """A generator over the cache `lcrun run` would build (planned under the caps), and its
-        positions: "true", or "window past N" when queries move past the trained window N."""
+        positions: "true", or "window" when queries may move (past the trained window, or from
+        the start with topk:window)."""
         if getattr(self, "_cache", None) is not None and hasattr(self._cache, "close"):
             self._cache.close()  # the previous cell's pinned host pool and page files
         cache, _, config = build_cache(self.config(mode, ctx), self.model.cfg, self.device, self.dtype)
         self._cache = cache
         rule = resolve_positions(config, self.model.cfg)
-        positions = "true" if not rule.may_move else f"window past {rule.trained_window}"
+        positions = "window" if rule.may_move else "true"
         self.cache_kind = type(cache).__name__
         return Generator(self.model, cache, config.prefill_chunk), positions
 

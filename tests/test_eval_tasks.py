@@ -132,4 +132,4 @@ def test_lcrun_eval_prints_a_results_table(tmp_path):
     assert lines[3] == "| passkey | 32K |  |  | 0.90 (20) |"
     bad = CliRunner().invoke(main, ["eval", "--modes", "sparse", "--tasks", "passkey", "--device", "cpu",
                                     "--model", "synthetic:tiny"])
-    assert bad.exit_code == 1 and "use dense, topk" in bad.output
+    assert bad.exit_code == 1 and "use auto, dense, topk" in bad.output

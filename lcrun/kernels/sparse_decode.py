@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
+from triton.language.extra.cuda import libdevice
 
 from lcrun.kernels.key_rotation import KeyRotation
 from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, interpreting, jit, next_pow2, pdl_enabled,
                                           pdl_launch, pdl_wait, tl)
-from triton.language.extra.cuda import libdevice
 
 
 @jit
