@@ -149,7 +149,7 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
     if config.attention == "dense":
         return DenseCache(model_cfg, config.ctx_tokens, device, dtype)
     if plan is not None and not plan.all_on_gpu:
-        from lcrun.runtime.tiered_cache import TieredTopKCache
+        from lcrun.runtime.tiered import TieredTopKCache
         if plan.abstract_mode == "chunk":
             # The tiered cache keeps every page abstract on the GPU; the plan found they would
             # not fit the cap beside the weights (hierarchical chunk selection runs only when the
@@ -173,8 +173,7 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                                cache_slots_per_layer=max(1, (plan.gpu_slots - slack_slots) // layers),
                                page_size=plan.page_size, budget=config.budget, sink_tokens=config.sink_tokens,
                                window_tokens=config.window_tokens, group_score=config.group_score,
-                               prefill_block=plan.prefill_chunk, sparse_prefill=config.prefill == "topk",
-                               prefetch=config.prefetch, positions=positions,
+                               sparse_prefill=config.prefill == "topk", prefetch=config.prefetch, positions=positions,
                                kv_dtype=torch.float8_e4m3fn if config.kv_dtype == "fp8" else None, **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
     # The plan's page size (the one its memory accounting used) when there is a plan.

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcrun.profiling.meta import run_metadata  # noqa: E402
 from lcrun.runtime.generate import Generator  # noqa: E402
-from lcrun.runtime.tiered_cache import TieredTopKCache  # noqa: E402
+from lcrun.runtime.tiered import TieredTopKCache  # noqa: E402
 from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text  # noqa: E402
 
 VARIANTS = {"topk": None, "tiered": "model", "tiered-fp8": torch.float8_e4m3fn}
@@ -43,8 +43,7 @@ class TieredEvaluator(Evaluator):
         s = self.settings
         cache = TieredTopKCache(self.model.cfg, ctx, self.device, self.dtype, cache_slots_per_layer=self.cache_slots,
                                 page_size=s["page_size"], budget=s["budget"], sink_tokens=s["sink_tokens"],
-                                window_tokens=s["window_tokens"], group_score=s["group_score"],
-                                prefill_block=s["prefill_chunk"], prefetch="off",
+                                window_tokens=s["window_tokens"], group_score=s["group_score"], prefetch="off",
                                 kv_dtype=None if store == "model" else store)
         self.caches.append(cache)
         return Generator(self.model, cache, s["prefill_chunk"]), "true"

@@ -66,7 +66,7 @@ def _tiered_tokens(monkeypatch, graph: str = "auto", **settings) -> tuple[list[i
     """24 greedy tokens after a 40K-token prompt, with the KV cache tiered to pinned host memory
     behind a GPU page cache smaller than the prompt; and the store's report."""
     from lcrun import LLM
-    from lcrun.runtime.tiered_cache import TieredTopKCache
+    from lcrun.runtime.tiered import TieredTopKCache
     monkeypatch.setenv("LCRUN_CUDA_GRAPH", graph)
     llm = LLM("synthetic:llama-3.2-1b", ctx="64k", attention="topk", budget=512, sink_tokens=32,
               window_tokens=128, gpu_mem="4GiB", progress=False, **settings)
@@ -75,7 +75,7 @@ def _tiered_tokens(monkeypatch, graph: str = "auto", **settings) -> tuple[list[i
     prompt = torch.randint(0, llm.model_config.vocab_size, (40000,), generator=torch.Generator().manual_seed(0))
     ids = list(llm.stream_ids(prompt.tolist(), max_new_tokens=24))
     report = cache.report()
-    report["host_dtype"] = cache.host_kv.dtype
+    report["host_dtype"] = cache.homes.host_kv.dtype
     cache.close()
     del llm, cache
     gc.collect()

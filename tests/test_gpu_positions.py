@@ -48,7 +48,7 @@ def _paged(model, capacity, rule, budget):
 
 
 def _tiered(model, capacity, rule, budget, **kw):
-    from lcrun.runtime.tiered_cache import TieredTopKCache
+    from lcrun.runtime.tiered import TieredTopKCache
     return TieredTopKCache(model.cfg, capacity, DEV, torch.float32, cache_slots_per_layer=96, page_size=32,
                            budget=budget, sink_tokens=64, window_tokens=512, prefetch="off", positions=rule, **kw)
 

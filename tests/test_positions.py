@@ -14,7 +14,7 @@ from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.paged_cache import PagedTopKCache
 from lcrun.runtime.positions import PositionRule
 from lcrun.runtime.rope import Rotary
-from lcrun.runtime.tiered_cache import TieredTopKCache
+from lcrun.runtime.tiered import TieredTopKCache
 
 CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=48, rope_theta=100.0)

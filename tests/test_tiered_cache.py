@@ -9,17 +9,22 @@ import torch
 from lcrun.offload.host_pool import pinned_bytes_in_use
 from lcrun.runtime.kv_cache import DenseCache
 from lcrun.runtime.model_config import ModelConfig
-from lcrun.runtime.tiered_cache import TieredTopKCache
+from lcrun.runtime.tiered import TieredTopKCache
 
 CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
                   num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=4096)
 
 
 def _run(cache, qkv_steps):
+    """Each step one forward of all layers; prompts (T > 1) layer by layer where the cache prefills
+    that way (each step's q/k/v serve every layer, so layer-major order gives the same calls)."""
     outs = []
     for q, k, v in qkv_steps:
         pos = torch.arange(cache.length, cache.length + q.shape[0])
-        cache.begin_forward(pos)
+        if q.shape[0] > 1 and cache.layerwise_prefill:
+            cache.begin_layerwise(pos)
+        else:
+            cache.begin_forward(pos)
         outs.append(torch.stack([cache.attend(layer, q, k, v) for layer in range(CFG.num_layers)]))
         cache.end_forward()
     return outs
@@ -37,7 +42,7 @@ def test_equals_dense_when_budget_covers_context(cache_slots):
     steps = _steps([37, 50, 21], decode=12)      # 108 + 12 tokens: pages partial at every boundary
     dense = _run(DenseCache(CFG, 160, "cpu", torch.float32), steps)
     tiered = TieredTopKCache(CFG, 160, "cpu", torch.float32, cache_slots_per_layer=cache_slots, page_size=16,
-                             budget=256, sink_tokens=16, window_tokens=32, prefill_block=32, backend="torch")
+                             budget=256, sink_tokens=16, window_tokens=32, backend="torch")
     got = _run(tiered, steps)
     for a, b in zip(got, dense):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -56,18 +61,17 @@ def test_fp8_pages_stay_close_to_dense_and_take_a_quarter_of_fp32():
     k_size, v_size = torch.tensor([0.05, 2.0]).view(1, 2, 1), torch.tensor([0.01, 30.0]).view(1, 2, 1)  # per KV head
     steps = [(q, k * k_size, v * v_size) for q, k, v in steps]
     dense = _run(DenseCache(CFG, 160, "cpu", torch.float32), steps)
-    args = dict(cache_slots_per_layer=6, page_size=16, budget=256, sink_tokens=16, window_tokens=32, prefill_block=32,
-                backend="torch")
+    args = dict(cache_slots_per_layer=6, page_size=16, budget=256, sink_tokens=16, window_tokens=32, backend="torch")
     exact = TieredTopKCache(CFG, 160, "cpu", torch.float32, **args)
     fp8 = TieredTopKCache(CFG, 160, "cpu", torch.float32, kv_dtype=torch.float8_e4m3fn, **args)
     got = _run(fp8, steps)
     for a, b in zip(got[1:], dense[1:]):
         err = ((a - b).norm() / b.norm()).item()
         assert 1e-4 < err < 0.08  # lossy by e4m3 rounding: ~2.5% per element on random data, K and V
-    assert fp8.host_kv.dtype == fp8.gpu_k.dtype == torch.float8_e4m3fn
-    assert fp8.page_bytes * 4 == exact.page_bytes  # (host slots round up to 4 KiB for direct I/O)
-    assert fp8.gpu_k.nbytes * 4 == exact.gpu_k.nbytes
-    scales = fp8.kv_scale[:, :, :2]
+    assert fp8.homes.host_kv.dtype == fp8.pages.gpu_k.dtype == torch.float8_e4m3fn
+    assert fp8.codec.page_bytes * 4 == exact.codec.page_bytes  # (host slots round up to 4 KiB for direct I/O)
+    assert fp8.pages.gpu_k.nbytes * 4 == exact.pages.gpu_k.nbytes
+    scales = fp8.codec.kv_scale[:, :, :2]
     assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)  # powers of two
     assert (scales[:, 1] > 20 * scales[:, 0]).all()  # each head its own scales (K 40x, V 3000x larger)
     report = fp8.report()
@@ -80,14 +84,17 @@ def test_fp8_pages_stay_close_to_dense_and_take_a_quarter_of_fp32():
 def test_hierarchical_selection_matches_the_paged_cache(kv_dtype):
     """chunk_pages > 0: the tiered store selects like the on-GPU paged cache with the same chunk
     abstracts (pages of the best chunks only), kept up to date through prefill and decode, so with
-    pages in the model dtype the outputs are the same; fp8 pages stay close."""
+    pages in the model dtype the outputs are the same; fp8 pages stay close. (fp8: the second
+    prompt starts a page. A page it continued would take its abstract from its stored past, fp8
+    codes, which can flip a near tie between pages against the paged cache's exact abstracts.)"""
     from lcrun.runtime.paged_cache import PagedTopKCache
-    steps = _steps([200, 37], decode=40, seed=4)  # 17 pages per head at 16 tokens; chunks of 2 pages
+    prompts = [200, 37] if kv_dtype is None else [192, 45]
+    steps = _steps(prompts, decode=40, seed=4)  # 17 pages per head at 16 tokens; chunks of 2 pages
     sel = dict(page_size=16, budget=96, sink_tokens=16, window_tokens=32, chunk_pages=2, top_chunks=2)
     paged = PagedTopKCache(CFG, 320, "cpu", torch.float32, backend="torch", **sel)
-    tiered = TieredTopKCache(CFG, 320, "cpu", torch.float32, cache_slots_per_layer=24, prefill_block=64,
+    tiered = TieredTopKCache(CFG, 320, "cpu", torch.float32, cache_slots_per_layer=24,
                              backend="torch", kv_dtype=kv_dtype, **sel)
-    flat = TieredTopKCache(CFG, 320, "cpu", torch.float32, cache_slots_per_layer=24, prefill_block=64,
+    flat = TieredTopKCache(CFG, 320, "cpu", torch.float32, cache_slots_per_layer=24,
                            backend="torch", **dict(sel, chunk_pages=0))
     want, got, got_flat = _run(paged, steps), _run(tiered, steps), _run(flat, steps)
     assert tiered.report()["selection"] == "hierarchical 2x2" and flat.report()["selection"] == "flat"
@@ -105,7 +112,7 @@ def test_hierarchical_selection_matches_the_paged_cache(kv_dtype):
 def test_small_budget_selects_and_reports():
     steps = _steps([200], decode=10, seed=1)
     tiered = TieredTopKCache(CFG, 256, "cpu", torch.float32, cache_slots_per_layer=64, page_size=16,
-                             budget=96, sink_tokens=16, window_tokens=32, prefill_block=64, backend="torch")
+                             budget=96, sink_tokens=16, window_tokens=32, backend="torch")
     dense = _run(DenseCache(CFG, 256, "cpu", torch.float32), steps)
     got = _run(tiered, steps)
     torch.testing.assert_close(got[0], dense[0], rtol=1e-4, atol=1e-4)   # prefill is exact
@@ -121,3 +128,16 @@ def test_host_pool_released_on_close():
     assert pinned_bytes_in_use() > before
     tiered.close()
     assert pinned_bytes_in_use() == before
+
+
+def test_prompts_run_layer_by_layer_only():
+    """The store prefills through begin_layerwise (as the Generator does); a multi-token forward
+    through begin_forward is refused with an error that says so."""
+    tiered = TieredTopKCache(CFG, 128, "cpu", torch.float32, cache_slots_per_layer=8, page_size=16, backend="torch")
+    with pytest.raises(RuntimeError, match="begin_layerwise"):
+        tiered.begin_forward(torch.arange(5))
+    q, k, v = _steps([5], decode=0)[0]
+    tiered.begin_forward(torch.arange(1))
+    with pytest.raises(RuntimeError, match="begin_layerwise"):
+        tiered.attend(0, q, k, v)
+    tiered.close()

@@ -3,7 +3,9 @@
 Without CUDA the Triton kernels run in the interpreter on CPU tensors (TRITON_INTERPRET is set
 before the kernel modules are imported). With CUDA the same tests run the compiled kernels, with
 host_kv in pinned host memory read and written in place (zero-copy); the ``gpu`` test also uses a
-real ``HostPagePool`` (cudaHostRegister) and a CUDA graph.
+real ``HostPagePool`` (cudaHostRegister) and a CUDA graph. A decode step admits its selection
+(admit_pages with a read map) and attends over the GPU pool with sparse_decode_attention: the
+admission tests check what attention then reads.
 """
 
 import pytest
@@ -16,8 +18,9 @@ from triton_env import DEVICE, require_triton  # noqa: E402
 require_triton()
 
 from lcrun.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from lcrun.kernels import reference  # noqa: E402
 from lcrun.kernels.tiered import (HostPointer, admit_pages, as_kernel_pointer, gather_pages_to_staging,  # noqa: E402
-                                  tiered_decode_attention, write_through)
+                                  write_through)
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.5e-2}  # ||out - ref|| / ||ref||
@@ -104,21 +107,36 @@ class Store:
         lens[torch.rand(self.hkv, kmax, generator=self.gen) < 0.15] = 0
         return pages.to(torch.int32).to(DEVICE), lens.to(torch.int32).to(DEVICE)
 
-    def cache_args(self, tag=None):
-        return self.cache_slot, self.tag if tag is None else tag, self.host_slot
-
     def flat_pool(self):
         """The true pages as one pool for ``sparse_decode_attention``: (h, p) in slot h * max_pages + p."""
         shape = (self.hkv * self.max_pages, self.P, self.d)
         return self.true_k.reshape(shape).to(DEVICE), self.true_v.reshape(shape).to(DEVICE)
 
 
-def decode(store, q, sel_pages, sel_lens, tag=None, num_splits=None, fn=tiered_decode_attention):
-    out = torch.full_like(q, float("nan"))
-    result = fn(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens, *store.cache_args(tag),
-                out=out, num_splits=num_splits)
-    assert result.data_ptr() == out.data_ptr()
-    return out
+def true_selection(store, sel_pages, sel_lens):
+    """The selection as slots of ``store.flat_pool()`` ((h, p) in slot h * max_pages + p), with
+    length 0 for entries whose page is in no readable tier (neither cached nor in the host pool)."""
+    heads = torch.arange(store.hkv, device=DEVICE, dtype=torch.int32)[:, None]
+    pages = sel_pages.cpu().long()
+    h = torch.arange(store.hkv)[:, None].expand_as(pages)
+    readable = store.cached()[h, pages] | (store.host_slot.cpu()[h, pages] >= 0)
+    return (heads * store.max_pages + sel_pages).contiguous(), torch.where(readable.to(DEVICE), sel_lens, 0)
+
+
+def admit_with_read_map(store, sel_pages, sel_lens, fn=admit_pages, tag=None, gpu_k=None, gpu_v=None,
+                        host_slot=None):
+    """Demand admission with a read map into a copy of the cache (``store``'s unless given) whose
+    overflow slots (one per entry, after the cache slots) are poisoned with NaN.
+    Returns (tag, pool_k, pool_v, read_slot, read_lens)."""
+    tag = (store.tag if tag is None else tag).clone()
+    gpu_k = store.gpu_k if gpu_k is None else gpu_k
+    gpu_v = store.gpu_v if gpu_v is None else gpu_v
+    extra = torch.full((sel_pages.numel(), store.P, store.d), float("nan"), dtype=gpu_k.dtype, device=DEVICE)
+    pool_k, pool_v = torch.cat([gpu_k, extra]), torch.cat([gpu_v, extra])
+    read_slot, read_lens = torch.full_like(sel_pages, -7), torch.full_like(sel_lens, -7)
+    fn(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot if host_slot is None else host_slot,
+       store.host_kv, pool_k, pool_v, read_slot=read_slot, read_lens=read_lens, overflow=gpu_k.shape[0])
+    return tag, pool_k, pool_v, read_slot, read_lens
 
 
 def test_as_kernel_pointer():
@@ -126,78 +144,6 @@ def test_as_kernel_pointer():
     assert as_kernel_pointer(t, torch.device("cpu")) is t
     p = as_kernel_pointer(t, torch.device("cuda"))
     assert isinstance(p, HostPointer) and p.data_ptr() == t.data_ptr() and p.dtype == t.dtype and p.tensor is t
-
-
-# -- tiered_decode_attention -----------------------------------------------------------------------
-
-@pytest.mark.parametrize("g,d,P,dtype,num_splits", [
-    (1, 64, 16, F32, None), (3, 128, 32, F16, 2), (4, 64, 32, BF16, 3),
-    (8, 128, 16, F16, 1), (4, 128, 16, F32, 2), (8, 64, 32, BF16, None),
-])
-def test_tiered_decode_matches_reference(g, d, P, dtype, num_splits):
-    store = Store(hkv=2, max_pages=11, P=P, d=d, dtype=dtype, seed=g + d + P)
-    sel_pages, sel_lens = store.select(kmax=8)
-    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
-    out = decode(store, q, sel_pages, sel_lens, num_splits=num_splits)
-    expected = ref.tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens,
-                                           *store.cache_args())
-    assert rel_err(out, expected) < TOL[dtype]
-
-
-@pytest.mark.parametrize("g,d,P,dtype", [(4, 64, 16, F32), (3, 128, 32, F16), (8, 64, 16, BF16)])
-def test_caching_never_changes_the_result(g, d, P, dtype):
-    """With every selected page readable, the result is sparse_decode_attention over one pool of the
-    true pages (bit for bit, same splits), whether pages come from the cache or the host."""
-    store = Store(hkv=3, max_pages=10, P=P, d=d, dtype=dtype, num_cache_slots=6, spill=0.0, seed=d + g)
-    sel_pages, sel_lens = store.select(kmax=7)
-    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
-    pool_k, pool_v = store.flat_pool()
-    heads = torch.arange(store.hkv, device=DEVICE, dtype=torch.int32)[:, None]
-    sel_slots = (heads * store.max_pages + sel_pages).contiguous()
-    expected = sparse_decode_attention(q, pool_k, pool_v, sel_slots, sel_lens, num_splits=2)
-    assert rel_err(expected, ref.tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages,
-                                                         sel_lens, *store.cache_args())) < TOL[dtype]
-    # Cache states: as built; nothing cached (cache poisoned); every selected page admitted.
-    poisoned = torch.full_like(store.gpu_k, float("nan"))
-    admitted = run_admit(store, sel_pages, sel_lens, ref.admit_pages)
-    assert not torch.equal(admitted[0], store.tag)
-    results = []
-    for tag, k, v in [(store.tag, store.gpu_k, store.gpu_v), (torch.full_like(store.tag, -1), poisoned, poisoned),
-                      admitted]:
-        out = torch.full_like(q, float("nan"))
-        tiered_decode_attention(q, k, v, store.host_kv, sel_pages, sel_lens, store.cache_slot, tag,
-                                store.host_slot, out=out, num_splits=2)
-        results.append(out)
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
-    assert same_result(results[0], expected, dtype)
-
-
-def test_pages_out_of_both_tiers_are_skipped():
-    """An entry whose page is neither cached nor in the host pool counts as length 0; a spilled
-    page still cached is read from the cache."""
-    g, d, P, dtype = 4, 64, 16, F16
-    store = Store(hkv=2, max_pages=12, P=P, d=d, dtype=dtype, spill=0.4, num_cache_slots=7, seed=5)
-    sel_pages, sel_lens = store.select(kmax=9, full_frac=1.0)
-    hs = store.host_slot.cpu()
-    cached = store.cached()
-    pages = sel_pages.cpu().long()
-    heads = torch.arange(store.hkv)[:, None].expand_as(pages)
-    unreadable = (hs[heads, pages] < 0) & ~cached[heads, pages] & (sel_lens.cpu() > 0)
-    spilled_cached = (hs[heads, pages] < 0) & cached[heads, pages] & (sel_lens.cpu() > 0)
-    assert unreadable.any() and spilled_cached.any(), "seed must give both cases"
-    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
-    out = decode(store, q, sel_pages, sel_lens, num_splits=2)
-    pool_k, pool_v = store.flat_pool()
-    sel_slots = (torch.arange(store.hkv, device=DEVICE, dtype=torch.int32)[:, None] * store.max_pages
-                 + sel_pages).contiguous()
-    lens = torch.where(unreadable.to(DEVICE), 0, sel_lens).contiguous()
-    assert same_result(out, sparse_decode_attention(q, pool_k, pool_v, sel_slots, lens, num_splits=2), dtype)
-    # A KV head with nothing readable gets zeros.
-    none = torch.full_like(store.host_slot, -1)
-    out = torch.full_like(q, float("nan"))
-    tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens, store.cache_slot,
-                            torch.full_like(store.tag, -1), none, out=out)
-    assert torch.equal(out, torch.zeros_like(out))
 
 
 # -- admit_pages -----------------------------------------------------------------------------------
@@ -312,33 +258,95 @@ def test_admit_counts_hits_and_marks_prefetch():
 
 @pytest.mark.parametrize("hkv,d,P,dtype,slots,seed", [(2, 64, 16, F32, 5, 0), (4, 128, 32, F16, 6, 1),
                                                      (8, 64, 16, F32, 9, 3)])
-def test_admit_read_map_attends_like_tiered(hkv, d, P, dtype, slots, seed):
-    """With a read map, every readable selected page ends up in GPU memory (cache slot, or the
-    entry's overflow slot when it lost a conflict): attention over (read_slot, read_lens) in the
-    pool equals the tiered attention (host reads in place) over the state before admission."""
-    from lcrun.kernels import reference
+def test_admit_read_map_puts_every_readable_page_in_gpu_memory(hkv, d, P, dtype, slots, seed):
+    """With a read map, every readable selected page ends up in GPU memory, bit for bit: in its
+    cache slot (cached before, or admitted now), or in the entry's overflow slot when another page
+    holds that slot; unused entries and pages in no readable tier get length 0. Attention over
+    (read_slot, read_lens) in the pool is attention over the readable true pages. Kernel and
+    reference agree."""
     store = Store(hkv=hkv, max_pages=10, P=P, d=d, dtype=dtype, num_cache_slots=slots, seed=seed, cache_frac=0.5,
                   spill=0.2)
     sel_pages, sel_lens = store.select(kmax=6)
     kmax = sel_pages.shape[1]
     q = torch.randn(hkv * 3, d, generator=store.gen).to(dtype).to(DEVICE)
-    want = ref.tiered_decode_attention(q, store.gpu_k, store.gpu_v, store.host_kv, sel_pages, sel_lens,
-                                       store.cache_slot, store.tag, store.host_slot)
+    sel_slots, lens = true_selection(store, sel_pages, sel_lens)
+    assert int((lens != sel_lens).sum()) > 0, "no unreadable entry: weak test"
+    want = reference.sparse_decode_attention(q, *store.flat_pool(), sel_slots, lens)
+    cs, sp = store.cache_slot.cpu(), sel_pages.cpu()
     results = []
     for fn in (admit_pages, ref.admit_pages):
-        extra = torch.full((hkv * kmax, P, d), float("nan"), dtype=dtype, device=DEVICE)  # poisoned overflow
-        pool_k, pool_v = torch.cat([store.gpu_k, extra]), torch.cat([store.gpu_v, extra])
-        tag = store.tag.clone()
-        read_slot = torch.full_like(sel_pages, -7)
-        read_lens = torch.full_like(sel_lens, -7)
-        fn(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot, store.host_kv, pool_k, pool_v,
-           read_slot=read_slot, read_lens=read_lens, overflow=slots)
-        results.append((tag, read_slot, read_lens))
+        tag, pool_k, pool_v, read_slot, read_lens = admit_with_read_map(store, sel_pages, sel_lens, fn)
+        results.append((tag, read_slot, read_lens, pool_k, pool_v))
+        assert torch.equal(read_lens, lens)
+        rs, tg, pk, pv = read_slot.cpu(), tag.cpu(), pool_k.cpu(), pool_v.cpu()
+        for h, e in (lens.cpu() > 0).nonzero().tolist():
+            p, s, flat = int(sp[h, e]), int(rs[h, e]), h * store.max_pages + int(sp[h, e])
+            assert same_bits(pk[s], store.true_k[h, p]) and same_bits(pv[s], store.true_v[h, p])
+            if s < slots:   # cached in its own slot now
+                assert s == cs[h, p] and tg[s] == flat
+            else:           # lost its slot to another selected page: the entry's overflow slot
+                assert s == slots + h * kmax + e and tg[cs[h, p]] != flat
         got = reference.sparse_decode_attention(q, pool_k, pool_v, read_slot, read_lens)
         assert rel_err(got, want) < TOL[dtype]
         assert int((read_slot >= slots).sum()) > 0 or slots > 8  # conflicts exercised in the small caches
     for a, b in zip(*results):
-        assert torch.equal(a.cpu(), b.cpu())
+        assert same_bits(a, b)
+
+
+@pytest.mark.parametrize("g,d,P,dtype", [(4, 64, 16, F32), (3, 128, 32, F16), (8, 64, 16, BF16)])
+def test_caching_never_changes_the_result(g, d, P, dtype):
+    """With every selected page readable, admission then sparse_decode_attention over the pool
+    gives attention over the true pages (bit for bit, same splits), whatever the cache held: as
+    built, nothing (a poisoned cache), or every selected page already admitted."""
+    store = Store(hkv=3, max_pages=10, P=P, d=d, dtype=dtype, num_cache_slots=6, spill=0.0, seed=d + g)
+    sel_pages, sel_lens = store.select(kmax=7)
+    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
+    sel_slots, _ = true_selection(store, sel_pages, sel_lens)
+    expected = sparse_decode_attention(q, *store.flat_pool(), sel_slots, sel_lens, num_splits=2)
+    poisoned = torch.full_like(store.gpu_k, float("nan"))
+    admitted = run_admit(store, sel_pages, sel_lens, ref.admit_pages)
+    assert not torch.equal(admitted[0], store.tag)
+    results = []
+    for tag, k, v in [(store.tag, store.gpu_k, store.gpu_v), (torch.full_like(store.tag, -1), poisoned, poisoned),
+                      admitted]:
+        _, pool_k, pool_v, read_slot, read_lens = admit_with_read_map(store, sel_pages, sel_lens, tag=tag, gpu_k=k,
+                                                                      gpu_v=v)
+        assert torch.equal(read_lens, sel_lens)  # every selected page is read
+        out = torch.full_like(q, float("nan"))
+        sparse_decode_attention(q, pool_k, pool_v, read_slot, read_lens, num_splits=2, out=out)
+        results.append(out)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert same_result(results[0], expected, dtype)
+
+
+def test_pages_out_of_both_tiers_are_read_as_empty():
+    """An entry whose page is neither cached nor in the host pool gets length 0 in the read map; a
+    spilled page still cached is read from its cache slot. A KV head with nothing readable
+    attends to nothing: zeros."""
+    g, d, P, dtype = 4, 64, 16, F16
+    store = Store(hkv=2, max_pages=12, P=P, d=d, dtype=dtype, spill=0.4, num_cache_slots=7, seed=5)
+    sel_pages, sel_lens = store.select(kmax=9, full_frac=1.0)
+    hs, cached, pages = store.host_slot.cpu(), store.cached(), sel_pages.cpu().long()
+    heads = torch.arange(store.hkv)[:, None].expand_as(pages)
+    used = sel_lens.cpu() > 0
+    unreadable = (hs[heads, pages] < 0) & ~cached[heads, pages] & used
+    spilled_cached = (hs[heads, pages] < 0) & cached[heads, pages] & used
+    assert unreadable.any() and spilled_cached.any(), "seed must give both cases"
+    _, pool_k, pool_v, read_slot, read_lens = admit_with_read_map(store, sel_pages, sel_lens)
+    assert torch.equal(read_lens.cpu(), torch.where(unreadable, 0, sel_lens.cpu()))
+    cslot = store.cache_slot.cpu()[heads, pages]
+    assert torch.equal(read_slot.cpu()[spilled_cached], cslot[spilled_cached])
+    q = torch.randn(store.hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
+    out = sparse_decode_attention(q, pool_k, pool_v, read_slot, read_lens, num_splits=2)
+    sel_slots, lens = true_selection(store, sel_pages, sel_lens)
+    assert same_result(out, sparse_decode_attention(q, *store.flat_pool(), sel_slots, lens, num_splits=2), dtype)
+    # Nothing cached and nothing in the host pool: every entry is empty, and attention gives zeros.
+    _, pool_k, pool_v, read_slot, read_lens = admit_with_read_map(
+        store, sel_pages, sel_lens, tag=torch.full_like(store.tag, -1), host_slot=torch.full_like(store.host_slot, -1))
+    assert not read_lens.any()
+    out = torch.full_like(q, float("nan"))
+    sparse_decode_attention(q, pool_k, pool_v, read_slot, read_lens, out=out)
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 # -- write_through ---------------------------------------------------------------------------------
@@ -443,7 +451,7 @@ FP8 = torch.float8_e4m3fn
 def fp8_store(hkv, max_pages, P, d, seed, num_cache_slots=5, spill=0.0):
     """A Store whose pages are e4m3 codes with per-head power-of-two scales; true_k/v hold what the
     codes mean (code * scale, in fp32), kv_scale the (Hkv, 4) scales of lcrun.kernels.tiered."""
-    from lcrun.runtime.tiered_cache import fp8_scales
+    from lcrun.runtime.tiered import fp8_scales
     store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=F32, num_cache_slots=num_cache_slots, spill=spill,
                   seed=seed)
     # Heads of very different magnitudes: one scale per head has to serve each.
@@ -550,9 +558,10 @@ def test_fp8_sparse_decode_attention_matches_reference(g, d, P, dtype):
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
-    """All four kernels on CUDA with host_kv in a real HostPagePool (cudaHostRegister, zero-copy
-    through HostPointer) against the references; write-through + decode + admission replay in a
-    CUDA graph (capture fails on any host synchronisation)."""
+    """The three kernels on CUDA with host_kv in a real HostPagePool (cudaHostRegister, zero-copy
+    through HostPointer) against the references; a decode step as the tiered store runs it
+    (write-through, admission with a read map, sparse_decode_attention over the pool) replayed in
+    a CUDA graph (capture fails on any host synchronisation)."""
     from lcrun.offload.host_pool import HostPagePool
     hkv, g, d, P, max_pages, kmax, dtype = 4, 4, 128, 32, 40, 12, BF16
     store = Store(hkv=hkv, max_pages=max_pages, P=P, d=d, dtype=dtype, num_cache_slots=24, spill=0.2, seed=11)
@@ -564,13 +573,13 @@ def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
         store.host_kv = host_kv
         sel_pages, sel_lens = store.select(kmax)
         q = torch.randn(hkv * g, d, generator=store.gen).to(dtype).to(DEVICE)
-        out = decode(store, q, sel_pages, sel_lens)
-        expected = decode(store, q, sel_pages, sel_lens, fn=ref.tiered_decode_attention)
-        assert rel_err(out, expected) < TOL[dtype]
 
         admitted, expected_admit = run_admit(store, sel_pages, sel_lens), run_admit(store, sel_pages, sel_lens,
                                                                                     ref.admit_pages)
         assert all(same_bits(a, b) for a, b in zip(admitted, expected_admit))
+        mapped, expected_map = (admit_with_read_map(store, sel_pages, sel_lens, fn) for fn in (admit_pages,
+                                                                                                 ref.admit_pages))
+        assert all(same_bits(a, b) for a, b in zip(mapped, expected_map))
 
         staging = [torch.full((hkv, max_pages * P, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
         full = store.home  # every page resident: the gather needs no spilled page
@@ -578,8 +587,12 @@ def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
         ref.gather_pages_to_staging(host_kv, full, 30, staging[2], staging[3])
         assert same_bits(staging[0], staging[2]) and same_bits(staging[1], staging[3])
 
-        # One graph: write the new token, attend, admit the misses; replayed at two positions.
-        store.tag, store.gpu_k, store.gpu_v = admitted
+        # One graph: write the new token, admit the misses (read map), attend; replayed at two positions.
+        S = store.gpu_k.shape[0]
+        tag, gpu_k, gpu_v = admitted
+        overflow = torch.zeros((hkv * kmax, P, d), dtype=dtype, device=DEVICE)
+        pool_k, pool_v = torch.cat([gpu_k, overflow]), torch.cat([gpu_v, overflow])
+        read_slot, read_lens = torch.zeros_like(sel_pages), torch.zeros_like(sel_lens)
         store.host_slot = full
         seq = torch.tensor([20 * P + 3], dtype=torch.int32, device=DEVICE)
         k_new = torch.randn(1, hkv, d, generator=store.gen).to(dtype).to(DEVICE)
@@ -587,12 +600,10 @@ def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
         out = torch.empty_like(q)
 
         def step():
-            write_through(k_new, v_new, seq, host_kv, store.host_slot, store.gpu_k, store.gpu_v,
-                          store.cache_slot, store.tag)
-            tiered_decode_attention(q, store.gpu_k, store.gpu_v, host_kv, sel_pages, sel_lens,
-                                    *store.cache_args(), out=out)
-            admit_pages(sel_pages, sel_lens, *store.cache_args()[:2], store.host_slot, host_kv,
-                        store.gpu_k, store.gpu_v)
+            write_through(k_new, v_new, seq, host_kv, store.host_slot, pool_k[:S], pool_v[:S], store.cache_slot, tag)
+            admit_pages(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot, host_kv, pool_k, pool_v,
+                        read_slot=read_slot, read_lens=read_lens, overflow=S)
+            sparse_decode_attention(q, pool_k, pool_v, read_slot, read_lens, out=out)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -605,7 +616,7 @@ def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
             step()
         for pos in (20 * P + 3, 21 * P):
             seq.fill_(pos)
-            before = [t.clone() for t in (store.tag, store.gpu_k, store.gpu_v)]
+            before = [t.clone() for t in (tag, pool_k, pool_v)]
             host_before = host_kv.clone()
             graph.replay()
             torch.cuda.synchronize()
@@ -614,13 +625,17 @@ def test_kernels_on_a_pinned_host_page_pool_and_in_a_cuda_graph():
                 slot = int(store.host_slot[h, p])
                 assert same_bits(host_kv[slot, 0, off], k_new[0, h]) and same_bits(host_kv[slot, 1, off], v_new[0, h])
             # Replay the same step with the references from the saved state.
-            tag, gpu_k, gpu_v = before
-            ref.write_through(k_new, v_new, seq, host_before, store.host_slot, gpu_k, gpu_v, store.cache_slot, tag)
+            tag_ref, k_ref, v_ref = before
+            ref.write_through(k_new, v_new, seq, host_before, store.host_slot, k_ref[:S], v_ref[:S], store.cache_slot,
+                              tag_ref)
             assert same_bits(host_before, host_kv)
-            expected = ref.tiered_decode_attention(q, gpu_k, gpu_v, host_before, sel_pages, sel_lens,
-                                                   store.cache_slot, tag, store.host_slot)
+            slot_ref, lens_ref = torch.zeros_like(read_slot), torch.zeros_like(read_lens)
+            ref.admit_pages(sel_pages, sel_lens, store.cache_slot, tag_ref, store.host_slot, host_before, k_ref, v_ref,
+                            read_slot=slot_ref, read_lens=lens_ref, overflow=S)
+            assert torch.equal(tag_ref, tag) and torch.equal(slot_ref, read_slot) and torch.equal(lens_ref, read_lens)
+            assert same_bits(k_ref, pool_k) and same_bits(v_ref, pool_v)
+            assert torch.equal(read_lens, sel_lens)  # every page is in the host pool: all read
+            expected = reference.sparse_decode_attention(q, k_ref, v_ref, slot_ref, lens_ref)
             assert rel_err(out, expected) < TOL[dtype]
-            ref.admit_pages(sel_pages, sel_lens, store.cache_slot, tag, store.host_slot, host_before, gpu_k, gpu_v)
-            assert torch.equal(tag, store.tag) and same_bits(gpu_k, store.gpu_k) and same_bits(gpu_v, store.gpu_v)
         host_kv = store = None  # the graph step closes over both: release them before the pool
         torch.cuda.synchronize()

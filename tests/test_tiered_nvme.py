@@ -22,7 +22,7 @@ from lcrun.runtime.kv_cache import DenseCache
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.paged_cache import PagedTopKCache
 from lcrun.runtime.sampling import SamplingParams
-from lcrun.runtime.tiered_cache import TieredTopKCache
+from lcrun.runtime.tiered import TieredTopKCache
 
 CFG = ModelConfig(arch="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                   num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=4096)
@@ -129,7 +129,7 @@ def test_nvme_pages_are_promoted_one_step_behind(tmp_path):
             cache.begin_forward(torch.tensor([T + step]))
             sink += [cache.attend(layer, q, k, v) for layer in range(CFG.num_layers)]
             cache.end_forward()
-        tiered.promoter.wait_idle()
+        tiered.homes.promoter.wait_idle()
         outs.append((torch.stack(got), torch.stack(want), int(tiered.stats.unreadable)))
     first_unreadable = outs[0][2]
     assert first_unreadable > 0
@@ -271,7 +271,7 @@ def _decode_run(tmp_path, host, n=24, wait_s=None, device="cpu", **kw):
     args.update(kw)
     cache = TieredTopKCache(CFG, 512, device, torch.float32, **args)
     if wait_s is not None:
-        cache.nvme_wait_s = wait_s
+        cache.settler.wait_s = wait_s
     try:
         gen = Generator(model, cache, 64)
         tokens = list(gen.stream(ids, SamplingParams(max_new_tokens=n, temperature=0)))
@@ -331,7 +331,7 @@ def test_wait_bound_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LCRUN_NVME_WAIT_MS", "50")
     monkeypatch.setenv("LCRUN_NVME_MAX_REDOS", "1")
     cache = _tiered(512, tmp_path, 40)
-    assert (cache.nvme_wait_s, cache.nvme_max_redos) == (0.05, 1)
+    assert (cache.settler.wait_s, cache.settler.max_redos) == (0.05, 1)
     cache.close()
     monkeypatch.setenv("LCRUN_NVME_WAIT_MS", "soon")
     with pytest.raises(ConfigError, match="LCRUN_NVME_WAIT_MS"):

@@ -22,10 +22,8 @@ Layouts, one layer (the caller passes one layer's tensors):
 A cached page is always read from the cache (whatever host_slot says): write_through keeps cached
 copies coherent and admission copies whole pages, so a cached copy is never stale.
 
-Kernels:
-    tiered_decode_attention   flash-decoding over the selection, each page from cache or host in
-                              place (the decode step instead admits first, then attends from GPU
-                              memory with sparse_decode_attention: a miss crosses PCIe once)
+Kernels (a decode step admits its selection first, then attends from GPU memory with
+``sparse_decode_attention``: a miss crosses PCIe once):
     admit_pages               copy selected, uncached, host-resident pages into the cache (+ tags),
                               count hits, and map every selected page to a GPU slot for attention
     write_through             new tokens into their host pages, and into cached copies
@@ -35,14 +33,10 @@ Kernels:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from lcrun.kernels.sparse_decode import _device_sm_count, _merge_splits_kernel, decode_splits
 from lcrun.kernels.tiered_reference import FP8_MAX
-from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit, next_pow2, pdl_enabled, pdl_launch,
-                                          pdl_wait, tl)
+from lcrun.kernels.triton_support import jit, next_pow2, tl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Page storage may also be fp8 (e4m3): codes = clamp(x / scale, +-FP8_MAX), one power-of-two scale
@@ -127,148 +121,6 @@ def _check_selection(sel_pages, sel_lens, hkv) -> None:
         f"sel_pages {tuple(sel_pages.shape)}, sel_lens {tuple(sel_lens.shape)}, Hkv {hkv}"
     assert sel_pages.dtype == sel_lens.dtype == torch.int32
     assert sel_pages.is_contiguous() and sel_lens.is_contiguous()
-
-
-# -- decode attention ------------------------------------------------------------------------------
-
-@jit
-def _tiered_decode_split_kernel(
-    q, gpu_k, gpu_v, host_kv, sel_pages, sel_lens, cache_slot, tag, host_slot, part_out, part_lse, qk_scale,
-    stride_q_h, stride_cslot, stride_ctok, stride_hslot, stride_hkv, stride_htok, stride_sel_h, stride_map_h,
-    stride_po_h, stride_po_s, stride_pl_h,
-    kmax, max_pages, pages_per_split,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    P: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False,
-):
-    pdl_wait(PDL)
-    head = tl.program_id(0)
-    split = tl.program_id(1)
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < D
-    rows = head * G + offs_g
-    qt = tl.load(q + rows[:, None] * stride_q_h + offs_d[None, :],
-                 mask=(offs_g < G)[:, None] & mask_d[None, :], other=0.0)
-    if DOT_FP32:
-        qt = qt.to(tl.float32)
-
-    first = split * pages_per_split
-    last = tl.minimum(first + pages_per_split, kmax)
-    entry_of_row = offs_n // P
-    tok_of_row = offs_n % P
-    head_flat = head * max_pages
-
-    m_i = tl.full([G_PAD], -1.0e30, tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
-    for e0 in range(first, last, BLOCK_N // P):
-        entry = e0 + entry_of_row
-        length = tl.load(sel_lens + head * stride_sel_h + entry, mask=entry < last, other=0)
-        used = length > 0  # an unused entry's page is never looked up
-        page = tl.load(sel_pages + head * stride_sel_h + entry, mask=used, other=0)
-        cslot = tl.load(cache_slot + head * stride_map_h + page, mask=used, other=0)
-        cached = used & (tl.load(tag + cslot, mask=used, other=-1) == head_flat + page)
-        hslot = tl.load(host_slot + head * stride_map_h + page, mask=used & ~cached, other=-1)
-        in_tok = tok_of_row < length
-        live_c = in_tok & cached
-        live_h = in_tok & (hslot >= 0)  # hslot is -1 for cached pages: exactly one source per row
-        live = live_c | live_h
-        c_off = cslot.to(tl.int64) * stride_cslot + tok_of_row * stride_ctok
-        h_off = hslot.to(tl.int64) * stride_hslot + tok_of_row * stride_htok
-        # Issue K and V loads (both sources) before any math: host loads cross PCIe, their latency
-        # overlaps best when all are in flight together. Masked lanes move no data.
-        kc = tl.load(gpu_k + c_off[None, :] + offs_d[:, None], mask=live_c[None, :] & mask_d[:, None], other=0.0)
-        kh = tl.load(host_kv + h_off[None, :] + offs_d[:, None], mask=live_h[None, :] & mask_d[:, None], other=0.0)
-        vc = tl.load(gpu_v + c_off[:, None] + offs_d[None, :], mask=live_c[:, None] & mask_d[None, :], other=0.0)
-        vh = tl.load(host_kv + stride_hkv + h_off[:, None] + offs_d[None, :],
-                     mask=live_h[:, None] & mask_d[None, :], other=0.0)
-        kt = tl.where(live_c[None, :], kc, kh)
-        v = tl.where(live_c[:, None], vc, vh)
-        if DOT_FP32:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(qt, kt, input_precision=PRECISION) * qk_scale  # (G_PAD, BLOCK_N), log2 units
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    has_tokens = l_i > 0
-    out = acc / tl.where(has_tokens, l_i, 1.0)[:, None]
-    lse = tl.where(has_tokens, m_i + tl.log2(tl.where(has_tokens, l_i, 1.0)), float("-inf"))
-    row_mask = offs_g < G
-    tl.store(part_out + rows[:, None] * stride_po_h + split * stride_po_s + offs_d[None, :], out,
-             mask=row_mask[:, None] & mask_d[None, :])
-    tl.store(part_lse + rows * stride_pl_h + split, lse, mask=row_mask)
-
-
-def tiered_decode_attention(q: torch.Tensor, gpu_k: torch.Tensor, gpu_v: torch.Tensor, host_kv: torch.Tensor,
-                            sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: torch.Tensor,
-                            tag: torch.Tensor, host_slot: torch.Tensor, sm_scale: float | None = None,
-                            out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """Attention of one decode token over the selected pages of its KV head, each page read from
-    the GPU cache when cached, else from the host pool in place (zero-copy); an entry whose page is
-    neither cached nor in the host pool (host_slot -1) is skipped, as if its length were 0.
-
-    q: (Hq, D) fp16/bf16/fp32, last dim contiguous (Hq = G * Hkv, head i uses KV head i // G);
-    gpu_k, gpu_v: (num_cache_slots, P, D) q's dtype, contiguous; host_kv: (num_host_slots, 2, P, D)
-    q's dtype, pinned CPU memory (or on q's device); sel_pages, sel_lens: (Hkv, Kmax) int32;
-    cache_slot, host_slot: (Hkv, max_pages) int32; tag: (num_cache_slots,) int32 (module docstring).
-    sm_scale defaults to 1/sqrt(D). Returns (Hq, D) in q's dtype (into ``out`` if given); a head with
-    no readable token gets zeros. num_splits overrides the split heuristic (tuning).
-
-    Split heuristic: as ``sparse_decode_attention`` (flash-decoding, one program per (KV head,
-    split) serving the G query heads, LSE merge), but aiming at 4 programs per SM instead of 2:
-    host pages are latency-bound PCIe reads, so more programs keep more bytes in flight.
-    """
-    hq, d = q.shape
-    hkv, kmax = sel_pages.shape
-    num_cache_slots, page_size, d_cache = gpu_k.shape
-    device = _kernel_device(q, gpu_k, gpu_v, sel_pages, sel_lens, cache_slot, tag, host_slot)
-    assert q.stride(1) == 1 and d_cache == d and hq % hkv == 0, f"q {tuple(q.shape)} vs cache {tuple(gpu_k.shape)}"
-    assert q.dtype == gpu_k.dtype and q.dtype in DTYPES
-    _check_cache(gpu_k, gpu_v, cache_slot, tag, host_slot)
-    _check_selection(sel_pages, sel_lens, hkv)
-    _check_host(host_kv, device, page_size, d, q.dtype)
-    assert cache_slot.shape[0] == hkv
-    max_pages = cache_slot.shape[1]
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(d)
-    g = hq // hkv
-    block_d = next_pow2(d)
-    block_n = max(64, page_size)
-    if num_splits is None:
-        num_splits = -(-4 * _device_sm_count(device) // hkv)
-    splits, pages_per_split = decode_splits(hkv, kmax, page_size, block_n, device, num_splits)
-    part_out = torch.empty((hq, splits, d), device=device, dtype=torch.float32)
-    part_lse = torch.empty((hq, splits), device=device, dtype=torch.float32)
-    pdl = pdl_enabled(device)
-    _tiered_decode_split_kernel[(hkv, splits)](
-        q, gpu_k, gpu_v, as_kernel_pointer(host_kv, device), sel_pages, sel_lens, cache_slot, tag, host_slot,
-        part_out, part_lse, sm_scale * LOG2E,
-        q.stride(0), gpu_k.stride(0), gpu_k.stride(1), host_kv.stride(0), host_kv.stride(1), host_kv.stride(2),
-        sel_pages.stride(0), cache_slot.stride(0), part_out.stride(0), part_out.stride(1), part_lse.stride(0),
-        kmax, max_pages, pages_per_split,
-        G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
-        DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=1,  # no cp.async pipelining: loads may come from host memory
-        PDL=pdl, **pdl_launch(pdl),
-    )
-    if out is None:
-        out = torch.empty((hq, d), device=device, dtype=q.dtype)
-    assert out.shape == (hq, d) and out.dtype == q.dtype and out.is_contiguous()
-    _merge_splits_kernel[(hq,)](
-        part_out, part_lse, out, splits,
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0), out.stride(0),
-        D=d, BLOCK_D=block_d, SPLITS_PAD=next_pow2(splits), num_warps=4 if block_d <= 128 else 8,
-        PDL=pdl, **pdl_launch(pdl),
-    )
-    return out
 
 
 # -- admission -------------------------------------------------------------------------------------
@@ -569,7 +421,7 @@ def write_through(k_new: torch.Tensor, v_new: torch.Tensor, start: int | torch.T
     )
 
 
-# -- bulk gather for chunked prefill ---------------------------------------------------------------
+# -- bulk gather for the layer-by-layer prefill ----------------------------------------------------
 
 @jit
 def _gather_pages_kernel(
@@ -598,7 +450,7 @@ def gather_pages_to_staging(host_kv: torch.Tensor, host_slot: torch.Tensor, num_
                             staging_k: torch.Tensor, staging_v: torch.Tensor,
                             kv_scale: torch.Tensor | None = None) -> None:
     """staging_k/v[h, p*P : (p+1)*P] = host K/V page of (h, p) for every KV head h and p < num_pages
-    (chunked prefill streams all earlier tokens' K/V from the host pool in bulk).
+    (a layer-by-layer prefill stages a layer's past from the host pool in bulk).
 
     host_kv: (num_host_slots, 2, P, D) pinned CPU (or device) memory; host_slot: (Hkv, max_pages)
     int32 on the GPU; staging_k, staging_v: (Hkv, capacity_tokens, D), host_kv's dtype, with

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from lcrun.kernels import reference
-
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 
@@ -48,22 +46,6 @@ def _selection_lookup(sel_pages, sel_lens, cache_slot, tag, host_slot):
     heads = torch.arange(hkv, device=sel_pages.device)[:, None].expand(hkv, kmax)
     cslot, cached, hslot = _lookup(pages, heads, cache_slot, tag, host_slot)
     return used, pages, heads, cslot, used & cached, hslot
-
-
-def tiered_decode_attention(q, gpu_k, gpu_v, host_kv, sel_pages, sel_lens, cache_slot, tag, host_slot,
-                            sm_scale=None, out=None, num_splits=None) -> torch.Tensor:
-    hkv, kmax = sel_pages.shape
-    used, _, _, cslot, cached, hslot = _selection_lookup(sel_pages, sel_lens, cache_slot, tag, host_slot)
-    readable = cached | (used & (hslot >= 0))
-    host_k, host_v = _host_pages(host_kv, hslot, q.device)  # (Hkv, Kmax, P, D)
-    keys = torch.where(cached[..., None, None], gpu_k[cslot], host_k)
-    values = torch.where(cached[..., None, None], gpu_v[cslot], host_v)
-    # One pool holding exactly the pages read: entry (h, e) in slot h * Kmax + e.
-    pool_k = keys.reshape(hkv * kmax, *keys.shape[2:])
-    pool_v = values.reshape(hkv * kmax, *values.shape[2:])
-    slots = torch.arange(hkv * kmax, device=q.device, dtype=torch.int32).reshape(hkv, kmax)
-    lens = torch.where(readable, sel_lens, 0).to(torch.int32)
-    return reference.sparse_decode_attention(q, pool_k, pool_v, slots, lens, sm_scale, out=out)
 
 
 def admission_winners(sel_pages, sel_lens, cache_slot, tag, host_slot) -> torch.Tensor:
