@@ -172,3 +172,37 @@ def test_demo_model_same_tokens_with_a_larger_ctx(tmp_path):
         assert "prompt 1" in out.stderr  # a prompt of 1,xxx tokens
         return out.stdout
     assert run("--ctx", "8k") == run("--ctx", "32k", "--attention", "topk")
+
+
+def test_window_prefill_sub_blocks_attend_to_their_own_far_pages():
+    """Each block of queries attends to the far pages selected for it (not its neighbours'):
+    against one query at a time over exactly its sinks, its block's pages and its local window."""
+    from lcrun.runtime.positions import _select_far, piece_layout, window_prefill_attention
+    from lcrun.kernels.key_rotation import update_relative_abstracts
+    g = torch.Generator().manual_seed(5)
+    t, p0, n, budget, block = 120, 104, 16, S + W + 2 * P, 4
+    q, k, v = (torch.randn(t, h, 16, generator=g) for h in (4, 2, 2))
+    rot = Rotary(CFG, "cpu")
+    keys = rot.rotate(k, torch.arange(t)).transpose(0, 1).contiguous()      # (Hkv, t, D) at true positions
+    values = v.transpose(0, 1).contiguous()
+    rel_min = torch.zeros(2, t // P + 1, 16)
+    rel_max = torch.zeros_like(rel_min)
+    update_relative_abstracts(k, torch.arange(t), rot.inv_freq, rel_min, rel_max, P)
+    kw = dict(page_size=P, sink_tokens=S, window_tokens=W, budget=budget, group_score="max", sm_scale=0.25,
+              select_block=block, piece_tokens=n)
+    got = window_prefill_attention(q[p0:p0 + n], keys, values, rel_min, rel_max, p0, rot, **kw)
+    lay = piece_layout(p0, n, P, S, W, budget)
+    pages = _select_far(q[p0:p0 + n], rel_min, rel_max, lay, rot, P, "max", block)   # (Hkv, blocks, k)
+    want = torch.empty_like(got)
+    for i in range(n):
+        qi = rot.rotate(q[p0 + i:p0 + i + 1], torch.tensor([p0 + i - lay.shift]))[0]
+        for h in range(4):
+            kv = h // 2
+            far = (pages[kv, i // block][:, None] * P + torch.arange(P)).reshape(-1)
+            js = torch.cat((torch.arange(S), far, torch.arange(lay.ls, p0 + i + 1)))
+            kpos = torch.cat((torch.arange(S), S + far % P, torch.arange(lay.ls, p0 + i + 1) - lay.shift))
+            kk = rot.rotate(k[js, kv:kv + 1], kpos)[:, 0]
+            w = torch.softmax(kk @ qi[h] * 0.25, dim=0)
+            want[i, h] = w @ v[js, kv]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert len({tuple(sorted(pages[0, b].tolist())) for b in range(pages.shape[1])}) > 1  # blocks differ

@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
 from lcrun.runtime.rope import Rotary
 
 SELECT_BLOCK = 64    # prefill queries sharing one far-page selection
@@ -156,35 +156,53 @@ def _select_far(q: torch.Tensor, rel_min: torch.Tensor, rel_max: torch.Tensor, l
 def _attend_piece(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rel_min: torch.Tensor,
                   rel_max: torch.Tensor, lay: PieceLayout, rotary: Rotary, page_size: int, group_score: str,
                   sm_scale: float, select_block: int) -> torch.Tensor:
+    """One piece as up to three mask-free attentions merged by log-sum-exp (flash kernels on a GPU:
+    a boolean mask would make SDPA expand it over heads, 0.8 GiB at 256K): the queries' own tokens
+    (causal), the local window before them, and per sub-block its sinks + far pages."""
     n, hq, d = q.shape
     hkv, P = keys.shape[0], page_size
     g = hq // hkv
-    end = lay.p0 + n
-    dev = q.device
+    end, dev = lay.p0 + n, q.device
     qpos = torch.arange(lay.p0, end, device=dev) - lay.shift
     cos, sin = rotary.cos_sin(qpos, q.dtype)
-    rows = Rotary.apply(q, cos, sin).to(keys.dtype).view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
+    qr = Rotary.apply(q, cos, sin).to(keys.dtype).view(n, hkv, g, d).permute(1, 2, 0, 3)    # (Hkv, G, n, D)
     local_k = keys[:, lay.ls:end]
     if lay.shift:
         local_k = rotate_keys(local_k, rotary, torch.tensor(-lay.shift, device=dev))
-    parts_k, parts_v, masks = [local_k], [values[:, lay.ls:end]], []
-    q_idx = torch.arange(n, device=dev)
-    causal = (torch.arange(lay.ls, end, device=dev)[None, :] <= (lay.p0 + q_idx)[:, None])
+    own = lay.p0 - lay.ls  # local tokens before the piece
+    o, lse = attention_with_lse(qr.reshape(hkv * g, n, d), local_k[:, own:].repeat_interleave(g, 0),
+                                values[:, lay.p0:end].repeat_interleave(g, 0), True, sm_scale)
+    acc = RunningAttention(o.view(hkv, g * n, d), lse.view(hkv, g * n))
+    rows = qr.reshape(hkv, g * n, d)
+    if own:
+        acc.add(*attention_with_lse(rows, local_k[:, :own].contiguous(), values[:, lay.ls:lay.p0], False, sm_scale))
     if lay.sink_end:
-        pages = _select_far(q, rel_min, rel_max, lay, rotary, P, group_score, select_block)  # (Hkv, n_sel, k)
-        n_sel = pages.shape[1]
-        tok = (pages[..., None] * P + torch.arange(P, device=dev)).reshape(hkv, -1)
-        idx = tok[..., None].expand(-1, -1, d)
-        delta = (lay.sink_end - pages * P)[..., None].expand(-1, -1, -1, P).reshape(hkv, -1)
-        far_k = rotate_keys(torch.gather(keys, 1, idx), rotary, delta)
-        parts_k = [keys[:, :lay.sink_end], far_k] + parts_k
-        parts_v = [values[:, :lay.sink_end], torch.gather(values, 1, idx)] + parts_v
-        block = q_idx // select_block
-        far_block = torch.arange(n_sel, device=dev).repeat_interleave(lay.k_far * P)
-        masks = [torch.ones((n, lay.sink_end), dtype=torch.bool, device=dev), block[:, None] == far_block[None, :]]
-    k_all = torch.cat(parts_k, dim=1) if len(parts_k) > 1 else parts_k[0]
-    v_all = torch.cat(parts_v, dim=1) if len(parts_v) > 1 else parts_v[0]
-    mask = torch.cat(masks + [causal], dim=1).repeat(g, 1) if n > 1 else None
-    out = F.scaled_dot_product_attention(rows, k_all, v_all, attn_mask=mask, scale=sm_scale)
-    return out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d).to(q.dtype)
+        acc.add(*_attend_far(q, qr, keys, values, rel_min, rel_max, lay, rotary, page_size, group_score, sm_scale,
+                             select_block))
+    return acc.result(q.dtype).view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
 
+
+def _attend_far(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rel_min: torch.Tensor,
+                rel_max: torch.Tensor, lay: PieceLayout, rotary: Rotary, page_size: int, group_score: str,
+                sm_scale: float, select_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinks + each sub-block's far pages, batched over sub-blocks (no mask): q (n, Hq, D) pre-RoPE,
+    qr (Hkv, G, n, D) placed -> out (Hkv, G*n, D), lse (Hkv, G*n)."""
+    hkv, g, n, d = qr.shape
+    P, dev = page_size, q.device
+    pages = _select_far(q, rel_min, rel_max, lay, rotary, P, group_score, select_block)  # (Hkv, n_sel, k)
+    n_sel = pages.shape[1]
+    tok = (pages[..., None] * P + torch.arange(P, device=dev)).reshape(hkv, -1)
+    idx = tok[..., None].expand(-1, -1, d)
+    delta = (lay.sink_end - pages * P)[..., None].expand(-1, -1, -1, P).reshape(hkv, -1)
+    far_k = rotate_keys(torch.gather(keys, 1, idx), rotary, delta).view(hkv, n_sel, -1, d)
+    far_v = torch.gather(values, 1, idx).view(hkv, n_sel, -1, d)
+    sinks = (keys[:, None, :lay.sink_end].expand(-1, n_sel, -1, -1), values[:, None, :lay.sink_end].expand(-1, n_sel, -1, -1))
+    k_blk = torch.cat((sinks[0], far_k), dim=2).reshape(hkv * n_sel, -1, d)
+    v_blk = torch.cat((sinks[1], far_v), dim=2).reshape(hkv * n_sel, -1, d)
+    pad = n_sel * select_block - n
+    q_blk = torch.nn.functional.pad(qr, (0, 0, 0, pad)) if pad else qr                     # (Hkv, G, n_sel*sb, D)
+    q_blk = q_blk.view(hkv, g, n_sel, select_block, d).permute(0, 2, 1, 3, 4).reshape(hkv * n_sel, g * select_block, d)
+    o, lse = attention_with_lse(q_blk.contiguous(), k_blk, v_blk, False, sm_scale)
+    o = o.view(hkv, n_sel, g, select_block, d).permute(0, 2, 1, 3, 4).reshape(hkv, g, -1, d)[:, :, :n]
+    lse = lse.view(hkv, n_sel, g, select_block).permute(0, 2, 1, 3).reshape(hkv, g, -1)[:, :, :n]
+    return o.reshape(hkv, g * n, d), lse.reshape(hkv, g * n)
