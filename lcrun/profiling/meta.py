@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -29,8 +32,12 @@ def git_dirty() -> bool | None:
 
 def run_metadata() -> dict:
     import torch
+    # LCRUN_COMMIT: the commit of a tree copied without its history (a device run of a checkout).
+    commit = os.environ.get("LCRUN_COMMIT")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "dirty": git_dirty(), "python": platform.python_version(),
+            "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "commit": commit or git_commit(), "dirty": False if commit else git_dirty(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "host": platform.node()}
     try:
         import triton
@@ -41,6 +48,7 @@ def run_metadata() -> dict:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         meta["gpu"] = props.name
         meta["gpu_memory_bytes"] = props.total_memory
+        meta["cuda"] = torch.version.cuda
     else:
         meta["gpu"] = None
     return meta
