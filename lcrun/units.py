@@ -1,6 +1,7 @@
 """Parsing of human sizes: token counts ('256k') and byte sizes ('24GiB')."""
 from __future__ import annotations
 
+import os
 import re
 
 from lcrun.errors import ConfigError
@@ -44,3 +45,18 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def env_number(name: str, default: float, minimum: float = 0.0) -> float:
+    """The number in environment variable ``name`` (``default`` when unset or empty); a value that
+    is not a number >= ``minimum`` is a ConfigError naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:
+        raise ConfigError(f"{name}={raw!r}: expected a number >= {minimum:g}")
+    return value

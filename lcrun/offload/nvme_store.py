@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from lcrun.errors import CapacityError, LcrunError
-from lcrun.units import format_bytes
+from lcrun.units import env_number, format_bytes
 
 ALIGN = 4096
 FOLDER_PREFIX = "lcrun-kv-"
@@ -63,16 +63,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def default_io_threads() -> int:
     """``LCRUN_NVME_IO_THREADS`` when set (a positive integer), else DEFAULT_IO_THREADS."""
-    raw = os.environ.get(IO_THREADS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_IO_THREADS
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n <= 0:
-        raise LcrunError(f"{IO_THREADS_ENV}={raw!r}: expected a positive number of NVMe I/O threads")
-    return n
+    return int(env_number(IO_THREADS_ENV, DEFAULT_IO_THREADS, minimum=1))
 
 
 def _raise_system_exit(signum, frame):

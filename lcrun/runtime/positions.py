@@ -160,7 +160,7 @@ def _attend_piece(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rel
     a boolean mask would make SDPA expand it over heads, 0.8 GiB at 256K): the queries' own tokens
     (causal), the local window before them, and per sub-block its sinks + far pages."""
     n, hq, d = q.shape
-    hkv, P = keys.shape[0], page_size
+    hkv = keys.shape[0]
     g = hq // hkv
     end, dev = lay.p0 + n, q.device
     qpos = torch.arange(lay.p0, end, device=dev) - lay.shift

@@ -14,15 +14,14 @@ still unreadable in the step that is kept are "skipped", and the report counts b
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from lcrun.errors import ConfigError
 from lcrun.runtime.tiered.config import capturing
 from lcrun.runtime.tiered.homes import HostHomes
 from lcrun.runtime.tiered.stats import TierStats
+from lcrun.units import env_number
 
 # How long one token may wait for late pages in all (ms), and how many times its step may run
 # again. A wait of 0 never redoes a step (late pages are skipped).
@@ -30,17 +29,6 @@ NVME_WAIT_MS = 200.0
 NVME_MAX_REDOS = 3
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ConfigError(f"{name}={raw!r}: expected a number >= 0")
-    return value
 
 
 class DecodeSettler:
@@ -50,8 +38,8 @@ class DecodeSettler:
     def __init__(self, homes: HostHomes, stats: TierStats):
         self.homes, self.stats = homes, stats
         self.active = homes.spills
-        self.wait_s = _env_number("LCRUN_NVME_WAIT_MS", NVME_WAIT_MS) / 1e3
-        self.max_redos = int(_env_number("LCRUN_NVME_MAX_REDOS", NVME_MAX_REDOS))
+        self.wait_s = env_number("LCRUN_NVME_WAIT_MS", NVME_WAIT_MS) / 1e3
+        self.max_redos = int(env_number("LCRUN_NVME_MAX_REDOS", NVME_MAX_REDOS))
         self.sel_log: torch.Tensor | None = None   # (L, Hkv, Kmax) int32 this step's selection, -1 unused
         self._counters_mark = torch.zeros_like(stats.counters)  # ``counters`` before this step
         self._pending = False          # a decode step ran and was not settled yet
