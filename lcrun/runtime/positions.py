@@ -73,10 +73,10 @@ def decode_layout(bounds: torch.Tensor, page_size: int, out: torch.Tensor) -> No
 
 
 def rotate_keys(x: torch.Tensor, rotary: Rotary, delta: torch.Tensor) -> torch.Tensor:
-    """x (..., D) rotated by integer ``delta`` (broadcastable to x.shape[:-1]) in fp32, back in x's dtype."""
-    delta = delta.expand(x.shape[:-1]).reshape(-1)
-    cos, sin = rotary.cos_sin(delta, torch.float32)                 # (M, 1, D)
-    cos, sin = cos.view(x.shape), sin.view(x.shape)
+    """x (..., D) rotated by integer ``delta`` (0-dim, or one dim per dim of x.shape[:-1], sizes 1
+    or equal) in fp32, back in x's dtype; cos/sin are computed at delta's shape and broadcast."""
+    cos, sin = rotary.cos_sin(delta.reshape(-1), torch.float32)     # (M, 1, D)
+    cos, sin = cos.view(*delta.shape, -1), sin.view(*delta.shape, -1)
     xf = x.float()
     half = x.shape[-1] // 2
     return (xf * cos + torch.cat((-xf[..., half:], xf[..., :half]), dim=-1) * sin).to(x.dtype)
@@ -193,8 +193,9 @@ def _attend_far(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, values: t
     n_sel = pages.shape[1]
     tok = (pages[..., None] * P + torch.arange(P, device=dev)).reshape(hkv, -1)
     idx = tok[..., None].expand(-1, -1, d)
-    delta = (lay.sink_end - pages * P)[..., None].expand(-1, -1, -1, P).reshape(hkv, -1)
-    far_k = rotate_keys(torch.gather(keys, 1, idx), rotary, delta).view(hkv, n_sel, -1, d)
+    # One rotation per page (its tokens share the delta): cos/sin per page, not per token.
+    far_k = torch.gather(keys, 1, idx).view(hkv, n_sel, lay.k_far, P, d)
+    far_k = rotate_keys(far_k, rotary, (lay.sink_end - pages * P)[..., None]).view(hkv, n_sel, -1, d)
     far_v = torch.gather(values, 1, idx).view(hkv, n_sel, -1, d)
     sinks = (keys[:, None, :lay.sink_end].expand(-1, n_sel, -1, -1), values[:, None, :lay.sink_end].expand(-1, n_sel, -1, -1))
     k_blk = torch.cat((sinks[0], far_k), dim=2).reshape(hkv * n_sel, -1, d)
