@@ -23,6 +23,13 @@ class CharTokenizer:
 TOK = CharTokenizer()
 
 
+
+@pytest.fixture(autouse=True)
+def torch_kernels_on_the_cpu(monkeypatch):
+    """The harness runs the demo model end to end: the torch kernels, not the Triton interpreter
+    (the kernels have their own tests)."""
+    monkeypatch.setenv("LCRUN_CPU_KERNELS", "torch")
+
 def test_same_seed_same_prompt_and_trials_differ():
     a = TaskSet(TOK, seed=7).sample("passkey", 2000, 3, 0.5)
     b = TaskSet(TOK, seed=7).sample("passkey", 2000, 3, 0.5)

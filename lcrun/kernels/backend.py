@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1) or the plain-torch reference (any other CPU use)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,9 +62,13 @@ def _triton_backend() -> KernelBackend:
 
 def kernel_backend(device: torch.device | str, prefer: str = "auto") -> KernelBackend:
     """``auto``: Triton where it can run on ``device``, else torch. ``triton``/``torch`` force one
-    (forcing Triton where it cannot run is an error)."""
+    (forcing Triton where it cannot run is an error). On the CPU, LCRUN_CPU_KERNELS=torch makes
+    ``auto`` take torch even under the Triton interpreter: model-level tests then run at torch speed
+    while the kernel tests keep the interpreter."""
     assert prefer in BACKENDS, f"backend must be one of {BACKENDS}, got {prefer!r}"
     device = torch.device(device)
+    if prefer == "auto" and device.type == "cpu" and os.environ.get("LCRUN_CPU_KERNELS") == "torch":
+        prefer = "torch"
     if prefer == "torch" or (prefer == "auto" and not can_run_triton(device)):
         return TORCH_BACKEND
     if not can_run_triton(device):
