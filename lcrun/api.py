@@ -228,7 +228,7 @@ class LLM:
         config = dataclasses.replace(config, attention=choice.attention)
         self.config = config
         self.plan = choice.plan if self.device.type == "cuda" else None
-        self.positions = resolve_positions(config, model_cfg)  # 'true' or 'window'
+        self.positions = resolve_positions(config, model_cfg)  # when queries move to window positions
         try:
             if source is None:
                 self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)

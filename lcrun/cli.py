@@ -92,8 +92,7 @@ def show_attention(choice) -> None:
 
 def _positions_line(llm) -> str:
     window = llm.model_config.max_position_embeddings
-    rule = llm.positions
-    moves_at = getattr(rule, "trained_window", None)  # lcrun.runtime.positions.PositionRule
+    moves_at = llm.positions.trained_window  # a PositionRule (lcrun.runtime.positions)
     if llm.attention == "dense" or moves_at is None:
         return f"positions: true (real positions; the trained window is {window:,} tokens)"
     if moves_at == 0:
