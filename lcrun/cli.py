@@ -63,8 +63,11 @@ def sampling_options(func: Callable) -> Callable:
     return func
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (Ctrl+C)
+
+
 def handle_errors(func: Callable) -> Callable:
-    """User errors print one line and exit 1; no traceback."""
+    """User errors print one line and exit 1; Ctrl+C exits 130 (128 + SIGINT); no traceback."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any):
         try:
@@ -72,6 +75,9 @@ def handle_errors(func: Callable) -> Callable:
         except LcrunError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
     return wrapper
 
 
@@ -149,6 +155,7 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
+    failed = False  # piped: a message that could not be answered makes the exit code 1
     if interactive:
         info(CHAT_HELP)
     while True:
@@ -185,6 +192,7 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
             click.echo("\n(reply stopped)", err=True)
         except ContextOverflowError as exc:
             messages.pop()
+            failed = True
             click.secho(f"error: {exc}. Use /clear to start over.", fg="red", err=True)
             continue
         click.echo()
@@ -195,6 +203,8 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
         if interactive and stats.decode_s > 0:
             info(f"[{stats.new_tokens} tokens, {stats.new_tokens / stats.decode_s:.1f} tok/s; "
                  f"prompt {stats.prompt_tokens} tokens, {stats.reused_tokens} reused]")
+    if failed and not interactive:
+        sys.exit(1)
 
 
 @main.command()

@@ -92,3 +92,32 @@ def test_api_empty_prompt_is_an_error(demo_llm):
         demo_llm.generate("")
     with pytest.raises(LcrunError, match="the prompt is empty"):
         list(demo_llm.stream_ids([]))
+
+
+# -- exit codes: piped chat that hits an error, Ctrl+C ------------------------------------------
+@needs_demo
+def test_piped_chat_overflow_exits_1_after_answering_the_rest():
+    res = _run(["chat", "--ctx", "300", "--max-new-tokens", "4"], "Hi\n" + "tell me more " * 100 + "\nHi\n")
+    assert res.exit_code == 1, res.output
+    assert "over the context of 300 tokens" in res.stderr and "Traceback" not in res.output
+    assert res.stdout.strip()
+
+
+@needs_demo
+def test_piped_chat_without_errors_exits_0():
+    res = _run(["chat", "--ctx", "1k", "--max-new-tokens", "4"], "Hi\n")
+    assert res.exit_code == 0, res.output
+
+
+@needs_demo
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["run", "--raw", "--prompt", "hi"]])
+def test_ctrl_c_during_prefill_exits_130(monkeypatch, command):
+    from lcrun.runtime.generate import Generator
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Generator, "prefill", interrupted)
+    res = _run([*command, "--ctx", "1k"])
+    assert res.exit_code == 130, res.output
+    assert "Aborted" not in res.output and "Traceback" not in res.output
+    assert "interrupted" in res.stderr
