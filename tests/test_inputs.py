@@ -121,3 +121,14 @@ def test_ctrl_c_during_prefill_exits_130(monkeypatch, command):
     assert res.exit_code == 130, res.output
     assert "Aborted" not in res.output and "Traceback" not in res.output
     assert "interrupted" in res.stderr
+
+
+# -- LLM(bogus=1): the known settings are the user's, not internal resolved values ----------------
+def test_unknown_llm_setting_lists_only_user_settings():
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): bogus; known: ") as info:
+        LLM("synthetic:tiny", bogus=1)
+    message = str(info.value)
+    assert "ctx_tokens" not in message
+    assert "ctx," in message and "max_new_tokens" not in message
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): ctx_tokens"):
+        LLM("synthetic:tiny", ctx_tokens=5)
