@@ -211,8 +211,8 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
 @config_options
 @sampling_options
 @click.option("--prompt", default=None, help="Prompt text.")
-@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Read the prompt from this file.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Read the prompt from this file (- reads standard input).")
 @click.option("--chat/--raw", "use_chat", default=True, show_default=True,
               help="Wrap the prompt in the chat template, or complete it as raw text.")
 @handle_errors
@@ -221,10 +221,7 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LcrunError(f"{prompt_file}: cannot read the prompt ({exc})") from None
+        prompt = _read_prompt(prompt_file)
     sampling = _sampling(**sampling_kw)
     llm = load_llm(config)
     pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
@@ -237,6 +234,16 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
     rate = f", {s.new_tokens / s.decode_s:.1f} tok/s" if s.decode_s > 0 else ""
     info(f"[prompt {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; {s.new_tokens} new tokens{rate}; "
          f"stopped: {s.finish_reason}]")
+
+
+def _read_prompt(path: Path) -> str:
+    """--prompt-file: a file's text, or standard input for ``-``."""
+    try:
+        if str(path) == "-":
+            return sys.stdin.read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LcrunError(f"{'standard input' if str(path) == '-' else path}: cannot read the prompt ({exc})") from None
 
 
 def _prefill_bar():
@@ -369,8 +376,8 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
 @config_options
 @click.option("--prompt-tokens", type=int, default=None,
               help="Tokens to prefill (random ids) before decoding; default: the context less the decode steps.")
-@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Prefill this text instead of random ids (models with a tokenizer).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Prefill this text instead of random ids (models with a tokenizer; - reads standard input).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Decode steps under the profiler.")
 @click.option("--timed-steps", type=int, default=32, show_default=True,
               help="Decode steps timed without the profiler, as generation runs them.")
@@ -392,10 +399,7 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
         opts.check(config.ctx_tokens)  # fail before loading the model
     llm = load_llm(config)
     if prompt_file is not None:
-        try:
-            text = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LcrunError(f"{prompt_file}: cannot read the prompt ({exc})") from None
+        text = _read_prompt(prompt_file)
         if llm.tokenizer is None:
             raise LcrunError(f"{llm.model_spec} has no tokenizer: profile it on random ids (--prompt-tokens)")
         opts.prompt_ids = llm.tokenizer.encode(text)

@@ -132,3 +132,18 @@ def test_unknown_llm_setting_lists_only_user_settings():
     assert "ctx," in message and "max_new_tokens" not in message
     with pytest.raises(ConfigError, match=r"unknown setting\(s\): ctx_tokens"):
         LLM("synthetic:tiny", ctx_tokens=5)
+
+
+# -- --prompt-file - reads standard input ---------------------------------------------------------
+@needs_demo
+def test_prompt_file_dash_reads_stdin():
+    res = _run(["run", "--raw", "--prompt-file", "-", "--max-new-tokens", "5", "--ctx", "1k"],
+               stdin="The capital of France is")
+    assert res.exit_code == 0, res.output
+    assert "Paris" in res.stdout
+
+
+@needs_demo
+def test_prompt_file_dash_with_empty_stdin_is_one_line_error():
+    res = _run(["run", "--raw", "--prompt-file", "-", "--ctx", "1k"], stdin="")
+    _one_line_error(res, "the prompt is empty")
