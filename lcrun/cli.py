@@ -301,7 +301,7 @@ def plan(config: LcrunConfig, as_json: bool) -> None:
 
 @main.command()
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--kv-dir", default=None, help="Also measure the disk under this folder (writes 256 MiB).")
+@click.option("--kv-dir", default=None, help="Also measure the disk under this existing folder (writes 256 MiB, then removes it).")
 @handle_errors
 def calibrate(device: str, kv_dir: str | None) -> None:
     """Measure host->GPU, GPU memory and disk speeds once; `lcrun plan` uses them after."""

@@ -147,3 +147,19 @@ def test_prompt_file_dash_reads_stdin():
 def test_prompt_file_dash_with_empty_stdin_is_one_line_error():
     res = _run(["run", "--raw", "--prompt-file", "-", "--ctx", "1k"], stdin="")
     _one_line_error(res, "the prompt is empty")
+
+
+# -- lcrun calibrate --kv-dir: a missing folder is refused, nothing is created --------------------
+def test_calibrate_refuses_a_missing_kv_dir_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+    res = _run(["calibrate", "--device", "cpu", "--kv-dir", str(tmp_path / "a" / "b" / "c")])
+    _one_line_error(res, f"--kv-dir {tmp_path / 'a' / 'b' / 'c'} does not exist")
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "cache").exists()  # nothing measured, nothing saved
+
+
+def test_calibrate_refuses_a_file_as_kv_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "file").write_text("x")
+    res = _run(["calibrate", "--device", "cpu", "--kv-dir", str(tmp_path / "file")])
+    _one_line_error(res, "is not a folder")
