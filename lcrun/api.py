@@ -249,7 +249,7 @@ class LLM:
     # -- token level -------------------------------------------------------------------------
     def _need_tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
-            raise LcrunError(f"{self.model_spec} has no tokenizer (synthetic weights): pass token ids instead")
+            raise LcrunError(f"{self.model_spec} has no tokenizer (synthetic weights): pass token ids to LLM.stream_ids instead")
         return self.tokenizer
 
     def stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None, **sampling: Any) -> Iterator[int]:

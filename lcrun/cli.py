@@ -107,6 +107,15 @@ def _positions_line(llm) -> str:
     return f"positions: true up to the trained window of {moves_at:,} tokens, window positions past it"
 
 
+def _need_text_model(config: LcrunConfig, command: str) -> None:
+    """run and chat take text: a synthetic model (random weights, no tokenizer) is refused before loading."""
+    from lcrun.runtime.synthetic import is_synthetic
+    config.resolve()  # bad settings first
+    if config.model is not None and is_synthetic(config.model):
+        raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot use it: "
+                         f"measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
+
+
 def load_llm(config: LcrunConfig):
     config.resolve()
     from lcrun.api import LLM, TrainedWindowWarning
@@ -151,6 +160,7 @@ CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows
 def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
     """Chat with a model. Reads one message per line when stdin is not a terminal."""
     sampling = _sampling(**sampling_kw)
+    _need_text_model(config, "chat")
     llm = load_llm(config)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
@@ -223,6 +233,7 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file)
     sampling = _sampling(**sampling_kw)
+    _need_text_model(config, "run")
     llm = load_llm(config)
     pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
               if use_chat else llm.stream(prompt, progress=_prefill_bar(), **sampling))

@@ -163,3 +163,18 @@ def test_calibrate_refuses_a_file_as_kv_dir(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     res = _run(["calibrate", "--device", "cpu", "--kv-dir", str(tmp_path / "file")])
     _one_line_error(res, "is not a folder")
+
+
+# -- run / chat on a synthetic model: point to lcrun bench ---------------------------------------
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["chat"]])
+def test_text_commands_on_a_synthetic_model_point_to_bench(command):
+    res = _run([*command, "--model", "synthetic:tiny"], stdin="hi\n")
+    _one_line_error(res, "synthetic:tiny has random weights and no tokenizer")
+    assert "lcrun bench --model synthetic:tiny" in res.stderr
+    assert "token ids" not in res.stderr and "loaded" not in res.stderr
+
+
+def test_api_text_on_a_synthetic_model_names_stream_ids():
+    llm = LLM("synthetic:tiny", ctx="1k", progress=False)
+    with pytest.raises(LcrunError, match="pass token ids to LLM.stream_ids instead"):
+        llm.generate("hi")
