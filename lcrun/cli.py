@@ -118,7 +118,7 @@ def _need_text_model(config: LcrunConfig, command: str) -> None:
 
 def load_llm(config: LcrunConfig):
     config.resolve()
-    from lcrun.api import LLM, TrainedWindowWarning
+    from lcrun.api import LLM, IgnoredSettingWarning, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
     if config.model is None:
@@ -127,7 +127,10 @@ def load_llm(config: LcrunConfig):
     info(f"context: {config.ctx_tokens} tokens ({config.ctx})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainedWindowWarning)  # shown below as one line
+        warnings.simplefilter("ignore", IgnoredSettingWarning)  # likewise
         llm = LLM(config=config)
+    if llm.settings_warning:
+        warn(llm.settings_warning)
     show_attention(llm.attention_choice)
     info(f"loaded {llm.model_config.arch} model, {llm.model_config.num_layers} layers, on {llm.device} "
          f"({str(llm.dtype).replace('torch.', '')})")

@@ -178,3 +178,36 @@ def test_api_text_on_a_synthetic_model_names_stream_ids():
     llm = LLM("synthetic:tiny", ctx="1k", progress=False)
     with pytest.raises(LcrunError, match="pass token ids to LLM.stream_ids instead"):
         llm.generate("hi")
+
+
+# -- settings a CPU run does not use: one warning line, not silence -------------------------------
+@needs_demo
+def test_cli_warns_once_about_gpu_settings_on_the_cpu(tmp_path):
+    res = _run(["run", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "2", "--ctx", "1k",
+                "--device", "cpu", "--gpu-mem", "1KiB", "--kv-dtype", "fp8", "--kv-dir", str(tmp_path / "kv")])
+    assert res.exit_code == 0, res.output
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: --gpu-mem 1KiB, --kv-dtype fp8, --kv-dir {tmp_path / 'kv'} do not apply on the "
+                      "CPU (GPU memory and the KV pages offloaded from it): ignored"], res.stderr
+    assert not (tmp_path / "kv").exists()
+
+
+@needs_demo
+def test_cli_cpu_run_without_gpu_settings_has_no_warning():
+    res = _run(["run", "--raw", "--prompt", "Hi", "--max-new-tokens", "2", "--ctx", "1k", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "warning:" not in res.stderr
+
+
+def test_api_warns_about_gpu_settings_on_the_cpu():
+    from lcrun.api import IgnoredSettingWarning
+    with pytest.warns(IgnoredSettingWarning, match=r"^--kv-dtype fp8 does not apply on the CPU"):
+        llm = LLM("synthetic:tiny", ctx="1k", device="cpu", kv_dtype="fp8", progress=False)
+    assert llm.settings_warning.startswith("--kv-dtype fp8 does not apply")
+    # --host-mem is the cap --attention auto chooses under on the CPU; with dense or topk it does nothing
+    with pytest.warns(IgnoredSettingWarning, match="--host-mem 1GiB does not apply"):
+        LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", attention="dense", progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredSettingWarning)
+        assert LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", progress=False).settings_warning is None
