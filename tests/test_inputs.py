@@ -211,3 +211,32 @@ def test_api_warns_about_gpu_settings_on_the_cpu():
     with warnings.catch_warnings():
         warnings.simplefilter("error", IgnoredSettingWarning)
         assert LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", progress=False).settings_warning is None
+
+
+@needs_demo
+def test_real_sigint_during_prefill_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("word " * 6000)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "lcrun.cli", "run", "--raw", "--prompt-file", str(prompt),
+                             "--ctx", "8k", "--prefill-chunk", "32", "--device", "cpu", "--max-new-tokens", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stderr:  # wait until the model is loaded and prefill is about to start
+            seen.append(line)
+            if line.startswith("positions:"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(seen) + err
+    assert "Traceback" not in err and "Aborted" not in err
+    assert "interrupted" in err
