@@ -54,6 +54,25 @@ class TrainedWindowWarning(UserWarning):
     """--attention dense with --ctx past the model's trained window: the output there degrades."""
 
 
+class IgnoredSettingWarning(UserWarning):
+    """A setting that does not apply on this device, e.g. --gpu-mem on the CPU."""
+
+
+def cpu_ignored_settings(config: LcrunConfig) -> str | None:
+    """One line naming the settings a CPU run does not use (they size the GPU and the KV tiers that
+    offload from it), or None. --host-mem counts only with --attention dense or topk: with auto it
+    is the cap the CPU's choice is made under."""
+    flags = [f"--gpu-mem {config.gpu_mem}" if config.gpu_mem is not None else None,
+             "--kv-dtype fp8" if config.kv_dtype == "fp8" else None,
+             f"--kv-dir {config.kv_dir}" if config.kv_dir is not None else None,
+             f"--host-mem {config.host_mem}" if config.host_mem is not None and config.attention != "auto" else None]
+    flags = [f for f in flags if f]
+    if not flags:
+        return None
+    return (f"{', '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply on the CPU (GPU memory and the KV "
+            f"pages offloaded from it): ignored")
+
+
 def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> "ModelSpec":
     """The planner's view of the model: its shape, trained window and bytes in ``dtype``."""
     from lcrun.planner import ModelSpec
@@ -201,6 +220,11 @@ class LLM:
         config.resolve()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.settings_warning: str | None = None  # settings this device does not use, one line
+        if self.device.type == "cpu":
+            self.settings_warning = cpu_ignored_settings(config)
+            if self.settings_warning:
+                warnings.warn(self.settings_warning, IgnoredSettingWarning, stacklevel=2)
         if self.device.type == "cuda":
             # The fraction is process-wide: set it every time, so an earlier LLM's cap does not
             # linger on one made without --gpu-mem.
@@ -249,11 +273,13 @@ class LLM:
     # -- token level -------------------------------------------------------------------------
     def _need_tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
-            raise LcrunError(f"{self.model_spec} has no tokenizer (synthetic weights): pass token ids instead")
+            raise LcrunError(f"{self.model_spec} has no tokenizer (synthetic weights): pass token ids to LLM.stream_ids instead")
         return self.tokenizer
 
     def stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None, **sampling: Any) -> Iterator[int]:
-        params = SamplingParams(**{"seed": self.config.seed, **sampling})
+        params = SamplingParams.from_kwargs(**{"seed": self.config.seed, **sampling})
+        if len(prompt_ids) == 0:
+            raise LcrunError("the prompt is empty: give some text to continue")
         stop = self.tokenizer.stop_ids if self.tokenizer else set()
         return self.generator.stream(list(prompt_ids), params, stop, progress)
 

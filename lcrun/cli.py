@@ -63,8 +63,11 @@ def sampling_options(func: Callable) -> Callable:
     return func
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (Ctrl+C)
+
+
 def handle_errors(func: Callable) -> Callable:
-    """User errors print one line and exit 1; no traceback."""
+    """User errors print one line and exit 1; Ctrl+C exits 130 (128 + SIGINT); no traceback."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any):
         try:
@@ -72,6 +75,9 @@ def handle_errors(func: Callable) -> Callable:
         except LcrunError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
     return wrapper
 
 
@@ -100,9 +106,18 @@ def _positions_line(llm) -> str:
     return f"positions: true up to the trained window of {moves_at:,} tokens, window positions past it"
 
 
+def _need_text_model(config: LcrunConfig, command: str) -> None:
+    """run and chat take text: a synthetic model (random weights, no tokenizer) is refused before loading."""
+    from lcrun.runtime.synthetic import is_synthetic
+    config.resolve()  # bad settings first
+    if config.model is not None and is_synthetic(config.model):
+        raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot use it: "
+                         f"measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
+
+
 def load_llm(config: LcrunConfig):
     config.resolve()
-    from lcrun.api import LLM, TrainedWindowWarning
+    from lcrun.api import LLM, IgnoredSettingWarning, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
     if config.model is None:
@@ -111,7 +126,10 @@ def load_llm(config: LcrunConfig):
     info(f"context: {config.ctx_tokens} tokens ({config.ctx})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainedWindowWarning)  # shown below as one line
+        warnings.simplefilter("ignore", IgnoredSettingWarning)  # likewise
         llm = LLM(config=config)
+    if llm.settings_warning:
+        warn(llm.settings_warning)
     show_attention(llm.attention_choice)
     info(f"loaded {llm.model_config.arch} model, {llm.model_config.num_layers} layers, on {llm.device} "
          f"({str(llm.dtype).replace('torch.', '')})")
@@ -126,7 +144,11 @@ def main() -> None:
 
 
 def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
-    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    """The sampling flags, checked (SamplingParams) before any model is loaded."""
+    from lcrun.runtime.sampling import SamplingParams
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    SamplingParams.from_kwargs(**sampling)
+    return sampling
 
 
 CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows this; Ctrl+C stops a reply"
@@ -139,11 +161,13 @@ CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows
 @handle_errors
 def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
     """Chat with a model. Reads one message per line when stdin is not a terminal."""
-    llm = load_llm(config)
     sampling = _sampling(**sampling_kw)
+    _need_text_model(config, "chat")
+    llm = load_llm(config)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
+    failed = False  # piped: a message that could not be answered makes the exit code 1
     if interactive:
         info(CHAT_HELP)
     while True:
@@ -180,6 +204,7 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
             click.echo("\n(reply stopped)", err=True)
         except ContextOverflowError as exc:
             messages.pop()
+            failed = True
             click.secho(f"error: {exc}. Use /clear to start over.", fg="red", err=True)
             continue
         click.echo()
@@ -190,14 +215,16 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
         if interactive and stats.decode_s > 0:
             info(f"[{stats.new_tokens} tokens, {stats.new_tokens / stats.decode_s:.1f} tok/s; "
                  f"prompt {stats.prompt_tokens} tokens, {stats.reused_tokens} reused]")
+    if failed and not interactive:
+        sys.exit(1)
 
 
 @main.command()
 @config_options
 @sampling_options
 @click.option("--prompt", default=None, help="Prompt text.")
-@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Read the prompt from this file.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Read the prompt from this file (- reads standard input).")
 @click.option("--chat/--raw", "use_chat", default=True, show_default=True,
               help="Wrap the prompt in the chat template, or complete it as raw text.")
 @handle_errors
@@ -206,13 +233,12 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LcrunError(f"{prompt_file}: cannot read the prompt ({exc})") from None
+        prompt = _read_prompt(prompt_file)
+    sampling = _sampling(**sampling_kw)
+    _need_text_model(config, "run")
     llm = load_llm(config)
-    pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **_sampling(**sampling_kw))
-              if use_chat else llm.stream(prompt, progress=_prefill_bar(), **_sampling(**sampling_kw)))
+    pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
+              if use_chat else llm.stream(prompt, progress=_prefill_bar(), **sampling))
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -221,6 +247,16 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
     rate = f", {s.new_tokens / s.decode_s:.1f} tok/s" if s.decode_s > 0 else ""
     info(f"[prompt {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; {s.new_tokens} new tokens{rate}; "
          f"stopped: {s.finish_reason}]")
+
+
+def _read_prompt(path: Path) -> str:
+    """--prompt-file: a file's text, or standard input for ``-``."""
+    try:
+        if str(path) == "-":
+            return sys.stdin.read()
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LcrunError(f"{'standard input' if str(path) == '-' else path}: cannot read the prompt ({exc})") from None
 
 
 def _prefill_bar():
@@ -278,7 +314,7 @@ def plan(config: LcrunConfig, as_json: bool) -> None:
 
 @main.command()
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--kv-dir", default=None, help="Also measure the disk under this folder (writes 256 MiB).")
+@click.option("--kv-dir", default=None, help="Also measure the disk under this existing folder (writes 256 MiB, then removes it).")
 @handle_errors
 def calibrate(device: str, kv_dir: str | None) -> None:
     """Measure host->GPU, GPU memory and disk speeds once; `lcrun plan` uses them after."""
@@ -353,8 +389,8 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
 @config_options
 @click.option("--prompt-tokens", type=int, default=None,
               help="Tokens to prefill (random ids) before decoding; default: the context less the decode steps.")
-@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Prefill this text instead of random ids (models with a tokenizer).")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
+              help="Prefill this text instead of random ids (models with a tokenizer; - reads standard input).")
 @click.option("--steps", type=int, default=8, show_default=True, help="Decode steps under the profiler.")
 @click.option("--timed-steps", type=int, default=32, show_default=True,
               help="Decode steps timed without the profiler, as generation runs them.")
@@ -376,10 +412,7 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
         opts.check(config.ctx_tokens)  # fail before loading the model
     llm = load_llm(config)
     if prompt_file is not None:
-        try:
-            text = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LcrunError(f"{prompt_file}: cannot read the prompt ({exc})") from None
+        text = _read_prompt(prompt_file)
         if llm.tokenizer is None:
             raise LcrunError(f"{llm.model_spec} has no tokenizer: profile it on random ids (--prompt-tokens)")
         opts.prompt_ids = llm.tokenizer.encode(text)

@@ -107,7 +107,7 @@ class LcrunConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "LcrunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in cls.cli_fields()}  # the user's settings, not resolved values
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")

@@ -369,6 +369,7 @@ def test_calibrate_measures_disk_and_the_plan_uses_it(tmp_path, monkeypatch):
 
     from lcrun.cli import main
     monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "kv").mkdir()  # calibrate does not create a missing --kv-dir (tests/test_inputs.py)
     res = CliRunner().invoke(main, ["calibrate", "--device", "cpu", "--kv-dir", str(tmp_path / "kv")])
     assert res.exit_code == 0, res.output
     cal = Calibration.load(None)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lcrun.errors import LcrunError
 from lcrun.offload.host_pool import HostPagePool
 from lcrun.offload.nvme_store import NvmeStore
 from lcrun.planner import Calibration
@@ -75,6 +76,13 @@ def measure_disk(kv_dir: str, slots: int = 16384) -> tuple[float, float]:
 
 
 def calibrate(device: torch.device, kv_dir: str | None = None, path: Path | None = None) -> Calibration:
+    if kv_dir is not None:  # checked before measuring; a missing folder is not created (nor its parents)
+        folder = Path(kv_dir).expanduser()
+        if not folder.exists():
+            raise LcrunError(f"--kv-dir {kv_dir} does not exist: create it on the disk to measure, then run "
+                             "lcrun calibrate again")
+        if not folder.is_dir():
+            raise LcrunError(f"--kv-dir {kv_dir} is not a folder: give a folder on the disk to measure")
     gpu_name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else None
     cal = Calibration(gpu_name=gpu_name)
     if device.type == "cuda":

