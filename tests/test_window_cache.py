@@ -9,7 +9,7 @@ import torch
 from lcrun.runtime.kv_cache import DenseCache
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
-from lcrun.runtime.window_cache import FAR_POSITIONS, WindowTopKCache
+from lcrun.runtime.window_cache import WindowTopKCache
 
 CFG = ModelConfig(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=100.0)
