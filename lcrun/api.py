@@ -60,12 +60,11 @@ class IgnoredSettingWarning(UserWarning):
 
 def cpu_ignored_settings(config: LcrunConfig) -> str | None:
     """One line naming the settings a CPU run does not use (they size the GPU and the KV tiers that
-    offload from it), or None. --host-mem counts only with --attention dense or topk: with auto it
-    is the cap the CPU's choice is made under."""
+    offload from it), or None. --host-mem applies: it caps the CPU run's memory (check_host_memory)
+    and the auto attention choice."""
     flags = [f"--gpu-mem {config.gpu_mem}" if config.gpu_mem is not None else None,
              "--kv-dtype fp8" if config.kv_dtype == "fp8" else None,
-             f"--kv-dir {config.kv_dir}" if config.kv_dir is not None else None,
-             f"--host-mem {config.host_mem}" if config.host_mem is not None and config.attention != "auto" else None]
+             f"--kv-dir {config.kv_dir}" if config.kv_dir is not None else None]
     flags = [f for f in flags if f]
     if not flags:
         return None
@@ -133,6 +132,28 @@ def build_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.devic
     config = dataclasses.replace(config, attention=choice.attention)
     plan = choice.plan if device.type == "cuda" and config.attention == "topk" else None
     return make_cache(config, model_cfg, device, dtype, plan), choice, config
+
+
+def check_host_memory(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtype, positions: PositionRule) -> None:
+    """On the CPU the weights and the whole KV cache (top-k: and its page abstracts) live in RAM:
+    refuse, before allocating, what does not fit under --host-mem or, unset, the available memory."""
+    import psutil
+    elem = torch.tensor([], dtype=dtype).element_size()
+    ctx = config.ctx_tokens
+    kv = model_cfg.kv_bytes_per_token(elem) * ctx
+    if config.attention == "topk":  # min and max per page and KV head; a second set when positions may move
+        pages = -(-ctx // (config.page_size or DEFAULT_PAGE_SIZE))
+        sets = 2 if positions.may_move else 1
+        kv += 2 * sets * model_cfg.num_layers * model_cfg.num_kv_heads * pages * model_cfg.head_dim * elem
+    weights = model_cfg.num_parameters() * elem
+    cap = config.host_mem_bytes
+    room = cap if cap is not None else psutil.virtual_memory().available
+    if weights + kv > room:
+        where = f"the --host-mem cap of {format_bytes(cap)}" if cap is not None else \
+            f"the {format_bytes(room)} of memory available"
+        raise CapacityError(f"on the CPU the weights ({format_bytes(weights)}) and the KV cache for {ctx:,} tokens "
+                            f"({format_bytes(kv)}) need {format_bytes(weights + kv)}, more than {where}: "
+                            "lower --ctx or run on a GPU")
 
 
 def resolve_positions(config: LcrunConfig, model_cfg: ModelConfig) -> PositionRule:
@@ -253,6 +274,8 @@ class LLM:
         self.config = config
         self.plan = choice.plan if self.device.type == "cuda" else None
         self.positions = resolve_positions(config, model_cfg)  # when queries move to window positions
+        if self.device.type == "cpu":
+            check_host_memory(config, model_cfg, self.dtype, self.positions)
         try:
             if source is None:
                 self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)

@@ -204,13 +204,13 @@ def test_api_warns_about_gpu_settings_on_the_cpu():
     with pytest.warns(IgnoredSettingWarning, match=r"^--kv-dtype fp8 does not apply on the CPU"):
         llm = LLM("synthetic:tiny", ctx="1k", device="cpu", kv_dtype="fp8", progress=False)
     assert llm.settings_warning.startswith("--kv-dtype fp8 does not apply")
-    # --host-mem is the cap --attention auto chooses under on the CPU; with dense or topk it does nothing
-    with pytest.warns(IgnoredSettingWarning, match="--host-mem 1GiB does not apply"):
-        LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", attention="dense", progress=False)
+    # --host-mem caps a CPU run's memory (checked before allocating): it applies, with any attention
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error", IgnoredSettingWarning)
-        assert LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", progress=False).settings_warning is None
+        for attention in ("auto", "dense", "topk"):
+            llm = LLM("synthetic:tiny", ctx="1k", device="cpu", host_mem="1GiB", attention=attention, progress=False)
+            assert llm.settings_warning is None
 
 
 @needs_demo
@@ -240,3 +240,17 @@ def test_real_sigint_during_prefill_exits_130(tmp_path):
     assert proc.returncode == 130, "".join(seen) + err
     assert "Traceback" not in err and "Aborted" not in err
     assert "interrupted" in err
+
+
+# -- host memory on the CPU: checked before anything is allocated --------------------------------
+@needs_demo
+def test_a_context_over_host_memory_is_refused_before_allocating():
+    res = _run(["run", "--device", "cpu", "--ctx", "16M", "--prompt", "hi", "--max-new-tokens", "1"])
+    _one_line_error(res, "lower --ctx or run on a GPU")
+    with pytest.raises(LcrunError, match="--host-mem cap of 1.00 GiB"):
+        LLM(ctx="64k", device="cpu", host_mem="1GiB", attention="topk", progress=False)
+
+
+def test_a_model_over_host_memory_is_refused_before_allocating():
+    with pytest.raises(LcrunError, match=r"the weights \(.*\) and the KV cache for 8,192 tokens"):
+        LLM("synthetic:llama-3.1-8b", ctx="8k", device="cpu", host_mem="8GiB", progress=False)
