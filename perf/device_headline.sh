@@ -5,7 +5,7 @@
 #      --gpu-mem 24GiB, 8B synthetic shapes, 32K / 128K / 256K (past Llama 3.1's trained window);
 #   3. quality through the default path on the demo model (passkey 32K and 128K, --gpu-mem 1GiB so
 #      the KV pages live in pinned host memory).
-# Run from the repo root with the demo model at $LCRUN_DEMO_GGUF:  bash perf/device_headline.sh OUTDIR
+# Run from the repo root with the demo model at $LCRUN_DEMO_MODEL (also what the GPU tests read):  bash perf/device_headline.sh OUTDIR
 set -u -o pipefail
 out=${1:?usage: bash perf/device_headline.sh OUTDIR}
 mkdir -p "$out"
@@ -25,7 +25,7 @@ echo "${cmd[*]}" | tee -a "$log"
 timeout 270 "${cmd[@]}" 2>&1 | grep -v -i warn | tail -12 | tee -a "$log"
 
 step "quality: passkey 32K/128K through the default path, --gpu-mem 1GiB"
-timeout 120 python3 -m perf.eval_longctx --model "$LCRUN_DEMO_GGUF" --tasks passkey --lengths 32k,128k \
+timeout 120 python3 -m perf.eval_longctx --model "$LCRUN_DEMO_MODEL" --tasks passkey --lengths 32k,128k \
   --modes auto --trials 10 --gpu-mem 1GiB --time-limit 105 --out "$out/eval-h200-passkey-default-path.json" 2>&1 \
   | grep -v -i warn | tail -6 | tee -a "$log"
 step "done"
