@@ -128,11 +128,6 @@ class PagedTopKCache(AttentionCache):
             self._filled_pages = torch.arange(first, end, device=self.device, dtype=torch.int32)
             self._full_after_chunk = torch.tensor([end], device=self.device, dtype=torch.int32)
 
-    def _true_tokens(self, start: int, t: int) -> int:
-        """How many of the t queries from ``start`` keep true positions."""
-        window = self.positions.first_window_position()
-        return t if window is None else max(0, min(t, window - start))
-
     def _hierarchical(self, window_step: bool) -> bool:
         """Chunk abstracts follow the page-relative abstracts when positions may move."""
         return bool(self.chunk_pages) and (window_step or not self.positions.may_move)
@@ -218,7 +213,7 @@ class PagedTopKCache(AttentionCache):
             lo, hi = self._selection_abstracts(layer, self.positions.may_move)
             self.ops.update_chunk_abstracts(lo, hi, self.cmin[layer], self.cmax[layer], self._filled_pages,
                                             self._full_after_chunk, self.chunk_pages)
-        n_true = self._true_tokens(start, t)
+        n_true = self.positions.true_queries(start, t)
         outs = []
         if n_true:
             outs.append(self.ops.paged_prefill_attention(q[:n_true].contiguous(), k_pool, v_pool, table, start,

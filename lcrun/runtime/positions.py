@@ -60,8 +60,10 @@ class PositionRule:
         """Whether the query at token ``position`` uses window positions."""
         return self.trained_window is not None and position >= self.trained_window
 
-    def first_window_position(self) -> int | None:
-        return self.trained_window
+    def true_queries(self, start: int, n: int) -> int:
+        """How many of the n queries from token ``start`` keep their true positions."""
+        window = self.trained_window
+        return n if window is None else max(0, min(n, window - start))
 
 
 def decode_layout(bounds: torch.Tensor, page_size: int, out: torch.Tensor) -> None:

@@ -72,8 +72,7 @@ class LayerwisePrefill:
             self.selector.set_from_keys(layer, self._k, pos0 // P, pos0 + t)
         if self.positions.may_move:  # before attending: later pieces of this chunk select among its pages
             self.selector.add_relative(layer, k, self._positions[off:off + t])
-        window = self.positions.first_window_position()
-        n_true = t if window is None else max(0, min(t, window - pos0))
+        n_true = self.positions.true_queries(pos0, t)
         outs = []
         if n_true and self.sparse and pos0 > conf.budget:
             outs.append(self._sparse_chunk_attention(layer, q[:n_true].to(conf.dtype), pos0))
