@@ -137,9 +137,8 @@ class PagedTopKCache(AttentionCache):
             return self._prefill(layer, q, k, v)
         if self._window_step:
             k_pre = k
-            k = Rotary.apply(k, *self._key_cos_sin)
-            q_sel = Rotary.apply(q, *self._score_cos_sin)[0].contiguous()
-            q = Rotary.apply(q, *self._cos_sin)
+            q, k, q_sel = Rotary.apply_window(q, k, self._cos_sin, self._key_cos_sin, self._score_cos_sin)
+            q_sel = q_sel[0]
         else:
             k_pre = k
             q, k = Rotary.apply_qk(q, k, *self._cos_sin)

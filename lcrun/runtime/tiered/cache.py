@@ -160,9 +160,8 @@ class TieredTopKCache(AttentionCache):
         window = self.selector.window_step
         k_pre = k
         if window:
-            k = Rotary.apply(k, *self._key_cos_sin)
-            q_sel = Rotary.apply(q, *self._score_cos_sin)[0].contiguous()
-            q1 = Rotary.apply(q, *self._cos_sin)[0].contiguous()
+            q1, k, q_sel = Rotary.apply_window(q, k, self._cos_sin, self._key_cos_sin, self._score_cos_sin)
+            q1, q_sel = q1[0], q_sel[0]
         else:
             q, k = Rotary.apply_qk(q, k, *self._cos_sin)
             q1 = q_sel = q[0].contiguous()

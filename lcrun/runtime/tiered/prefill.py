@@ -43,6 +43,7 @@ class LayerwisePrefill:
         self.homes.settle_movers()
         self._positions, self._start, self._n, self._cos_sin = positions, start, positions.numel(), cos_sin
         self._done = [0] * self.conf.cfg.num_layers
+        self._last_query: list[torch.Tensor | None] = [None] * self.conf.cfg.num_layers
         cfg = self.conf.cfg
         shape, dtype = (cfg.num_kv_heads, self.conf.capacity, cfg.head_dim), self.conf.dtype
         self.pages.start_lending()
@@ -54,7 +55,17 @@ class LayerwisePrefill:
         self._k, self._v = k, v
 
     def end(self) -> None:
+        """The staging area is released, and the emptied GPU page cache is filled with the pages the
+        next decode steps most likely attend (``PageSelector.warm_scores``): otherwise the first
+        steps after every prompt would fetch almost every page they select over PCIe."""
         self._k = self._v = None
+        if any(q is None for q in self._last_query):
+            return  # an unfinished prefill
+        end = self._start + self._n
+        for layer, q_last in enumerate(self._last_query):
+            scores = self.selector.warm_scores(layer, q_last, end)
+            self.stats.prefill_bytes_h2d += self.pages.fill(layer, self.selector.logical, scores)
+        self._last_query = [None] * self.conf.cfg.num_layers
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layer's next chunk: q (t, Hq, D), k/v (t, Hkv, D) pre-RoPE -> (t, Hq, D)."""
@@ -89,6 +100,7 @@ class LayerwisePrefill:
         self._done[layer] = off + t
         if off + t == self._n:
             self._finish_layer(layer, start, start + self._n)
+            self._last_query[layer] = q[-1].clone()  # not a view: it would keep the chunk alive
         return out
 
     def _sparse_chunk_attention(self, layer: int, q: torch.Tensor, pos0: int) -> torch.Tensor:

@@ -122,6 +122,19 @@ class PageSelector:
         update_relative_abstracts(k_pre.to(self.conf.dtype), positions, self.rotary.inv_freq, self.rel_min[layer],
                                   self.rel_max[layer], self.conf.page_size)
 
+    def warm_scores(self, layer: int, q_last: torch.Tensor, end: int) -> torch.Tensor:
+        """How much the GPU page cache should hold each page after a prefill of ``end`` tokens:
+        (Hkv, max_pages) fp32, the prompt's last query q_last (Hq, D) post-RoPE at its true position
+        against the true-position abstracts (pages it attends now are likely attended by the next
+        tokens), +inf for the sinks and the local window (attended every step), -inf past the end."""
+        P, dev = self.conf.page_size, self.conf.device
+        num_full = torch.tensor([end // P], device=dev, dtype=torch.int32)
+        scores = self.ops.score_pages(q_last.to(self.conf.dtype).contiguous(), self.kmin[layer], self.kmax[layer],
+                                      num_full, self.conf.group_score)
+        page = torch.arange(self.conf.max_pages, device=dev)
+        always = (page < -(-self.conf.sink_tokens // P)) | (page >= max(0, end - self.conf.window_tokens) // P)
+        return torch.where(always, float("inf"), scores).masked_fill(page >= -(-end // P), float("-inf"))
+
     def refresh_chunks(self, layer: int, first_page: int, end: int) -> None:
         """Hierarchical selection: the chunk abstracts of pages first_page .. ceil(end / P) - 1, with
         the pages full at ``end`` tokens counted."""
