@@ -146,6 +146,6 @@ if HAVE_TRITON:
     @jit
     def timer_after(dep):
         """%globaltimer (ns) read by each thread once its elements of ``dep`` (int32) are computed:
-        stage timestamps inside a kernel, for diagnostics (perf/diag_topk_timeline.py)."""
+        stage timestamps inside a kernel, for diagnostics (perf/diag/topk_timeline.py)."""
         return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=tl.int64,
                                          is_pure=False, pack=1)

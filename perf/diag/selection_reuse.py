@@ -12,27 +12,25 @@ fed the same text (prefill, then teacher-forced decode steps):
   slots too; the first step fills the cache and is not counted);
 - ``four_way_hit_rate``: a 4-way set-associative cache of that size (LRU inside a set).
 
-    python perf/diag_selection_reuse.py --prefill 6000 --steps 128 --out perf/results/diag-reuse.json
+    python -m perf.diag.selection_reuse --prefill 6000 --steps 128 --out perf/results/diag-reuse.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lcrun.api import make_cache  # noqa: E402
-from lcrun.profiling.meta import run_metadata  # noqa: E402
-from lcrun.runtime.build import random_model  # noqa: E402
-from lcrun.runtime.generate import Generator  # noqa: E402
-from lcrun.runtime.synthetic import synthetic_config  # noqa: E402
-from perf.eval_longctx import Evaluator, Mode, stdlib_docs_text  # noqa: E402
+from lcrun.api import make_cache
+from lcrun.profiling.meta import run_metadata
+from lcrun.runtime.build import random_model
+from lcrun.runtime.generate import Generator
+from lcrun.runtime.synthetic import synthetic_config
+from perf.eval_longctx import Evaluator, Mode, stdlib_docs_text
 
 CACHE_MULTIPLES = (1, 2, 4, 8, 16)
 

@@ -2,7 +2,7 @@
 codes on this GPU? Compares it and Triton's own cast with torch (CUDA and CPU) on 65,536 bf16
 values spread over 20 binades (ties are frequent: bf16 has 8 significant bits, e4m3 4).
 
-    python perf/diag_fp8_rounding.py --out perf/results/diag-h200-fp8-rounding.json
+    python -m perf.diag.fp8_rounding --out perf/results/diag-h200-fp8-rounding.json
 """
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lcrun.kernels.tiered import _to_e4m3  # noqa: E402
-from lcrun.profiling.meta import run_metadata  # noqa: E402
+from lcrun.kernels.tiered import _to_e4m3
+from lcrun.profiling.meta import run_metadata
 
 N = 1 << 16
 

@@ -2,7 +2,7 @@
 profile eager decode steps with the torch profiler and sum each kernel's device time per step;
 also time the same steps as the generator runs them (CUDA-graph replays where the cache allows).
 
-    python perf/kernel_breakdown.py --model synthetic:llama-3.1-8b --ctx 128k --gpu-mem 24GiB \
+    python -m perf.diag.kernel_breakdown --model synthetic:llama-3.1-8b --ctx 128k --gpu-mem 24GiB \
         --out perf/results/kernels-h100-128k.json
 
 The per-kernel table answers "which kernels to make faster"; `lcrun profile` gives the same
@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lcrun.api import LLM  # noqa: E402
-from lcrun.config import LcrunConfig  # noqa: E402
-from lcrun.profiling.bench import random_prompt, time_steps, warm_median  # noqa: E402
-from lcrun.profiling.meta import run_metadata  # noqa: E402
-from lcrun.profiling.trace import DEVICE_CATS, category  # noqa: E402
+from lcrun.api import LLM
+from lcrun.config import LcrunConfig
+from lcrun.profiling.bench import random_prompt, time_steps, warm_median
+from lcrun.profiling.meta import run_metadata
+from lcrun.profiling.trace import DEVICE_CATS, category
 
 
 def breakdown(llm: LLM, steps: int) -> dict:

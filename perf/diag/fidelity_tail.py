@@ -11,7 +11,7 @@ attention over {selected tokens} + {pseudo-tokens} per query head (query head h 
 Plain torch (the CPU path); the attention with the tail switched off is checked against the stock
 sparse_decode_attention at the start of every run.
 
-    python perf/diag_fidelity_tail.py --length 4000 --steps 256 --budgets 1024 \
+    python -m perf.diag.fidelity_tail --length 4000 --steps 256 --budgets 1024 \
         --offsets 0,4000,8000,12000 --variants quest,tail --out perf/results/diag-cpu-fidelity-tail-4k.json
 """
 from __future__ import annotations
@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lcrun.profiling.meta import run_metadata  # noqa: E402
-from lcrun.runtime.paged_cache import PagedTopKCache  # noqa: E402
-from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text  # noqa: E402
+from lcrun.profiling.meta import run_metadata
+from lcrun.runtime.paged_cache import PagedTopKCache
+from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text
 
 CHECK_CALLS = 64  # decode attention calls per cache compared against the stock kernel (tail off)
 

@@ -1,4 +1,4 @@
-"""One decode-attention layer at benchmark shapes and the operations perf/bench_attention.py times
+"""One decode-attention layer at benchmark shapes and the operations `python -m perf.attention` times
 on it, as the runtime runs them: plan, page scoring, top-k selection (fused, and the older
 torch.topk one), hierarchical selection, sparse attention, whole flat and hierarchical steps."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lcrun.kernels.score import score_pages
 from lcrun.kernels.select_kernels import assemble_selection, selection_bounds
 from lcrun.kernels.sparse_decode import sparse_decode_attention
 from lcrun.kernels.topk import select_top_pages
-from perf.attention_timing import device
+from perf.attention.timing import device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

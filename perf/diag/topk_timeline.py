@@ -1,6 +1,6 @@
 """Where the fused top-k's time goes inside a decode step: stage timestamps (%globaltimer) from
 every program of lcrun.kernels.topk, in a CUDA graph of L distinct layers (score -> top-k ->
-attend, as perf/attention_stack.py runs them), at Llama-3.1-8B attention shapes.
+attend, as perf.attention.stack runs them), at Llama-3.1-8B attention shapes.
 
 Stages (per program = one KV head): 0 start, 1 after the PDL wait (the score kernel is done),
 2 row loaded, 3 threshold, 4 kept pages counted, 5 compaction atomics returned, 6 scratch read
@@ -8,7 +8,7 @@ back, 7 ranked, 8 page table read. Reported: median over layers and replays of t
 program's time from stage 1 to each stage, the wait (0 -> 1), and from the top-k's last stage
 to the next layer's top-k going (attend + next score).
 
-    python perf/diag_topk_timeline.py --contexts 128k --out perf/results/diag-topk-timeline.json
+    python -m perf.diag.topk_timeline --contexts 128k --out perf/results/diag-topk-timeline.json
 
 (diag-h200-topk-timeline-variants.json compared kernel variants through switches since removed:
 "atomic" = the compaction by a global atomic counter with a 128 x 128 ranking, the kernel before
@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lcrun.kernels.topk import select_top_pages  # noqa: E402
-from lcrun.profiling.meta import run_metadata  # noqa: E402
-from lcrun.units import parse_tokens  # noqa: E402
-from perf.attention_layer import Layer, attend, folded_plan, score  # noqa: E402
-from perf.attention_timing import graph_of, time_ms  # noqa: E402
-from perf.bench_attention import parse_args  # noqa: E402
+from lcrun.kernels.topk import select_top_pages
+from lcrun.profiling.meta import run_metadata
+from lcrun.units import parse_tokens
+from perf.attention.layer import Layer, attend, folded_plan, score
+from perf.attention.timing import graph_of, time_ms
+from perf.attention.bench import parse_args
 
 STAGES = ["start", "PDL wait done", "row loaded", "threshold", "kept counted", "compacted", "scratch read",
           "ranked", "page table read"]

@@ -1,4 +1,4 @@
-"""--tune of perf/bench_attention.py: each score-kernel variant and top-k launch shape, checked
+"""--tune of `python -m perf.attention`: each score-kernel variant and top-k launch shape, checked
 against the reference path and timed alone (graph replay); then the best are picked."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import torch
 
 from lcrun.kernels.triton_support import next_pow2
-from perf.attention_layer import Layer, plan, rel_err, same_selection, score, select, select_old
-from perf.attention_timing import graph_of, time_ms
+from perf.attention.layer import Layer, plan, rel_err, same_selection, score, select, select_old
+from perf.attention.timing import graph_of, time_ms
 
 
 SCORE_VARIANTS = [  # kernel, block_pages, num_warps, programs per KV head, num_stages

@@ -1,4 +1,4 @@
-"""Timing helpers of perf/bench_attention.py: do_bench medians (wall clock without CUDA), CUDA-graph
+"""Timing helpers of `python -m perf.attention`: do_bench medians (wall clock without CUDA), CUDA-graph
 capture of a callable, achieved bandwidth, and the device-to-device copy rate (the ceiling)."""
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ import torch
 
 from lcrun.kernels.triton_support import pdl_override
 from lcrun.kernels.score import score_pages
-from perf.attention_layer import (Layer, attend, dense_call, flat_step_folded, folded_plan, hier_select, hier_step,
+from perf.attention.layer import (Layer, attend, dense_call, flat_step_folded, folded_plan, hier_select, hier_step,
                                   score, select)
-from perf.attention_timing import graph_of, time_ms
+from perf.attention.timing import graph_of, time_ms
 
 
 def stack_depth(context: int, args) -> int:

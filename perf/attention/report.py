@@ -1,4 +1,4 @@
-"""The run's environment record and the console tables of perf/bench_attention.py."""
+"""The run's environment record and the console tables of `python -m perf.attention`."""
 from __future__ import annotations
 
 import datetime

@@ -7,7 +7,7 @@ never tiers it), with a GPU page cache of ``--cache-slots`` per layer, so decode
 through admission from the host pool as on the GPU. Runs: "topk" (the on-device paged top-k
 cache, the reference point), "tiered" (model-dtype pages) and "tiered-fp8".
 
-    python perf/diag_fp8_pages.py --length 4000 --steps 512 --budgets 1024,2048 --offsets 0,8000 \
+    python -m perf.diag.fp8_pages --length 4000 --steps 512 --budgets 1024,2048 --offsets 0,8000 \
         --out perf/results/diag-cpu-fp8-pages-4k.json
 """
 from __future__ import annotations
@@ -20,12 +20,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lcrun.profiling.meta import run_metadata  # noqa: E402
-from lcrun.runtime.generate import Generator  # noqa: E402
-from lcrun.runtime.tiered import TieredTopKCache  # noqa: E402
-from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text  # noqa: E402
+from lcrun.profiling.meta import run_metadata
+from lcrun.runtime.generate import Generator
+from lcrun.runtime.tiered import TieredTopKCache
+from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text
 
 VARIANTS = {"topk": None, "tiered": "model", "tiered-fp8": torch.float8_e4m3fn}
 

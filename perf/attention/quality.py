@@ -1,4 +1,4 @@
-"""Selection quality of perf/bench_attention.py: how much of the attention the selected pages hold,
+"""Selection quality of `python -m perf.attention`: how much of the attention the selected pages hold,
 and how close the hierarchical variants come to flat selection (recall, attention mass, output
 error against dense attention)."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from perf.attention_layer import Layer, attend, folded_plan, hier_select, page_mask, plan, rel_err
+from perf.attention.layer import Layer, attend, folded_plan, hier_select, page_mask, plan, rel_err
 
 
 class DenseProbs:

@@ -8,7 +8,7 @@ set-associative, and fully associative LRU. Also the share of a step's top pages
 step selected. If the associative caches hit far more often, the cache's mapping is what to
 change; if not, the selections themselves change too much between steps (random weights).
 
-    python perf/diag_tiered_reuse.py --model synthetic:llama-3.1-8b --context 512k --steps 64 \
+    python -m perf.diag.tiered_reuse --model synthetic:llama-3.1-8b --context 512k --steps 64 \
         --gpu-mem 24GiB --host-mem 72GiB --kv-dir /tmp/kv --out $OUT/tiered-reuse-512k.json
 """
 from __future__ import annotations
@@ -19,20 +19,18 @@ os.environ.setdefault("LCRUN_CUDA_GRAPH", "0")  # before lcrun builds a decode s
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcrun.api import LLM  # noqa: E402
 from lcrun.config import LcrunConfig  # noqa: E402
 from lcrun.profiling.bench import random_prompt  # noqa: E402
 from lcrun.profiling.meta import run_metadata  # noqa: E402
 from lcrun.units import parse_tokens  # noqa: E402
-from perf.diag_selection_reuse import (SelectionRecorder, lru_hit_rate, overlap_with_previous_step,  # noqa: E402
+from perf.diag.selection_reuse import (SelectionRecorder, lru_hit_rate, overlap_with_previous_step,  # noqa: E402
                                        set_associative_hit_rate)
 
 

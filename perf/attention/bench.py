@@ -1,11 +1,11 @@
 """Decode attention for ONE layer: top-k page path (score + select + sparse attend) vs dense
 flash decoding over the whole context, at Llama-3.1-8B shapes.
 
-    python perf/bench_attention.py                      # H100: 32K, 128K, 512K, 1M
-    python perf/bench_attention.py --contexts 32k,128k --budget 4096 --page 64
-    python perf/bench_attention.py --smoke              # tiny shapes; CPU interpreter without CUDA
+    python -m perf.attention                      # H100: 32K, 128K, 512K, 1M
+    python -m perf.attention --contexts 32k,128k --budget 4096 --page 64
+    python -m perf.attention --smoke              # tiny shapes; CPU interpreter without CUDA
 
-    python perf/bench_attention.py --tune               # time kernel variants first, then benchmark the best
+    python -m perf.attention --tune               # time kernel variants first, then benchmark the best
 
 The sparse path is timed as the runtime runs it (fused top-k + assembly, lcrun.kernels.topk) and,
 beside it, with the previous torch.topk + assembly selection ("old").
@@ -16,12 +16,11 @@ bandwidth = bytes the kernel must read / time; the device-to-device copy bandwid
 (bytes read + written) is the practical ceiling. Correctness is checked first; a mismatch aborts.
 
 Per-layer times inside a decode step's graph (L distinct layers back to back, with and without
-programmatic dependent launch, and the first stages alone) come from attention_stack.
+programmatic dependent launch, and the first stages alone) come from perf.attention.stack.
 
-Beside this entry point: the layer and the operations timed (attention_layer), timing helpers
-(attention_timing), selection quality (attention_quality), --tune (attention_tune), tables and the
-run's environment (attention_report), and the predictions and measurements of each round of
-kernel work that go into the results JSON (attention_history).
+Beside this module: the layer and the operations timed (layer), timing helpers (timing), selection
+quality (quality), --tune (tune), tables and the run's environment (report). What each round of
+kernel work predicted and gave is condensed in docs/history.md.
 """
 from __future__ import annotations
 
@@ -29,34 +28,26 @@ import argparse
 import datetime
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-SMOKE = "--smoke" in sys.argv
-if SMOKE and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lcrun.kernels import reference, select_with_plan  # noqa: E402
-from lcrun.kernels.abstracts import update_abstracts  # noqa: E402
-from lcrun.kernels.chunk_abstracts import update_chunk_abstracts  # noqa: E402
-from lcrun.kernels.score import score_pages  # noqa: E402
-from lcrun.kernels.sparse_decode import decode_splits  # noqa: E402
-from lcrun.units import parse_tokens  # noqa: E402
-from perf.attention_history import NOTES, PREDICTIONS  # noqa: E402
-from perf.attention_layer import (DTYPES, Layer, attend, dense_call, dense_names, flat_step_folded,  # noqa: E402
+from lcrun.kernels import reference, select_with_plan
+from lcrun.kernels.abstracts import update_abstracts
+from lcrun.kernels.chunk_abstracts import update_chunk_abstracts
+from lcrun.kernels.score import score_pages
+from lcrun.kernels.sparse_decode import decode_splits
+from lcrun.units import parse_tokens
+from perf.attention.layer import (DTYPES, Layer, attend, dense_call, dense_names, flat_step_folded,
                                   folded_plan, hier_select, hier_step, page_mask, plan, rel_err, same_selection,
                                   score, select, select_old, sparse_step)
-from perf.attention_quality import DenseProbs, quality  # noqa: E402
-from perf.attention_report import environment, print_table  # noqa: E402
-from perf.attention_stack import bench_stack, print_stack  # noqa: E402
-from perf.attention_timing import copy_bandwidth, graph_of, time_ms, with_bandwidth  # noqa: E402
-from perf.attention_tune import tune  # noqa: E402
+from perf.attention.quality import DenseProbs, quality
+from perf.attention.report import environment, print_table
+from perf.attention.stack import bench_stack, print_stack
+from perf.attention.timing import copy_bandwidth, graph_of, time_ms, with_bandwidth
+from perf.attention.tune import tune
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,7 +89,7 @@ def parse_args() -> argparse.Namespace:
                     help="per-layer times in a graph of distinct layers: GiB of pools for the stack (0: skip)")
     ap.add_argument("--stack-hier", default="32x16,32x32",
                     help="CPxTOP hierarchical variants timed in the stack")
-    ap.add_argument("--out", default=None, help="JSON path (default perf/results/bench_attention-<gpu>-<date>.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default perf/results/attention-<gpu>-<date>.json)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, few reps (CPU interpreter without CUDA)")
     args = ap.parse_args()
     if args.smoke:
@@ -311,6 +302,7 @@ def main() -> None:
     contexts = [parse_tokens(c.strip()) for c in args.contexts.split(",") if c.strip()]
     assert args.hq % args.hkv == 0
     env = environment(args.git_commit)
+    command = " ".join(["python -m perf.attention", *sys.argv[1:]])
     print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | commit {env['git_commit'][:12]}")
     tuning = None
     if args.tune:
@@ -326,15 +318,15 @@ def main() -> None:
     copy_bw = copy_bandwidth(args)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" /
-        f"bench_attention-{re.sub(r'[^a-z0-9]+', '-', env['gpu'].lower()).strip('-')}-{datetime.date.today()}.json")
+        Path(__file__).resolve().parents[1] / "results" /
+        f"attention-{re.sub(r'[^a-z0-9]+', '-', env['gpu'].lower()).strip('-')}-{datetime.date.today()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for context in contexts:
         print(f"context {context} ...", flush=True)
         results.append(bench_context(context, args))
         # Written after every context, so a run stopped by a time limit keeps what it measured.
-        report = {**env, "settings": settings, "predictions": PREDICTIONS, "notes": NOTES, "copy_bandwidth": copy_bw,
+        report = {**env, "command": command, "settings": settings, "copy_bandwidth": copy_bw,
                   "tuning": tuning, "results": results}
         out.write_text(json.dumps(report, indent=2))
     print_table(results, copy_bw)

@@ -5,26 +5,24 @@ ranks each candidate page by the attention mass the real query puts on it (softm
 context, max over the GQA group): the best any page selection can do inside the same budget.
 If the oracle is far better, the scores are what to fix; if not, the budget is.
 
-    python perf/diag_fidelity_oracle.py --length 4000 --steps 256 --budgets 1024,2048 \
+    python -m perf.diag.fidelity_oracle --length 4000 --steps 256 --budgets 1024,2048 \
         --out perf/results/diag-fidelity-oracle-4k.json
-    python perf/diag_fidelity_oracle.py --length 8000 --steps 512 --offsets 0,8000 --page-size 16 \
+    python -m perf.diag.fidelity_oracle --length 8000 --steps 512 --offsets 0,8000 --page-size 16 \
         --out perf/results/diag-fidelity-oracle-8k-page16.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lcrun.profiling.meta import run_metadata  # noqa: E402
-from lcrun.runtime.paged_cache import PagedTopKCache  # noqa: E402
-from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text  # noqa: E402
+from lcrun.profiling.meta import run_metadata
+from lcrun.runtime.paged_cache import PagedTopKCache
+from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text
 
 
 class OracleOps:
