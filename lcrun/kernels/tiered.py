@@ -296,7 +296,7 @@ def _to_e4m3(x, code_max: tl.constexpr):
     in fp32 first (adding and subtracting 1.5 * 2^(23 + s) rounds to a multiple of the grid step
     2^s; subnormals have step 2^-9), so the cast only meets representable values: the interpreter's
     own fp8 cast mis-rounds some values (7.9 -> 4); the GPU's hardware cast agrees with torch on
-    every value (perf/diag_fp8_rounding.py), and so does this."""
+    every value (perf/diag/fp8_rounding.py), and so does this."""
     size = tl.abs(x)
     biased = (size.to(tl.int32, bitcast=True) >> 23) & 0xFF
     step_exp = tl.maximum(biased - 127, -6) - 3

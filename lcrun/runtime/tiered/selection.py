@@ -22,7 +22,7 @@ from lcrun.runtime.tiered.config import TierConfig
 class PageSelector:
     """kmin, kmax (and rel_min, rel_max when positions may move): (L, Hkv, max_pages, D) model
     dtype; cmin, cmax: chunk abstracts (chunk_abstracts_like) when ``chunk_pages``. ``ops`` (the
-    page kernels) may be replaced, e.g. by a recording wrapper (perf/diag_tiered_reuse.py)."""
+    page kernels) may be replaced, e.g. by a recording wrapper (perf/diag/tiered_reuse.py)."""
 
     def __init__(self, conf: TierConfig, ops: KernelBackend, rotary: Rotary, positions: PositionRule,
                  chunk_pages: int, top_chunks: int):
