@@ -23,6 +23,7 @@ from lcrun.runtime.loading import default_model, open_source
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.positions import PositionRule
 from lcrun.runtime.sampling import SamplingParams
+from lcrun.runtime.stop_text import StopText
 from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
 from lcrun.units import format_bytes
@@ -300,21 +301,40 @@ class LLM:
         return self.tokenizer
 
     def stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None, **sampling: Any) -> Iterator[int]:
-        params = SamplingParams.from_kwargs(**{"seed": self.config.seed, **sampling})
+        params = self._sampling(sampling)
+        if params.stop:
+            raise ConfigError("stop strings apply to text: use LLM.stream or LLM.chat_stream (stream_ids yields "
+                              "token ids)")
+        return self._stream_ids(prompt_ids, progress, params)
+
+    def _sampling(self, sampling: dict[str, Any]) -> SamplingParams:
+        return SamplingParams.from_kwargs(**{"seed": self.config.seed, **sampling})
+
+    def _stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None, params: SamplingParams) -> Iterator[int]:
         if len(prompt_ids) == 0:
             raise LcrunError("the prompt is empty: give some text to continue")
         stop = self.tokenizer.stop_ids if self.tokenizer else set()
         return self.generator.stream(list(prompt_ids), params, stop, progress)
 
     def _stream_text(self, ids: list[int], progress: ProgressFn | None, sampling: dict) -> Iterator[str]:
+        params = self._sampling(sampling)
         decoder = StreamDecoder(self._need_tokenizer())
-        for token in self.stream_ids(ids, progress, **sampling):
-            piece = decoder.push(token)
+        stopper = StopText(params.stop)
+        tokens = self._stream_ids(ids, progress, params)
+        for token in tokens:
+            piece = stopper.push(decoder.push(token))
             if piece:
                 yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+            if stopper.stopped:
+                tokens.close()  # no more decoding; the cache holds exactly the tokens before this one
+                break
+        else:
+            tail = stopper.push(decoder.flush())
+            tail += stopper.flush()
+            if tail:
+                yield tail
+        if stopper.stopped:
+            self.last_stats.finish_reason = "stop"
 
     # -- text level --------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:

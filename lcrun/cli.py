@@ -57,6 +57,14 @@ def sampling_options(func: Callable) -> Callable:
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
         click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest; 0 = off."),
+        click.option("--stop", multiple=True, metavar="TEXT",
+                     help="End the reply before this text (repeatable); the text itself is not printed."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+                     help="Discourage tokens already in the prompt or reply (above 1 = less repetition; 1 = off)."),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtract from tokens already in the reply, -2 to 2 (0 = off)."),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtract per earlier use in the reply, -2 to 2 (0 = off)."),
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -143,10 +151,9 @@ def main() -> None:
     """lcrun: long-context LLM inference on one consumer GPU."""
 
 
-def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
-    """The sampling flags, checked (SamplingParams) before any model is loaded."""
+def _sampling(**sampling: Any) -> dict[str, Any]:
+    """The sampling flags (sampling_options), checked (SamplingParams) before any model is loaded."""
     from lcrun.runtime.sampling import SamplingParams
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     SamplingParams.from_kwargs(**sampling)
     return sampling
 

@@ -39,6 +39,10 @@ def demo_llm():
     ("--top-k", "-1", "--top-k must be a whole number, 0 (off) or more, got -1"),
     ("--max-new-tokens", "0", "--max-new-tokens must be a whole number of at least 1, got 0"),
     ("--max-new-tokens", "-1", "--max-new-tokens must be a whole number of at least 1, got -1"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be above 0 (1 = off), got 0.0"),
+    ("--presence-penalty", "3", "--presence-penalty must be between -2 and 2 (0 = off), got 3.0"),
+    ("--frequency-penalty", "-2.5", "--frequency-penalty must be between -2 and 2 (0 = off), got -2.5"),
+    ("--stop", "", "--stop strings must not be empty"),
 ])
 @pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["chat"]])
 def test_cli_sampling_out_of_range_is_one_line_error(command, flag, value, text):
@@ -77,6 +81,27 @@ def test_api_rejects_bad_sampling_before_generating():
 def test_chat_unknown_sampling_setting_is_a_config_error(demo_llm):
     with pytest.raises(ConfigError, match=r"unknown sampling setting\(s\): bogus; known: max_new_tokens"):
         demo_llm.chat([{"role": "user", "content": "Hi"}], bogus=1)
+
+
+@needs_demo
+def test_cli_stop_string_ends_the_reply_before_it():
+    args = ["run", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "12", "--ctx", "1k"]
+    full = _run(args)
+    assert full.exit_code == 0 and "stopped: length" in full.stderr, full.output
+    text = full.stdout.rstrip("\n")
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    res = _run([*args, "--stop", "never appears", "--stop", stop])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == text[:text.index(stop)] + "\n"
+    assert "stopped: stop" in res.stderr
+
+
+@needs_demo
+def test_cli_repetition_penalty_changes_a_looping_reply():
+    args = ["run", "--raw", "--prompt", "one two one two one two one two", "--max-new-tokens", "12", "--ctx", "1k"]
+    plain, penalised = _run(args), _run([*args, "--repetition-penalty", "1.5", "--frequency-penalty", "1"])
+    assert plain.exit_code == penalised.exit_code == 0
+    assert plain.stdout != penalised.stdout
 
 
 # -- an empty prompt ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    finish_reason: str = ""  # "stop", "length" (max_new_tokens) or "context" (context full)
+    finish_reason: str = ""  # "stop" (stop token or string), "length" (max_new_tokens) or "context" (context full)
 
 
 class Generator:
@@ -101,7 +101,7 @@ class Generator:
         import time
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, progress)
-        sampler = Sampler(params, self.model.device)
+        sampler = Sampler(params, self.model.device, prompt_ids)
         stats = self.last_stats
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()
