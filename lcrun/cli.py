@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from lcrun.config import LcrunConfig
+from lcrun.config import DEFAULT_MAX_NEW_TOKENS, LcrunConfig
 from lcrun.errors import ContextOverflowError, LcrunError
 
 
@@ -53,7 +53,7 @@ def _int_choice(name: str, func: Callable) -> Callable:
 
 def sampling_options(func: Callable) -> Callable:
     options = [
-        click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Most tokens per reply."),
+        click.option("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, show_default=True, help="Most tokens per reply."),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
         click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest; 0 = off."),
@@ -219,7 +219,8 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
         stats = llm.last_stats
         if stats.finish_reason == "context":
             info("(the context is full: /clear to start over, or restart with a larger --ctx)")
-        if interactive and stats.decode_s > 0:
+        _note_cut(stats, sampling["max_new_tokens"])
+        if stats.decode_s > 0:
             info(f"[{stats.new_tokens} tokens, {stats.new_tokens / stats.decode_s:.1f} tok/s; "
                  f"prompt {stats.prompt_tokens} tokens, {stats.reused_tokens} reused]")
     if failed and not interactive:
@@ -251,9 +252,16 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
         sys.stdout.flush()
     click.echo()
     s = llm.last_stats
+    _note_cut(s, sampling["max_new_tokens"])
     rate = f", {s.new_tokens / s.decode_s:.1f} tok/s" if s.decode_s > 0 else ""
     info(f"[prompt {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; {s.new_tokens} new tokens{rate}; "
          f"stopped: {s.finish_reason}]")
+
+
+def _note_cut(stats, max_new_tokens: int) -> None:
+    """One line on stderr when a reply ended at the token limit rather than where the model stopped."""
+    if stats.finish_reason == "length":
+        info(f"(reply cut at --max-new-tokens {max_new_tokens}: raise it for a longer reply)")
 
 
 def _read_prompt(path: Path) -> str:

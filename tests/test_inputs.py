@@ -279,3 +279,32 @@ def test_a_context_over_host_memory_is_refused_before_allocating():
 def test_a_model_over_host_memory_is_refused_before_allocating():
     with pytest.raises(LcrunError, match=r"the weights \(.*\) and the KV cache for 8,192 tokens"):
         LLM("synthetic:llama-3.1-8b", ctx="8k", device="cpu", host_mem="8GiB", progress=False)
+
+
+# -- one max_new_tokens default; a reply cut by it says so -----------------------------------------
+def test_one_max_new_tokens_default_for_cli_and_api():
+    from lcrun.config import DEFAULT_MAX_NEW_TOKENS
+    assert SamplingParams().max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    for name in ("run", "chat"):
+        option = next(p for p in main.commands[name].params if p.name == "max_new_tokens")
+        assert option.default == DEFAULT_MAX_NEW_TOKENS
+
+
+@needs_demo
+def test_run_says_when_the_reply_was_cut():
+    res = _run(["run", "--raw", "--prompt", "Once upon a time", "--max-new-tokens", "3", "--ctx", "1k"])
+    assert res.exit_code == 0, res.output
+    assert "(reply cut at --max-new-tokens 3: raise it for a longer reply)" in res.stderr
+    assert "reply cut" not in res.stdout
+
+
+@needs_demo
+def test_piped_chat_says_when_a_reply_was_cut_and_prints_stats():
+    res = _run(["chat", "--ctx", "1k", "--max-new-tokens", "3"], "Tell me a long story.\nSay hi.\n")
+    assert res.exit_code == 0, res.output
+    cut = [line for line in res.stderr.splitlines() if "reply cut at --max-new-tokens 3" in line]
+    stats = [line for line in res.stderr.splitlines() if line.startswith("[") and "tok/s" in line]
+    assert len(cut) == 2 and len(stats) == 2, res.stderr
+    assert "tok/s" not in res.stdout
+    full = _run(["chat", "--ctx", "1k", "--max-new-tokens", "200"], "Say hi.\n")
+    assert full.exit_code == 0 and "reply cut" not in full.stderr, full.output

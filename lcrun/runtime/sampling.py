@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lcrun.config import DEFAULT_MAX_NEW_TOKENS
 from lcrun.errors import ConfigError
 from lcrun.profiling.ranges import named_range
 
@@ -16,7 +17,7 @@ from lcrun.profiling.ranges import named_range
 @dataclass
 class SamplingParams:
     """Sampling settings, checked here once for the CLI and the API alike."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0   # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0             # 0 = no top-k filter
