@@ -15,6 +15,7 @@ import torch
 
 from lcrun.config import DEFAULT_PAGE_SIZE, LcrunConfig
 from lcrun.errors import CapacityError, ConfigError, LcrunError
+from lcrun.progress import progress_bar
 from lcrun.runtime.build import load_model, random_model
 from lcrun.runtime.chat_template import render_chat
 from lcrun.runtime.generate import Generator, ProgressFn
@@ -282,7 +283,8 @@ class LLM:
                 self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)
             else:
                 self.tokenizer = source.tokenizer()
-                self.model = load_model(source, self.device, self.dtype, progress=progress)
+                self.model = load_model(source, self.device, self.dtype,
+                                        progress=progress_bar("loading", "layer") if progress else None)
             self.cache = make_cache(config, self.model.cfg, self.device, self.dtype,
                                     self.plan if config.attention == "topk" else None)
         except torch.cuda.OutOfMemoryError as exc:

@@ -158,6 +158,7 @@ def _sampling(**sampling: Any) -> dict[str, Any]:
     return sampling
 
 
+PREFILL_BAR_MIN_TOKENS = 1024  # shorter prefills take about a second on a CPU: no bar
 CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows this; Ctrl+C stops a reply"
 
 
@@ -203,7 +204,7 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
         messages.append({"role": "user", "content": line})
         reply = []
         try:
-            for piece in llm.chat_stream(messages, **sampling):
+            for piece in llm.chat_stream(messages, progress=_prefill_bar(), **sampling):
                 reply.append(piece)
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
@@ -275,19 +276,9 @@ def _read_prompt(path: Path) -> str:
 
 
 def _prefill_bar():
-    """A tqdm bar for prefills long enough to wait for; tokens/s and time left come with it."""
-    from tqdm import tqdm
-    state: dict[str, Any] = {}
-
-    def progress(done: int, total: int) -> None:
-        if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc="prefill", unit="tok", leave=False, file=sys.stderr,
-                                disable=total < 4096)
-        bar = state["bar"]
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-    return progress
+    """Prefill progress from the first chunk, for prefills long enough to wait for."""
+    from lcrun.progress import progress_bar
+    return progress_bar("prefill", "tok", min_total=PREFILL_BAR_MIN_TOKENS)
 
 
 def plan_choice(config: LcrunConfig):

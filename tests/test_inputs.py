@@ -308,3 +308,41 @@ def test_piped_chat_says_when_a_reply_was_cut_and_prints_stats():
     assert "tok/s" not in res.stdout
     full = _run(["chat", "--ctx", "1k", "--max-new-tokens", "200"], "Say hi.\n")
     assert full.exit_code == 0 and "reply cut" not in full.stderr, full.output
+
+
+# -- progress from the first prefill token, and while loading weights ------------------------------
+@needs_demo
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_progress_bar_counts_every_chunk_from_the_first(monkeypatch, command):
+    import re
+    import time
+
+    from lcrun.runtime.model import LlamaModel
+    monkeypatch.setattr("lcrun.progress.stderr_is_terminal", lambda: True)
+    forward = LlamaModel.forward
+
+    def slow_forward(self, *args, **kwargs):  # a slow model: each chunk takes a while
+        time.sleep(0.05)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(LlamaModel, "forward", slow_forward)
+    prompt = "word " * 1300
+    args = ["--ctx", "2k", "--prefill-chunk", "256", "--max-new-tokens", "1"]
+    res = (_run(["run", "--raw", "--prompt", prompt, *args]) if command == "run"
+           else _run(["chat", *args], stdin=prompt + "\n"))
+    assert res.exit_code == 0, res.output
+    totals = {int(t) for t in re.findall(r"prefill:.*?\| *\d+/(\d+) ", res.stderr)}
+    assert len(totals) == 1, res.stderr
+    total = totals.pop()
+    assert total > 1300  # every token of the prompt, the first chunk's included
+    shown = [int(n) for n in re.findall(rf"prefill:.*?\| *(\d+)/{total} ", res.stderr)]
+    steps = list(dict.fromkeys(shown))
+    assert steps[:3] == [0, 256, 512] and steps[-1] == total, shown  # up before the first chunk, which it counts
+    assert re.search(r"loading:.*\| *0/30 ", res.stderr) and re.search(r"loading:.*\| *30/30 ", res.stderr)
+
+
+def test_api_progress_callback_starts_at_zero_and_counts_all_tokens():
+    llm = LLM("synthetic:tiny", ctx="1k", prefill_chunk=64, progress=False)
+    calls = []
+    list(llm.stream_ids(list(range(1, 201)), progress=lambda done, total: calls.append((done, total)),
+                        max_new_tokens=1))
+    assert calls == [(0, 200), (64, 200), (128, 200), (192, 200), (200, 200)]

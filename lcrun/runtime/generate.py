@@ -16,7 +16,9 @@ from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model import LlamaModel
 from lcrun.runtime.sampling import Sampler, SamplingParams
 
-ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
+# (tokens done, tokens total); called with done = 0 before the work starts, so a bar shows from
+# the start and its rate and time left count all of it
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Generator:
         # own selection, as every decode step has (window passkey at 2K: wrong -> right).
         last_alone = self.cache.shares_prefill_selection(len(ids)) and todo.numel() > 1
         body = todo[:-1] if last_alone else todo
+        if progress is not None:
+            progress(0, todo.numel())
         if self.cache.layerwise_prefill and body.numel() > 0:
             logits = self.model.forward_layerwise(body, self.cache, self.prefill_chunk, progress)
             self.cached_ids.extend(ids[common:common + body.numel()])
