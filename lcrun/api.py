@@ -18,7 +18,7 @@ from lcrun.errors import CapacityError, ConfigError, LcrunError
 from lcrun.progress import progress_bar
 from lcrun.runtime.build import load_model, random_model
 from lcrun.runtime.chat_template import render_chat
-from lcrun.runtime.generate import Generator, ProgressFn
+from lcrun.runtime.generate import GenerationStats, Generator, ProgressFn
 from lcrun.runtime.kv_cache import AttentionCache, DenseCache
 from lcrun.runtime.loading import default_model, open_source
 from lcrun.runtime.model_config import ModelConfig
@@ -291,10 +291,30 @@ class LLM:
             raise CapacityError(f"out of GPU memory while loading ({str(exc).splitlines()[0]}): "
                                 "lower --ctx or free the GPU") from None
         self.generator = Generator(self.model, self.cache, config.prefill_chunk)
+        self.model_config: ModelConfig = self.model.cfg
+        self.closed = False
 
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.model.cfg
+    def close(self) -> None:
+        """Release the weights and the KV cache: GPU memory, pinned host pools and the KV folder
+        under --kv-dir. Closing twice is fine; a closed LLM refuses to generate."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cache.close()
+        del self.generator, self.cache, self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back to the GPU, not only to torch's pool
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _live_generator(self) -> Generator:
+        if self.closed:
+            raise LcrunError("this LLM was closed (LLM.close or the end of its with block): make a new LLM")
+        return self.generator
 
     # -- token level -------------------------------------------------------------------------
     def _need_tokenizer(self) -> TextTokenizer:
@@ -316,7 +336,7 @@ class LLM:
         if len(prompt_ids) == 0:
             raise LcrunError("the prompt is empty: give some text to continue")
         stop = self.tokenizer.stop_ids if self.tokenizer else set()
-        return self.generator.stream(list(prompt_ids), params, stop, progress)
+        return self._live_generator().stream(list(prompt_ids), params, stop, progress)
 
     def _stream_text(self, ids: list[int], progress: ProgressFn | None, sampling: dict) -> Iterator[str]:
         params = self._sampling(sampling)
@@ -361,5 +381,5 @@ class LLM:
         return "".join(self.chat_stream(messages, **sampling))
 
     @property
-    def last_stats(self):
-        return self.generator.last_stats
+    def last_stats(self) -> GenerationStats:
+        return self._live_generator().last_stats

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -97,6 +98,20 @@ def warn(message: str) -> None:
     click.secho(f"warning: {message}", fg="yellow", err=True)
 
 
+class _LibraryLog(logging.Handler):
+    """The library's log records (lcrun.*) as the CLI's own lines: info in cyan, warnings in yellow."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        (info if record.levelno < logging.WARNING else warn)(record.getMessage())
+
+
+def _show_library_log() -> None:
+    logger = logging.getLogger("lcrun")
+    if not any(isinstance(h, _LibraryLog) for h in logger.handlers):
+        logger.addHandler(_LibraryLog())
+        logger.setLevel(logging.INFO)
+
+
 def show_attention(choice) -> None:
     """The resolved --attention and why, one line on stderr (and its warning, one more)."""
     info(choice.line())
@@ -149,6 +164,10 @@ def load_llm(config: LcrunConfig):
 @click.version_option(package_name="lcrun")
 def main() -> None:
     """lcrun: long-context LLM inference on one consumer GPU."""
+    from lcrun.exit_signals import exit_cleanly_on_signals, use_expandable_segments
+    use_expandable_segments()
+    exit_cleanly_on_signals()
+    _show_library_log()
 
 
 def _sampling(**sampling: Any) -> dict[str, Any]:

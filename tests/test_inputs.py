@@ -346,3 +346,43 @@ def test_api_progress_callback_starts_at_zero_and_counts_all_tokens():
     list(llm.stream_ids(list(range(1, 201)), progress=lambda done, total: calls.append((done, total)),
                         max_new_tokens=1))
     assert calls == [(0, 200), (64, 200), (128, 200), (192, 200), (200, 200)]
+
+
+# -- a library without side effects; LLM.close() --------------------------------------------------
+def test_importing_lcrun_changes_no_signal_handler_or_environment():
+    import os
+    import subprocess
+    import sys
+    child = ("import os, signal\n"
+             "sigs = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]\n"
+             "before = ({s: signal.getsignal(s) for s in sigs}, dict(os.environ))\n"
+             "import lcrun, lcrun.api, lcrun.cli, lcrun.offload.nvme_store, lcrun.offload.calibrate\n"
+             "from lcrun import LLM\n"
+             "after = ({s: signal.getsignal(s) for s in sigs}, dict(os.environ))\n"
+             "assert before == after, [k for k in set(before[1]) | set(after[1]) "
+             "if before[1].get(k) != after[1].get(k)] or 'signal handlers changed'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}  # the old import set it
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+def test_llm_close_and_context_manager():
+    with LLM("synthetic:tiny", ctx="1k", progress=False) as llm:
+        assert len(list(llm.stream_ids([1, 2, 3], max_new_tokens=2))) == 2
+    assert llm.closed
+    llm.close()  # twice is fine
+    with pytest.raises(LcrunError, match="this LLM was closed"):
+        llm.stream_ids([1, 2, 3])
+    with pytest.raises(LcrunError, match="this LLM was closed"):
+        llm.last_stats
+
+
+def test_the_cache_is_closed_with_its_llm(monkeypatch):
+    from lcrun.runtime.kv_cache import AttentionCache
+    closed = []
+    monkeypatch.setattr(AttentionCache, "close", lambda self: closed.append(type(self).__name__))
+    llm = LLM("synthetic:tiny", ctx="1k", attention="dense", progress=False)
+    llm.close()
+    assert closed == ["DenseCache"]  # once, though closed twice
+    llm.close()
+    assert closed == ["DenseCache"]
