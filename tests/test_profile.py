@@ -139,6 +139,7 @@ def test_profile_on_cpu_writes_an_offline_report(tmp_path):
               "--attention", "topk", "--budget", "512", "--sink-tokens", "32", "--window-tokens", "256",
               "--prefill-chunk", "512", "--device", "cpu", "--out-dir", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "USDT" not in res.stderr + res.stdout  # kineto's profiler_start/stop lines
     html = (out / "report.html").read_text()
     data = json.loads((out / "report.json").read_text())
 
@@ -386,3 +387,27 @@ def test_link_peaks_say_where_they_come_from(tmp_path):
     rows = {r["link"]: r for r in info["links"]}
     assert rows["DRAM"]["peak_source"] == "measured now" and info["floor_link"] == "DRAM"
     assert rows["host->GPU"]["peak_source"] == "not applicable" and rows["host->GPU"]["absent"]
+
+
+# -- kineto's USDT lines --------------------------------------------------------------------------
+
+def test_profile_on_cpu_prints_no_usdt_lines(tmp_path, capfd):
+    """kineto writes 'USDT: ... profiler_start/stop' to fd 2 from C++ at every start and stop."""
+    from lcrun.api import LLM
+    from lcrun.profiling.collect import ProfileOptions, run_profile
+    with LLM("synthetic:tiny", ctx=256, device="cpu", attention="dense", progress=False) as llm:
+        data = run_profile(llm, ProfileOptions(prompt_tokens=64, steps=2, timed_steps=2, measure_peaks=False),
+                           tmp_path)
+    assert len(data["decode"]["profiled_ms"]) == 2 and (tmp_path / data["trace"]).is_file()
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err and "profiler_st" not in out + err
+
+
+def test_profiler_passes_other_stderr_lines_on(capfd):
+    from lcrun.profiling.trace import _kineto_noise_dropped, profiling
+    with profiling([ProfilerActivity.CPU]) as prof:
+        torch.ones(4).sum()
+    assert "aten::sum" in {e.name for e in prof.events()}
+    with _kineto_noise_dropped():
+        os.write(2, b"USDT: dropped\nkept line\n")
+    assert capfd.readouterr().err == "kept line\n"

@@ -173,12 +173,12 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
 
 
 def _trace_steps(step: Callable[[], None], path: str) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from lcrun.profiling.ranges import named_range
-    from lcrun.profiling.trace import export_trace_gz, overlap_from_trace
+    from lcrun.profiling.trace import export_trace_gz, overlap_from_trace, profiling
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profiling(activities) as prof:
         for _ in range(3):
             with named_range("decode_step"):
                 step()

@@ -26,7 +26,7 @@ from lcrun.profiling import attribution, counters, links
 from lcrun.profiling.bench import WARMUP_STEPS, random_prompt, warm_median
 from lcrun.profiling.meta import run_metadata
 from lcrun.profiling.ranges import named_range
-from lcrun.profiling.trace import export_trace_gz
+from lcrun.profiling.trace import export_trace_gz, profiling
 
 TRACE_NAME = "trace.json.gz"
 Log = Callable[[str], None]
@@ -124,7 +124,7 @@ def _model_info(llm) -> dict:
 def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: None) -> dict:
     """Run the profiled generation on ``llm`` (fresh: nothing cached) and return its data; the
     Chrome trace is written to ``out_dir / TRACE_NAME``."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from lcrun.runtime.decode_graph import DecodeStepper
     from lcrun.runtime.sampling import Sampler, SamplingParams
@@ -161,7 +161,7 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
     log(f"profiling {opts.steps} eager decode steps")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     profiled: list[float] = []
-    with profile(activities=activities) as prof:
+    with profiling(activities) as prof:
         run_steps(eager, opts.steps, "profiled (eager)", profiled, profiled=True)
     trace = export_trace_gz(prof, out_dir / TRACE_NAME)
     del prof
