@@ -79,7 +79,7 @@ def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     from lcrun.planner import ModelSpec
     elem = torch.tensor([], dtype=dtype).element_size()
     return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
-                               kv_dtype_bytes=elem, name=model_cfg.name or str(config.model or default_model()),
+                               kv_dtype_bytes=elem, name=model_cfg.name,
                                offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
 
 

@@ -154,7 +154,7 @@ def load_llm(config: LcrunConfig):
     if llm.settings_warning:
         warn(llm.settings_warning)
     show_attention(llm.attention_choice)
-    info(f"loaded {llm.model_config.arch} model, {llm.model_config.num_layers} layers, on {llm.device} "
+    info(f"loaded {llm.model_config.name}, {llm.model_config.num_layers} layers, on {llm.device} "
          f"({str(llm.dtype).replace('torch.', '')})")
     info(_positions_line(llm))
     return llm

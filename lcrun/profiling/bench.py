@@ -338,7 +338,8 @@ def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
     called after every measurement, so a sweep stopped by a time limit keeps what it finished."""
     config.resolve()
     rows: list[dict] = []
-    doc = {"kind": "lcrun.bench", "meta": run_metadata(), "model": config.model, "settings": config.to_header(),
+    doc = {"kind": "lcrun.bench", "meta": run_metadata(), "model": config.model,
+           "model_name": _model_config(config).name, "settings": config.to_header(),
            "sweep": dataclasses.asdict(sweep), "warmup_steps": WARMUP_STEPS, "rows": rows, "ratios": []}
 
     def add(row: dict) -> None:

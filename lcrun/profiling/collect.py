@@ -93,15 +93,13 @@ def _prefill(llm, ids: list[int], log: Log) -> dict:
 
 def _plan_info(llm) -> dict:
     """The plan this run used, or (CPU, dense) the planner's plan for the same settings, marked so."""
-    from lcrun.planner import ModelSpec, format_plan, make_plan
+    from lcrun.api import planner_model
+    from lcrun.planner import format_plan, make_plan
     plan, used = llm.plan, True
     if plan is None:
         used = False
         try:
-            cfg, elem = llm.model_config, llm.dtype.itemsize
-            spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=cfg.num_parameters() * elem, kv_dtype_bytes=elem,
-                                       name=cfg.name or str(llm.model_spec),
-                                       offload_kv_dtype_bytes=llm.config.offload_kv_dtype_bytes)
+            spec = planner_model(llm.config, llm.model_config, llm.dtype)
             c = llm.config
             plan = make_plan(spec, c.ctx_tokens, links.hardware_for(llm), budget_tokens=c.budget,
                              sink_tokens=c.sink_tokens, window_tokens=c.window_tokens, attention=c.attention,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -75,6 +75,7 @@ class GGUFSource:
         self._raw = {t.name: t for t in self._reader.tensors}
         self._check_tensors()
         self.config = self._build_config()
+        self.stored = f"{self.quantization()} GGUF"
         self._tensors = {}
         for name, t in self._raw.items():
             hf = _hf_name(name)
@@ -148,6 +149,20 @@ class GGUFSource:
         return TextTokenizer(tok, self._meta("tokenizer.chat_template", None), bos, eos, stop, self.path)
 
     # -- internals -------------------------------------------------------------------------------
+
+    def quantization(self) -> str:
+        """The type llama.cpp names the file by (general.file_type: Q4_K_M, Q8_0, ...), else the
+        type that holds most of the weights."""
+        try:
+            kind = LlamaFileType(int(self._meta("general.file_type", -1))).name
+        except (TypeError, ValueError):
+            kind = "GUESSED"
+        if kind != "GUESSED":
+            return kind.removeprefix("MOSTLY_").removeprefix("ALL_")
+        elements: dict[str, int] = {}
+        for t in self._raw.values():
+            elements[t.tensor_type.name] = elements.get(t.tensor_type.name, 0) + int(t.n_elements)
+        return max(elements, key=elements.get)
 
     def _meta(self, key: str, default=_REQUIRED):
         field = self._fields.get(key)
@@ -226,7 +241,6 @@ class GGUFSource:
                 attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in self._raw,
                 bos_token_id=None if bos is None else int(bos),
                 eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
-                name=str(self._meta("general.name", "")),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelLoadError(

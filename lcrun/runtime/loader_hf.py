@@ -15,6 +15,7 @@ from lcrun.runtime.tokenizer import TextTokenizer
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 class HFFolderSource:
@@ -31,6 +32,8 @@ class HFFolderSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelLoadError(f"{cfg_path}: not valid JSON ({exc})") from None
         self.config = ModelConfig.from_hf(raw, source=str(cfg_path))
+        dtype = raw.get("torch_dtype") or raw.get("dtype")
+        self.stored = f"{_SHORT_DTYPES.get(dtype, dtype)} safetensors" if isinstance(dtype, str) else "safetensors"
         self._where = self._index_tensors()
         self._handles: dict[Path, object] = {}
 

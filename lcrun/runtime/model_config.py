@@ -1,10 +1,11 @@
 """Shape and hyper-parameters of a Llama-family decoder, read from HF config.json or GGUF metadata."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lcrun.errors import ModelLoadError, UnsupportedModelError
+from lcrun.units import format_count
 
 # model_type -> whether q/k/v projections carry a bias by default
 SUPPORTED_ARCHS = {"llama": False, "mistral": False, "qwen2": True}
@@ -35,7 +36,7 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    name: str = ""
+    name: str = ""  # how plans and reports name the model (named()); not the file's internal name
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -61,6 +62,11 @@ class ModelConfig:
         per_layer = attn + 3 * h * i + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
+
+    def named(self, shown: str, stored: str) -> "ModelConfig":
+        """This config named ``shown`` (what the user passed) with its architecture, size and
+        storage, e.g. ``SmolLM2-135M-Instruct (llama, 135M params, Q4_1 GGUF)``."""
+        return replace(self, name=f"{shown} ({self.arch}, {format_count(self.num_parameters())} params, {stored})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +116,6 @@ class ModelConfig:
                 sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-                name=str(cfg.get("_name_or_path", "")),
             )
         except KeyError as exc:
             raise ModelLoadError(f"{source}: required field {exc.args[0]!r} is missing") from None

@@ -13,10 +13,12 @@ class WeightSource(Protocol):
     """Tensors are named as in HF Llama checkpoints (``model.layers.0.self_attn.q_proj.weight``,
     ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``), shaped as in
     ``torch.nn.Linear`` ((out_features, in_features)) and returned on the CPU in the asked dtype.
-    Each call reads one tensor, so a large model never sits in RAM whole."""
+    Each call reads one tensor, so a large model never sits in RAM whole. ``config.name`` is set by
+    lcrun.runtime.loading.open_source, which knows what the user passed."""
 
     config: ModelConfig
     path: str
+    stored: str  # how the weights are stored, for people: "Q4_1 GGUF", "bf16 safetensors"
 
     def names(self) -> list[str]: ...
 
