@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from lcrun.config import DEFAULT_PAGE_SIZE, LcrunConfig
+from lcrun.config import LcrunConfig
 from lcrun.errors import CapacityError, ConfigError, LcrunError
 from lcrun.progress import progress_bar
 from lcrun.runtime.build import load_model, random_model
@@ -27,7 +27,7 @@ from lcrun.runtime.sampling import SamplingParams
 from lcrun.runtime.stop_text import StopText
 from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
-from lcrun.units import format_bytes
+from lcrun.units import format_bytes, short_dtype
 
 if TYPE_CHECKING:
     from lcrun.planner import AttentionChoice, Hardware, ModelSpec
@@ -79,7 +79,7 @@ def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     from lcrun.planner import ModelSpec
     elem = torch.tensor([], dtype=dtype).element_size()
     return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
-                               kv_dtype_bytes=elem, name=model_cfg.name,
+                               kv_dtype_bytes=elem, name=model_cfg.name, dtype=short_dtype(str(dtype)),
                                offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
 
 
@@ -117,13 +117,17 @@ def plan_run(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, 
     """The one place a run's plan is made (lcrun plan, run, chat, bench and LLM): --attention
     resolved (auto: see lcrun.planner.choose) and, on a GPU, the plan for it, from the same inputs
     (prefill chunk, calibration, page size, budget, KV dtype, positions). ``config`` must be
-    resolved. ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU and its plan on a CPU."""
+    resolved. ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU and its plan on a CPU, which
+    has the CPU run's page size (no plan chooses one there: make_cache)."""
     from lcrun.planner import choose_attention
-    return choose_attention(planner_model(config, model_cfg, dtype), config.ctx_tokens,
-                            planner_hardware(config, device, what_if=what_if), attention=config.attention,
-                            positions=config.positions, cpu_plan=cpu_plan, page_size=config.page_size,
+    hw = planner_hardware(config, device, what_if=what_if)
+    pages: dict[str, Any] = dict(page_size=config.page_size)
+    if not hw.on_gpu and config.page_size is None:
+        pages = dict(page_size=config.unplanned_page_size(), page_size_reason="the CPU run's (--page-size to change)")
+    return choose_attention(planner_model(config, model_cfg, dtype), config.ctx_tokens, hw,
+                            attention=config.attention, positions=config.positions, cpu_plan=cpu_plan,
                             budget_tokens=config.budget, sink_tokens=config.sink_tokens,
-                            window_tokens=config.window_tokens, prefill_chunk=config.prefill_chunk)
+                            window_tokens=config.window_tokens, prefill_chunk=config.prefill_chunk, **pages)
 
 
 def build_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device,
@@ -144,7 +148,7 @@ def check_host_memory(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.
     ctx = config.ctx_tokens
     kv = model_cfg.kv_bytes_per_token(elem) * ctx
     if config.attention == "topk":  # min and max per page and KV head; a second set when positions may move
-        pages = -(-ctx // (config.page_size or DEFAULT_PAGE_SIZE))
+        pages = -(-ctx // config.unplanned_page_size())
         sets = 2 if positions.may_move else 1
         kv += 2 * sets * model_cfg.num_layers * model_cfg.num_kv_heads * pages * model_cfg.head_dim * elem
     weights = model_cfg.num_parameters() * elem
@@ -219,7 +223,7 @@ def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                                kv_dtype=torch.float8_e4m3fn if config.kv_dtype == "fp8" else None, **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
     # The plan's page size (the one its memory accounting used) when there is a plan.
-    page_size = plan.page_size if plan is not None else config.page_size or DEFAULT_PAGE_SIZE
+    page_size = plan.page_size if plan is not None else config.unplanned_page_size()
     # Hierarchical selection (chunk abstracts) for long caches, flat below (auto_chunk_pages).
     return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,

@@ -63,6 +63,10 @@ class LcrunConfig:
     # Resolved values, filled by resolve().
     ctx_tokens: int = field(default=0, metadata={"cli": False})
 
+    def unplanned_page_size(self) -> int:
+        """The KV page size where no plan chooses one (a CPU run): --page-size, else DEFAULT_PAGE_SIZE."""
+        return self.page_size or DEFAULT_PAGE_SIZE
+
     def resolve(self) -> "LcrunConfig":
         """Validate and normalise; returns self for chaining."""
         self.ctx_tokens = parse_tokens(self.ctx)
@@ -79,7 +83,7 @@ class LcrunConfig:
             raise ConfigError("--positions window needs --attention topk (dense attention attends to every "
                               "token, so there is no window to place them in)")
         if self.attention in ("topk", "auto"):  # auto may pick top-k: its settings must make sense
-            if self.budget < self.sink_tokens + self.window_tokens + (self.page_size or DEFAULT_PAGE_SIZE):
+            if self.budget < self.sink_tokens + self.window_tokens + self.unplanned_page_size():
                 raise ConfigError(
                     f"--budget {self.budget} leaves no room for selected pages after {self.sink_tokens} sink and "
                     f"{self.window_tokens} window tokens: raise --budget or lower --sink-tokens/--window-tokens")

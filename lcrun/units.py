@@ -55,6 +55,15 @@ def format_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def short_dtype(name: str) -> str:
+    """bfloat16 or torch.bfloat16 -> bf16: a dtype as plans and model names show it."""
+    name = name.removeprefix("torch.")
+    return _SHORT_DTYPES.get(name, name)
+
+
 def env_number(name: str, default: float, minimum: float = 0.0) -> float:
     """The number in environment variable ``name`` (``default`` when unset or empty); a value that
     is not a number >= ``minimum`` is a ConfigError naming the variable."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from lcrun import LLM
@@ -386,3 +387,24 @@ def test_the_cache_is_closed_with_its_llm(monkeypatch):
     assert closed == ["DenseCache"]  # once, though closed twice
     llm.close()
     assert closed == ["DenseCache"]
+
+
+# -- lcrun plan on a CPU shows what the run uses --------------------------------------------------
+@pytest.mark.parametrize("extra", [{}, {"page_size": 16}, {"prefill_chunk": 512, "attention": "auto", "ctx": "8k"},
+                                   {"attention": "dense"}])
+def test_cpu_plan_has_the_runs_dtype_chunk_and_page_size(extra):
+    from lcrun import LcrunConfig
+    from lcrun.cli import plan_choice
+    settings = {"model": "synthetic:tiny", "ctx": "4k", "device": "cpu", "attention": "topk", **extra}
+    plan = plan_choice(LcrunConfig(**settings)).plan
+    with LLM(**settings, progress=False) as llm:
+        assert (plan.model.dtype, plan.prefill_chunk, plan.attention) == ("fp32", llm.generator.prefill_chunk,
+                                                                          llm.attention)
+        assert llm.dtype == torch.float32 and plan.model.weight_bytes == llm.model.weight_bytes()
+        if llm.attention == "topk":  # the planner alone picks 64-token pages here (8 KiB copies at head_dim 32)
+            assert plan.page_size == llm.cache.page_size == extra.get("page_size", 32)
+    res = _run(["plan", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]])
+    assert res.exit_code == 0, res.output
+    assert f"tiny (llama, 427K params, random weights), {plan.ctx_tokens:,} tokens, attention {llm.attention}, fp32, " \
+        "on CPU" in res.stdout
+    assert f"prefill chunk {plan.prefill_chunk}" in res.stdout

@@ -280,6 +280,17 @@ def test_short_context_and_cpu_only():
     assert pc.decode_terms[0].bytes_per_s == 40e9  # DRAM default
 
 
+@pytest.mark.parametrize("attention", ["topk", "dense"])
+def test_cpu_plan_over_host_memory_says_what_a_cpu_run_can_do(attention):
+    """A CPU run keeps the whole KV cache in host memory (no NVMe tier, --kv-dir unused there)."""
+    cpu = detect_hardware(None, None, host_total_bytes=64 * GiB, host_available_bytes=60 * GiB, calibration=None,
+                          kv_dir=None)
+    with pytest.raises(CapacityError, match=r"on the CPU the whole KV cache stays in host memory: .* Use a smaller "
+                                            r"--ctx \(about [1-9]\d*k fits\), raise --host-mem, or run on a GPU$") as exc:
+        make_plan(LLAMA_3B, "1M", cpu, attention=attention)
+    assert "--kv-dir" not in str(exc.value)
+
+
 def test_model_spec_from_dict():
     from lcrun.runtime.model_config import ModelConfig
     cfg = ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,

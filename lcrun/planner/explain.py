@@ -34,7 +34,8 @@ def format_plan(plan: MemoryPlan) -> str:
     dev = "GPU" if p.device == "cuda" else "CPU (host memory)"
     lines: list[str] = []
     title = m.name or "model"
-    lines.append(f"Memory plan: {title}, {p.ctx_tokens:,} tokens, attention {p.attention}, "
+    held = f", {m.dtype}" if m.dtype else ""
+    lines.append(f"Memory plan: {title}, {p.ctx_tokens:,} tokens, attention {p.attention}{held}, "
                  f"on {hw.gpu_name or dev}")
 
     cap_src = _source(hw, "gpu_cap_bytes" if p.device == "cuda" else "host_cap_bytes")

@@ -272,12 +272,13 @@ def _about_tokens(n: float) -> str:
 def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_size: int | None = None,
               budget_tokens: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
               prefill_chunk: int | None = None, attention: str = "topk", positions: str = "auto",
-              hit_rate: float = DEFAULT_HIT_RATE) -> MemoryPlan:
+              hit_rate: float = DEFAULT_HIT_RATE, page_size_reason: str = "given (--page-size)") -> MemoryPlan:
     """Plan memory for ``ctx_tokens`` of ``model`` on ``hw``; raises CapacityError (what is short,
     by how much, which setting fixes it) or ConfigError (a setting lcrun cannot use).
 
     ``positions`` is the --positions setting: with top-k attention past the model's trained window
-    (and positions not 'true') every page has two abstracts (abstract_sets())."""
+    (and positions not 'true') every page has two abstracts (abstract_sets()). ``page_size_reason``:
+    why a given ``page_size`` is what it is, for the plan's page size line."""
     ctx = parse_tokens(ctx_tokens)
     if attention not in ("topk", "dense"):
         raise ConfigError(f"attention must be topk or dense, got {attention!r}")
@@ -326,7 +327,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
                                      sink_tokens=sink_tokens, window_tokens=window_tokens,
                                      abstract_sets=max(1, sets))
     else:
-        P, reason = page_size, "given (--page-size)"
+        P, reason = page_size, page_size_reason
     page_bytes = 2 * P * d * e
     # The abstracts of one page: key min and max over D channels, per set. A decode step ranks with
     # one set (true-position or page-relative), so scoring reads one set.
@@ -411,6 +412,15 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
             selected_pages_per_head=selected, top_pages_per_head=top, prefetch_depth=0, hit_rate=hit_rate,
             effective_hit_rate=1.0, miss_pages_per_token=0.0, gpu_breakdown=breakdown)
 
+    if not on_gpu:  # a CPU run keeps its whole KV cache in host memory: no tiers to spill to
+        ws_min, _ = ws_total(prefill_chunk or MIN_PREFILL_CHUNK, False)
+        room = cap - m.weight_bytes - reserve - ws_min - gpu_fixed_all
+        fit = _about_tokens(room / m.kv_bytes_per_token) if room > 0 else "0k"
+        raise CapacityError(
+            f"on the CPU the whole KV cache stays in host memory: {format_bytes(kv_total)} for {ctx} tokens, "
+            f"{format_bytes(kv_total - room)} more than the {format_bytes(cap)} cap leaves after the weights"
+            f"{' and page abstracts' if gpu_fixed_all else ''} and workspace. Use a smaller --ctx (about {fit} "
+            f"fits), raise --host-mem, or run on a GPU")
     if attention == "dense":
         ws_min, _ = ws_total(prefill_chunk or MIN_PREFILL_CHUNK, False)
         room = cap - m.weight_bytes - reserve - ws_min

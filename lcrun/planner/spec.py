@@ -51,6 +51,7 @@ class ModelSpec:
     weight_bytes: int
     kv_dtype_bytes: int = 2
     name: str = ""
+    dtype: str = ""  # the compute dtype, for people ("fp32", "bf16"); sizes come from the byte counts
     intermediate_size: int | None = None
     offload_kv_dtype_bytes: int | None = None
     trained_window: int | None = None
@@ -114,10 +115,11 @@ class ModelSpec:
         if missing:
             raise ConfigError(f"model spec: missing {', '.join(missing)}"
                               + (" (pass weight_bytes=...)" if "weight_bytes" in missing else ""))
-        for key in fields - {"name"}:
+        for key in fields - {"name", "dtype"}:
             if key in values and isinstance(values[key], float) and values[key] == int(values[key]):
                 values[key] = int(values[key])
         values["name"] = str(values.get("name", ""))
+        values["dtype"] = str(values.get("dtype", ""))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

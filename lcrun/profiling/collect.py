@@ -92,22 +92,19 @@ def _prefill(llm, ids: list[int], log: Log) -> dict:
 
 
 def _plan_info(llm) -> dict:
-    """The plan this run used, or (CPU, dense) the planner's plan for the same settings, marked so."""
-    from lcrun.api import planner_model
-    from lcrun.planner import format_plan, make_plan
+    """The plan this run used or, on the CPU (where no plan places anything), the one `lcrun plan`
+    shows for the same settings, marked so."""
+    from lcrun.api import plan_run
+    from lcrun.planner import format_plan
     plan, used = llm.plan, True
     if plan is None:
         used = False
         try:
-            spec = planner_model(llm.config, llm.model_config, llm.dtype)
-            c = llm.config
-            plan = make_plan(spec, c.ctx_tokens, links.hardware_for(llm), budget_tokens=c.budget,
-                             sink_tokens=c.sink_tokens, window_tokens=c.window_tokens, attention=c.attention,
-                             prefill_chunk=c.prefill_chunk)
+            plan = plan_run(llm.config, llm.model_config, llm.device, llm.dtype, cpu_plan=True).plan
         except LcrunError as exc:
             return {"used_by_run": False, "error": str(exc)}
-    why = ("" if used else "this run places its KV cache without the planner (it does so for top-k attention on "
-           "a GPU); shown: the planner's plan for the same settings")
+    why = "" if used else ("a CPU run places its KV cache without the planner; shown: the plan `lcrun plan` makes "
+                           "for the same settings")
     return {"used_by_run": used, "note": why, "text": format_plan(plan), "plan": plan.to_dict()}
 
 

@@ -12,10 +12,10 @@ from safetensors import SafetensorError, safe_open
 from lcrun.errors import ModelLoadError
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.tokenizer import TextTokenizer
+from lcrun.units import short_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 class HFFolderSource:
@@ -33,7 +33,7 @@ class HFFolderSource:
             raise ModelLoadError(f"{cfg_path}: not valid JSON ({exc})") from None
         self.config = ModelConfig.from_hf(raw, source=str(cfg_path))
         dtype = raw.get("torch_dtype") or raw.get("dtype")
-        self.stored = f"{_SHORT_DTYPES.get(dtype, dtype)} safetensors" if isinstance(dtype, str) else "safetensors"
+        self.stored = f"{short_dtype(dtype)} safetensors" if isinstance(dtype, str) else "safetensors"
         self._where = self._index_tensors()
         self._handles: dict[Path, object] = {}
 
