@@ -339,6 +339,10 @@ class LLM:
     def _stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None, params: SamplingParams) -> Iterator[int]:
         if len(prompt_ids) == 0:
             raise LcrunError("the prompt is empty: give some text to continue")
+        vocab = self.model_config.vocab_size
+        bad = next((i for i in prompt_ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise LcrunError(f"token id {bad} is outside {self.model_spec}'s vocabulary of {vocab} (0 to {vocab - 1})")
         stop = self.tokenizer.stop_ids if self.tokenizer else set()
         return self._live_generator().stream(list(prompt_ids), params, stop, progress)
 

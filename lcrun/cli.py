@@ -134,8 +134,9 @@ def _need_text_model(config: LcrunConfig, command: str) -> None:
     from lcrun.runtime.synthetic import is_synthetic
     config.resolve()  # bad settings first
     if config.model is not None and is_synthetic(config.model):
-        raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot use it: "
-                         f"measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
+        ids = "give token ids with --prompt-ids, or " if command == "run" else ""
+        raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot take "
+                         f"text: {ids}measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
 
 
 def load_llm(config: LcrunConfig):
@@ -253,20 +254,33 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
               help="Read the prompt from this file (- reads standard input).")
+@click.option("--prompt-ids", default=None, metavar="IDS",
+              help="Token ids, separated by commas or spaces, fed as they are (no chat template); the reply is "
+                   "printed as ids. For models without a tokenizer (synthetic:NAME).")
 @click.option("--chat/--raw", "use_chat", default=True, show_default=True,
               help="Wrap the prompt in the chat template, or complete it as raw text.")
 @handle_errors
-def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_chat: bool, **sampling_kw: Any) -> None:
+def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, prompt_ids: str | None, use_chat: bool,
+        **sampling_kw: Any) -> None:
     """Answer one prompt and exit."""
-    if (prompt is None) == (prompt_file is None):
-        raise click.UsageError("give exactly one of --prompt or --prompt-file")
+    if sum(p is not None for p in (prompt, prompt_file, prompt_ids)) != 1:
+        raise click.UsageError("give exactly one of --prompt, --prompt-file or --prompt-ids")
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file)
+    ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     sampling = _sampling(**sampling_kw)
-    _need_text_model(config, "run")
+    if ids is None:
+        _need_text_model(config, "run")
+    elif sampling["stop"]:
+        raise LcrunError("--stop strings apply to text; with --prompt-ids the reply is token ids: leave --stop out")
     llm = load_llm(config)
-    pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
-              if use_chat else llm.stream(prompt, progress=_prefill_bar(), **sampling))
+    if ids is not None:
+        tokens = llm.stream_ids(ids, progress=_prefill_bar(), **sampling)
+        pieces = (f"{' ' if n else ''}{token}" for n, token in enumerate(tokens))
+    elif use_chat:
+        pieces = llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
+    else:
+        pieces = llm.stream(prompt, progress=_prefill_bar(), **sampling)
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -282,6 +296,16 @@ def _note_cut(stats, max_new_tokens: int) -> None:
     """One line on stderr when a reply ended at the token limit rather than where the model stopped."""
     if stats.finish_reason == "length":
         info(f"(reply cut at --max-new-tokens {max_new_tokens}: raise it for a longer reply)")
+
+
+def _parse_ids(text: str) -> list[int]:
+    """--prompt-ids: whole numbers separated by commas and/or spaces (the vocabulary is checked by LLM)."""
+    words = text.replace(",", " ").split()
+    bad = next((w for w in words if not w.isdigit()), None)
+    if bad is not None or not words:
+        raise LcrunError(f"--prompt-ids takes token ids (whole numbers from 0) separated by commas or spaces, got "
+                         f"{bad if bad is not None else 'none'!r}")
+    return [int(w) for w in words]
 
 
 def _read_prompt(path: Path) -> str:
