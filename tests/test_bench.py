@@ -103,3 +103,28 @@ def test_ratios_pair_baselines_with_the_swept_config():
 def test_sweep_validates_steps():
     with pytest.raises(ConfigError):
         Sweep(contexts=[1], steps=0)
+
+
+def test_sweep_closes_each_llm_before_the_next(monkeypatch):
+    from lcrun.api import LLM
+    from lcrun.config import LcrunConfig
+    from lcrun.profiling.bench import Sweep, run_sweep
+    events = []
+    real_init, real_close = LLM.__init__, LLM.close
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        events.append(("open", self.config.ctx_tokens))
+
+    def close(self):
+        if not self.closed:
+            events.append(("close", self.config.ctx_tokens))
+        real_close(self)
+
+    monkeypatch.setattr(LLM, "__init__", init)
+    monkeypatch.setattr(LLM, "close", close)
+    config = LcrunConfig(model="synthetic:tiny", device="cpu", attention="dense")
+    doc = run_sweep(config, Sweep(contexts=[64, 128], steps=2, dense_contexts=[96]))
+    assert all("error" not in r for r in doc["rows"]) and len(doc["rows"]) == 3
+    assert events == [("open", 74), ("close", 74), ("open", 138), ("close", 138), ("open", 106), ("close", 106)]
+    assert doc["model_name"] == "synthetic:tiny (llama, 427K params, random weights)"

@@ -135,41 +135,42 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainedWindowWarning)  # logged below as one line
         llm = LLM(config=cfg, progress=False)
+    with llm:  # closed after each measurement: a sweep does not keep earlier contexts' pools alive
+        return _measure(llm, config, context, steps, trace, log)
+
+
+def _measure(llm, config: LcrunConfig, context: int, steps: int, trace: str | None, log: Log | None) -> dict:
+    """bench_lcrun's row: ``context`` random ids prefilled into ``llm``, then ``steps`` decode steps timed."""
     if log is not None:
         log(f"{context} tokens: {llm.attention_choice.line()}")
         if llm.attention_warning:
             log(f"{context} tokens: warning: {llm.attention_warning}")
-    try:
-        prompt = random_prompt(llm.model_config.vocab_size, context, config.seed)
-        _sync()
-        t0 = time.perf_counter()
-        logits = llm.generator.prefill(prompt, _prefill_progress(f"{llm.attention} {context}", context))
-        _sync()
-        prefill_s = time.perf_counter() - t0
-        state = {"token": logits.argmax(-1, keepdim=True)}
-        stepper = llm.generator.stepper  # the CUDA-graph step the generator uses, where the cache allows
+    prompt = random_prompt(llm.model_config.vocab_size, context, config.seed)
+    _sync()
+    t0 = time.perf_counter()
+    logits = llm.generator.prefill(prompt, _prefill_progress(f"{llm.attention} {context}", context))
+    _sync()
+    prefill_s = time.perf_counter() - t0
+    state = {"token": logits.argmax(-1, keepdim=True)}
+    stepper = llm.generator.stepper  # the CUDA-graph step the generator uses, where the cache allows
 
-        def step() -> None:
-            state["token"] = stepper.step(state["token"]).argmax(-1, keepdim=True)
+    def step() -> None:
+        state["token"] = stepper.step(state["token"]).argmax(-1, keepdim=True)
 
-        times = time_steps(step, steps)
-        row: dict[str, Any] = {
-            "impl": "lcrun", "attention": llm.attention, "attention_reason": llm.attention_reason,
-            "attention_requested": config.attention, "context": context, "prefill_s": prefill_s,
-            "prefill_tok_s": context / prefill_s, "decode_ms": warm_median(times),
-            "decode_ms_late": late_median(times), "decode_ms_steps": times,
-            "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
-            "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes(),
-            "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
-        if hasattr(llm.cache, "report"):
-            row["tiers"] = llm.cache.report()
-        if trace:
-            row.update(_trace_steps(step, trace))
-        return row
-    finally:
-        if hasattr(llm.cache, "close"):
-            llm.cache.close()
-        del llm
+    times = time_steps(step, steps)
+    row: dict[str, Any] = {
+        "impl": "lcrun", "attention": llm.attention, "attention_reason": llm.attention_reason,
+        "attention_requested": config.attention, "context": context, "prefill_s": prefill_s,
+        "prefill_tok_s": context / prefill_s, "decode_ms": warm_median(times),
+        "decode_ms_late": late_median(times), "decode_ms_steps": times,
+        "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
+        "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes(),
+        "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
+    if hasattr(llm.cache, "report"):
+        row["tiers"] = llm.cache.report()
+    if trace:
+        row.update(_trace_steps(step, trace))
+    return row
 
 
 def _trace_steps(step: Callable[[], None], path: str) -> dict:
