@@ -338,6 +338,11 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
         return "".join(self.chat_stream(messages, **sampling))
 
+    def stream_text_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None,
+                        **sampling: Any) -> Iterator[str]:
+        """The text that follows ``prompt_ids`` (already encoded, e.g. by encode_chat), as it forms."""
+        return self._stream_text(list(prompt_ids), progress, sampling)
+
     @property
     def last_stats(self):
         return self.generator.last_stats
