@@ -84,7 +84,7 @@ class Evaluator:
             raise ValueError(f"{self.spec} has random weights and no tokenizer: evaluate a real model")
         source = open_source(self.spec)
         self.tok = source.tokenizer()
-        self.model = load_model(source, self.device, self.dtype, progress=False)
+        self.model = load_model(source, self.device, self.dtype)
         settings = dict(budget=budget, page_size=page_size, sink_tokens=sink_tokens, window_tokens=window_tokens,
                         prefill_chunk=prefill_chunk, group_score=group_score, gpu_mem=gpu_mem, host_mem=host_mem,
                         kv_dir=kv_dir)

@@ -73,9 +73,8 @@ def test_loaded_context_continues_exactly(llm, prompt, kind, tmp_path):
     resumed = greedy(second, prompt + head, 32)
     assert second.last_stats.reused_tokens == len(prompt) + len(head) - 1  # only the last token was new
     assert resumed == uninterrupted
-    for cache in (first.cache, second.cache):
-        if hasattr(cache, "close"):
-            cache.close()
+    first.cache.close()
+    second.cache.close()
 
 
 def test_api_save_and_load(llm, prompt, tmp_path):

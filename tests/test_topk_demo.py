@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(demo_model_path() is None, reason="demo model (l
 @pytest.fixture(scope="module")
 def demo():
     source = open_source(str(demo_model_path()))
-    return load_model(source, torch.device("cpu"), torch.float32, progress=False), source.tokenizer()
+    return load_model(source, torch.device("cpu"), torch.float32), source.tokenizer()
 
 
 def _greedy(model, cache, prompt, n):

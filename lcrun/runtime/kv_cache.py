@@ -88,6 +88,10 @@ class AttentionCache(ABC):
     def reset(self) -> None:
         self.truncate(0)
 
+    def close(self) -> None:
+        """Release what the cache holds beyond its tensors (threads, pinned host pools, KV files
+        under --kv-dir); the default holds nothing more. The cache is not used after."""
+
     @abstractmethod
     def _plan(self, positions: torch.Tensor) -> None:
         """Build the metadata every layer of this forward shares."""
