@@ -57,7 +57,7 @@ def greedy(gen: Generator, ids: list[int], n: int) -> list[int]:
     return list(gen.stream(ids, SamplingParams(max_new_tokens=n), stop_ids=set()))
 
 
-@pytest.mark.parametrize("kind", ["dense", "paged", "tiered", "tiered-nvme", "tiered-fp8"])
+@pytest.mark.parametrize("kind", ["dense", "paged", "tiered"])
 def test_loaded_context_continues_exactly(llm, prompt, kind, tmp_path):
     from lcrun.runtime.context_file import load_context, save_context
     fp = llm._fingerprint()
