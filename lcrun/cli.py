@@ -471,6 +471,40 @@ def eval_cmd(args: tuple[str, ...]) -> None:
 
 
 @main.command()
+@config_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="LCRUN_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (or set LCRUN_API_KEY).")
+@click.option("--max-queue", type=int, default=8, show_default=True,
+              help="Requests that may wait while one generates; past it the answer is 503 with Retry-After.")
+@click.option("--max-body", default="32MiB", show_default=True, help="Largest request body.")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True,
+              help="Most tokens per reply for requests that give no max_tokens.")
+@handle_errors
+def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_queue: int, max_body: str,
+          max_new_tokens: int) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import uvicorn
+
+    from lcrun.serve import ServeSettings, create_app
+    from lcrun.units import parse_bytes
+
+    if not 0 <= port <= 65535:
+        raise LcrunError(f"--port must be 0 to 65535, got {port}")
+    settings = ServeSettings(api_key=api_key or None, max_queue=max_queue,
+                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens)
+    _need_text_model(config, "serve")
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
+    llm = load_llm(config)
+    settings.model_name = Path(str(llm.model_spec)).name
+    info(f"serving {settings.model_name} on http://{host}:{port}/v1 (Ctrl+C stops)")
+    uvicorn.run(create_app(llm, settings), host=host, port=port, log_level="warning")
+
+
+@main.command()
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 def models(folders: tuple[Path, ...]) -> None:
     """List the models lcrun can find: the demo model, models under FOLDERS, synthetic specs."""
