@@ -14,9 +14,12 @@ from lcrun.config import LcrunConfig
 from lcrun.errors import ContextOverflowError, LcrunError
 
 
-def config_options(func: Callable) -> Callable:
-    """Add one click option per LcrunConfig field; the command receives ``config=LcrunConfig``."""
-    fields = LcrunConfig.cli_fields()
+def config_options(func: Callable | None = None, *, exclude: tuple[str, ...] = ()) -> Callable:
+    """Add one click option per LcrunConfig field but ``exclude`` (fields the command sets itself);
+    the command receives ``config=LcrunConfig``."""
+    if func is None:
+        return functools.partial(config_options, exclude=exclude)
+    fields = [f for f in LcrunConfig.cli_fields() if f.name not in exclude]
 
     @functools.wraps(func)
     def wrapper(**kwargs: Any):
@@ -425,24 +428,81 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
     click.echo(f"wrote {html}, {js.name} and {data['trace']} in {out_dir}")
 
 
-@main.command("eval", context_settings=dict(ignore_unknown_options=True, allow_extra_args=True),
-              add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@handle_errors
-def eval_cmd(args: tuple[str, ...]) -> None:
-    """Long-context quality: passkey / needle tasks by length and depth, dense vs top-k, and the
-    teacher-forced fidelity test (perf/eval_longctx.py; `lcrun eval --help` lists its options)."""
-    import lcrun
-    root = Path(lcrun.__file__).resolve().parent.parent
-    if not (root / "perf" / "eval_longctx.py").is_file():
-        raise LcrunError(f"lcrun eval runs from a source checkout: {root / 'perf' / 'eval_longctx.py'} is missing")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from perf.eval_longctx import main as eval_main
+GRID_OPTIONS = ("tasks", "lengths", "modes", "trials", "fidelity_lengths", "fidelity_steps")
+
+
+def _read_json(path: Path) -> Any:
+    import json
     try:
-        sys.exit(eval_main(list(args)))
-    except ValueError as exc:  # a bad task, length or mode name
-        raise LcrunError(str(exc)) from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LcrunError(f"{path}: cannot read it as JSON ({exc})") from None
+
+
+def _names(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+@main.command("eval")
+@config_options(exclude=("ctx", "attention", "positions"))  # set per cell by --lengths and --modes
+@click.option("--tasks", default="passkey", show_default=True,
+              help="Comma-separated tasks: passkey, niah_single, niah_multikey, niah_multivalue. Empty: the "
+              "fidelity test alone.")
+@click.option("--lengths", default="1k,4k", show_default=True, help="Comma-separated prompt lengths in tokens "
+              "(4096, 4k, 7.3k, 1M; k = 1024).")
+@click.option("--modes", default="dense,topk", show_default=True,
+              help="Comma-separated attention modes: auto (as `lcrun run` picks), dense, topk, or topk:true / "
+              "topk:window (top-k with those --positions).")
+@click.option("--trials", type=int, default=20, show_default=True,
+              help="Prompts per task, length and mode, the needle's depth swept from 0 to 100%.")
+@click.option("--fidelity-lengths", default=None, help="Also compare each non-dense mode's next-token "
+              "logits with dense attention's on a fixed text, at these lengths (teacher-forced).")
+@click.option("--fidelity-steps", type=int, default=512, show_default=True,
+              help="Decode steps compared per fidelity length.")
+@click.option("--time-limit", type=float, default=None,
+              help="Seconds; measurements not started by then are skipped and listed in the JSON.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file to write (default: eval-DATE.json here).")
+@click.option("--suite", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run the measurements listed in this JSON file instead of the --tasks x --lengths x --modes "
+              "grid (format: lcrun.eval.Suite.from_json).")
+@click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Print this results file as a markdown table and exit.")
+@handle_errors
+def eval_cmd(config: LcrunConfig, tasks: str, lengths: str, modes: str, trials: int, fidelity_lengths: str | None,
+             fidelity_steps: int, time_limit: float | None, out: Path | None, suite: Path | None,
+             table: Path | None) -> None:
+    """Long-context quality: passkey and needle-in-a-haystack accuracy by length and depth, dense
+    against top-k, and optionally the teacher-forced fidelity of top-k decoding (JSON)."""
+    import datetime
+
+    from lcrun.eval import Evaluator, Suite, markdown_table, run_eval
+
+    if table is not None:
+        try:
+            click.echo(markdown_table(_read_json(table)))
+        except (KeyError, TypeError) as exc:
+            raise LcrunError(f"{table} is not an `lcrun eval` results file (no {exc})") from None
+        return
+    if suite is not None:
+        source = click.get_current_context().get_parameter_source
+        grid = [f"--{n.replace('_', '-')}" for n in GRID_OPTIONS if source(n) != click.core.ParameterSource.DEFAULT]
+        if grid:
+            raise click.UsageError(f"--suite lists every measurement: drop {', '.join(grid)}")
+        plan = Suite.from_json(_read_json(suite))
+    else:
+        plan = Suite.grid(_names(tasks), _names(lengths), _names(modes), trials, _names(fidelity_lengths),
+                          fidelity_steps)
+    if not plan.cells and not plan.fidelity:
+        raise click.UsageError("nothing to measure: give --tasks and --lengths, or --fidelity-lengths")
+    plan.check()
+    if config.model is None:
+        from lcrun.runtime.loading import default_model
+        config.model = default_model()
+        info(f"no --model given: using the built-in demo model {config.model}")
+    out = out or Path(f"eval-{datetime.date.today()}.json")
+    run_eval(Evaluator(config, log=info), plan, out, time_limit, log=info)
+    info(f"wrote {out}")
 
 
 @main.command()

@@ -25,7 +25,7 @@ echo "${cmd[*]}" | tee -a "$log"
 timeout 270 "${cmd[@]}" 2>&1 | grep -v -i warn | tail -12 | tee -a "$log"
 
 step "quality: passkey 32K/128K through the default path, --gpu-mem 1GiB"
-timeout 120 python3 -m perf.eval_longctx --model "$LCRUN_DEMO_MODEL" --tasks passkey --lengths 32k,128k \
+timeout 120 python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --tasks passkey --lengths 32k,128k \
   --modes auto --trials 10 --gpu-mem 1GiB --time-limit 105 --out "$out/eval-h200-passkey-default-path.json" 2>&1 \
   | grep -v -i warn | tail -6 | tee -a "$log"
 step "done"

@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lcrun.profiling.meta import run_metadata  # noqa: E402
 from lcrun.runtime.generate import Generator  # noqa: E402
 from lcrun.runtime.tiered import TieredTopKCache  # noqa: E402
-from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text  # noqa: E402
+from lcrun.config import DEFAULT_PAGE_SIZE, LcrunConfig  # noqa: E402
+from lcrun.eval import Evaluator, Mode, parse_length  # noqa: E402
+from lcrun.eval.text import stdlib_docs_text  # noqa: E402
 
 VARIANTS = {"topk": None, "tiered": "model", "tiered-fp8": torch.float8_e4m3fn}
 
@@ -42,7 +44,7 @@ class TieredEvaluator(Evaluator):
             return super().generator(mode, ctx)
         s = self.settings
         cache = TieredTopKCache(self.model.cfg, ctx, self.device, self.dtype, cache_slots_per_layer=self.cache_slots,
-                                page_size=s["page_size"], budget=s["budget"], sink_tokens=s["sink_tokens"],
+                                page_size=s["page_size"] or DEFAULT_PAGE_SIZE, budget=s["budget"], sink_tokens=s["sink_tokens"],
                                 window_tokens=s["window_tokens"], group_score=s["group_score"], prefetch="off",
                                 kv_dtype=None if store == "model" else store)
         self.caches.append(cache)
@@ -66,7 +68,7 @@ def main() -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     for budget in (int(b) for b in args.budgets.split(",")):
-        ev = TieredEvaluator(args.model, budget=budget)
+        ev = TieredEvaluator(LcrunConfig(model=args.model, budget=budget))
         ev.cache_slots = args.cache_slots
         ids = ev.tok.encode(text, add_special_tokens=False)
         for kind in args.variants.split(","):

@@ -32,7 +32,9 @@ from lcrun.profiling.meta import run_metadata  # noqa: E402
 from lcrun.runtime.build import random_model  # noqa: E402
 from lcrun.runtime.generate import Generator  # noqa: E402
 from lcrun.runtime.synthetic import synthetic_config  # noqa: E402
-from perf.eval_longctx import Evaluator, Mode, stdlib_docs_text  # noqa: E402
+from lcrun.config import LcrunConfig  # noqa: E402
+from lcrun.eval import Evaluator, Mode  # noqa: E402
+from lcrun.eval.text import stdlib_docs_text  # noqa: E402
 
 CACHE_MULTIPLES = (1, 2, 4, 8, 16)
 
@@ -75,7 +77,7 @@ class SelectionRecorder:
 def record_selections(ev: Evaluator, model, ids: list[int], n_prefill: int, steps: int) -> dict:
     """pages: per decode step, per layer, (Hkv, k) selected page ids (-1: unused entry); top: the
     same shape, True for top pages (neither sink nor window); max_pages: pages per KV head."""
-    config = ev.config(Mode.parse("topk:true"), n_prefill + steps + 8)
+    config = ev.cell_config(Mode.parse("topk:true"), n_prefill + steps + 8)
     cache = make_cache(config, model.cfg, ev.device, ev.dtype)
     gen = Generator(model, cache, config.prefill_chunk)
     recorder = cache.ops = SelectionRecorder(cache.ops)
@@ -161,7 +163,7 @@ def main() -> int:
     ap.add_argument("--selections", default=None, help="torch file: saved to when missing, else loaded")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    ev = Evaluator(args.model, budget=args.budget)
+    ev = Evaluator(LcrunConfig(model=args.model, budget=args.budget))
     text, text_meta = stdlib_docs_text()
     ids = ev.tok.encode(text, add_special_tokens=False)
     random = random_model(synthetic_config("synthetic:smollm2-135m"), ev.device, ev.dtype)
