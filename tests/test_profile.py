@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lcrun.profiling import attribution, counters, links
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.profiling.report import reattribute, render_html
 from lcrun.profiling.trace import export_trace_gz
 from lcrun.runtime.demo import demo_model_path

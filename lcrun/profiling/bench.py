@@ -175,7 +175,7 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
 def _trace_steps(step: Callable[[], None], path: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from lcrun.profiling.ranges import named_range
+    from lcrun.ranges import named_range
     from lcrun.profiling.trace import export_trace_gz, overlap_from_trace
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lcrun.errors import ConfigError
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 
 
 @dataclass
