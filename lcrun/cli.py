@@ -341,10 +341,16 @@ def _token_list(value: str | None) -> list[int]:
 @config_options
 @click.option("--contexts", default=None, help="Comma-separated context lengths to sweep, e.g. 32k,128k,512k "
               "(default: --ctx). Each prefills that many random tokens.")
-@click.option("--steps", type=int, default=32, show_default=True, help="Decode steps timed per context.")
+@click.option("--steps", type=int, default=32, show_default=True,
+              help="Decode steps timed per context (at least 2: the first, cold one is not counted).")
 @click.option("--dense-contexts", default=None, help="Also run lcrun with --attention dense at these contexts.")
+@click.option("--dense-cap/--no-dense-cap", default=True, show_default=True,
+              help="Hold the --dense-contexts rows to --gpu-mem as well (--no-dense-cap: the dense reference with "
+              "the whole GPU).")
 @click.option("--transformers", "transformers_caches", default=None,
-              help="Also run transformers' Llama on the same shape: dense (its GPU cache), offloaded, or both.")
+              help="Also run transformers' Llama on the same shape, comma-separated: dense (its dynamic GPU cache, "
+              "eager), static (its static cache with a torch.compile'd CUDA-graph decode; GPU only), offloaded "
+              "(GPU only).")
 @click.option("--transformers-contexts", default=None, help="Contexts for transformers (default: --contexts).")
 @click.option("--transformers-steps", type=int, default=None, help="Decode steps for transformers (default: --steps).")
 @click.option("--transformers-cap/--no-transformers-cap", default=True, show_default=True,
@@ -353,7 +359,7 @@ def _token_list(value: str | None) -> list[int]:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: bench-GPU-DATE.json here).")
 @handle_errors
-def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts: str | None,
+def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts: str | None, dense_cap: bool,
           transformers_caches: str | None, transformers_contexts: str | None, transformers_steps: int | None,
           transformers_cap: bool, trace: str | None, out: Path | None) -> None:
     """Prefill tokens/s and decode ms/token over context lengths (JSON), optionally beside transformers."""
@@ -366,8 +372,10 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
     if config.model is None:
         from lcrun.runtime.loading import default_model
         config.model = default_model()
+    if not dense_cap and not dense_contexts:
+        warn("--no-dense-cap applies to the --dense-contexts rows, and none were asked for: ignored")
     sweep = Sweep(contexts=_token_list(contexts) or [config.ctx_tokens], steps=steps,
-                  dense_contexts=_token_list(dense_contexts),
+                  dense_contexts=_token_list(dense_contexts), dense_capped=dense_cap,
                   transformers=[c.strip() for c in transformers_caches.split(",")] if transformers_caches else [],
                   transformers_contexts=_token_list(transformers_contexts) or None,
                   transformers_steps=transformers_steps, transformers_capped=transformers_cap, trace=trace)

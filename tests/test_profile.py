@@ -132,6 +132,7 @@ EXTERNAL = re.compile(r"""(<script|<link|<img|<iframe)[^>]*(src|href)\s*=\s*["']
                       re.IGNORECASE)
 
 
+@pytest.mark.slow
 @needs_demo
 def test_profile_on_cpu_writes_an_offline_report(tmp_path):
     out = tmp_path / "report"
