@@ -22,6 +22,7 @@ def config_options(func: Callable | None = None, *, exclude: tuple[str, ...] = (
     fields = [f for f in LcrunConfig.cli_fields() if f.name not in exclude]
 
     @functools.wraps(func)
+    @handle_errors  # a bad setting fails as the config is made: one line, as any other error
     def wrapper(**kwargs: Any):
         settings = {f.name: kwargs.pop(f.name) for f in fields}
         settings = {k: v for k, v in settings.items() if v is not None or k == "model"}
@@ -112,19 +113,17 @@ def _positions_line(llm) -> str:
 def _need_text_model(config: LcrunConfig, command: str) -> None:
     """run and chat take text: a synthetic model (random weights, no tokenizer) is refused before loading."""
     from lcrun.runtime.synthetic import is_synthetic
-    config.resolve()  # bad settings first
     if config.model is not None and is_synthetic(config.model):
         raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot use it: "
                          f"measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
 
 
 def load_llm(config: LcrunConfig):
-    config.resolve()
     from lcrun.api import LLM, IgnoredSettingWarning, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
     if config.model is None:
-        config.model = default_model()
+        config = dataclasses.replace(config, model=default_model())
         info(f"no --model given: using the built-in demo model {config.model}")
     info(f"context: {config.ctx_tokens} tokens ({config.ctx})")
     with warnings.catch_warnings():
@@ -288,7 +287,6 @@ def plan_choice(config: LcrunConfig):
     from lcrun.runtime.loading import default_model, open_source
     from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 
-    config.resolve()
     spec = config.model or default_model()
     model_cfg = synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
     device = resolve_device(config.device)
@@ -368,10 +366,9 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
     from lcrun.profiling.bench import Sweep, format_rows, run_sweep
     from lcrun.profiling.meta import gpu_slug
 
-    config.resolve()
     if config.model is None:
         from lcrun.runtime.loading import default_model
-        config.model = default_model()
+        config = dataclasses.replace(config, model=default_model())
     if not dense_cap and not dense_contexts:
         warn("--no-dense-cap applies to the --dense-contexts rows, and none were asked for: ignored")
     sweep = Sweep(contexts=_token_list(contexts) or [config.ctx_tokens], steps=steps,
@@ -415,7 +412,6 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
     from lcrun.profiling.report import check_dependencies, write_report
 
     check_dependencies()
-    config.resolve()
     opts = ProfileOptions(prompt_tokens=prompt_tokens or 0, steps=steps, timed_steps=timed_steps)
     if prompt_file is None and prompt_tokens is None:
         opts.prompt_tokens = config.ctx_tokens - opts.decode_tokens() - 1
@@ -506,7 +502,7 @@ def eval_cmd(config: LcrunConfig, tasks: str, lengths: str, modes: str, trials: 
     plan.check()
     if config.model is None:
         from lcrun.runtime.loading import default_model
-        config.model = default_model()
+        config = dataclasses.replace(config, model=default_model())
         info(f"no --model given: using the built-in demo model {config.model}")
     out = out or Path(f"eval-{datetime.date.today()}.json")
     run_eval(Evaluator(config, log=info), plan, out, time_limit, log=info)

@@ -127,7 +127,7 @@ class Evaluator:
     run` would build for its length and mode (planned under --gpu-mem/--host-mem/--kv-dir)."""
 
     def __init__(self, config: LcrunConfig, log: Log = lambda _m: None):
-        self.config = dataclasses.replace(config, model=config.model or default_model()).resolve()
+        self.config = dataclasses.replace(config, model=config.model or default_model())
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.spec = self.config.model
@@ -150,7 +150,7 @@ class Evaluator:
         return {k: v for k, v in self.config.to_header().items() if k not in PER_CELL + ("ctx_tokens",)}
 
     def cell_config(self, mode: Mode, ctx: int) -> LcrunConfig:
-        return dataclasses.replace(self.config, ctx=ctx, attention=mode.attention, positions=mode.positions).resolve()
+        return dataclasses.replace(self.config, ctx=ctx, attention=mode.attention, positions=mode.positions)
 
     def generator(self, mode: Mode, ctx: int) -> tuple[Generator, str]:
         """A generator over the cache `lcrun run` would build, and its positions: "true", or

@@ -356,7 +356,7 @@ def resolved_attention(config: LcrunConfig, context: int, steps: int) -> str:
         return config.attention
     from lcrun.api import plan_run, resolve_device, resolve_dtype
     try:
-        cfg = dataclasses.replace(config, ctx=context + steps + 8).resolve()
+        cfg = dataclasses.replace(config, ctx=context + steps + 8)
         device = resolve_device(cfg.device)
         return plan_run(cfg, _model_config(cfg), device, resolve_dtype(cfg.dtype, device)).attention
     except LcrunError:
@@ -385,7 +385,6 @@ def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
               checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Every measurement of ``sweep``, in one JSON-ready document. ``checkpoint(document)`` is
     called after every measurement, so a sweep stopped by a time limit keeps what it finished."""
-    config.resolve()
     rows: list[dict] = []
     doc = {"kind": "lcrun.bench", "meta": run_metadata(), "model": config.model, "settings": config.to_header(),
            "sweep": dataclasses.asdict(sweep), "warmup_steps": WARMUP_STEPS, "rows": rows, "ratios": []}
