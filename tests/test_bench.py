@@ -24,6 +24,7 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 TOPK = ["--attention", "topk", "--page-size", "16", "--sink-tokens", "16", "--window-tokens", "64", "--budget", "128"]
 
 
+@pytest.mark.slow
 def test_bench_sweep_with_baselines_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     res = cli("bench", "--model", "synthetic:tiny", "--device", "cpu", *TOPK, "--contexts", "256,512", "--steps", "4",

