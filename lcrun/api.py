@@ -15,14 +15,16 @@ import torch
 
 from lcrun.config import DEFAULT_PAGE_SIZE, LcrunConfig
 from lcrun.errors import CapacityError, ConfigError, LcrunError
+from lcrun.progress import progress_bar
 from lcrun.runtime.build import load_model, random_model
 from lcrun.runtime.chat_template import render_chat
-from lcrun.runtime.generate import Generator, ProgressFn
+from lcrun.runtime.generate import GenerationStats, Generator, ProgressFn
 from lcrun.runtime.kv_cache import AttentionCache, DenseCache
 from lcrun.runtime.loading import default_model, open_source
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.positions import PositionRule
 from lcrun.runtime.sampling import SamplingParams
+from lcrun.runtime.stop_text import StopText
 from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
 from lcrun.units import format_bytes
@@ -233,7 +235,8 @@ class LLM:
     ``plan`` is the memory plan on a GPU (None on the CPU)."""
 
     def __init__(self, model: str | None = None, *, config: LcrunConfig | None = None, progress: bool = True,
-                 **settings: Any):
+                 context: str | None = None, **settings: Any):
+        """context: a saved context (LLM.save_context, --save-context) to load once the model is."""
         if config is None:
             config = LcrunConfig.from_kwargs(model=model, **settings)
         elif model is not None or settings:
@@ -280,17 +283,41 @@ class LLM:
                 self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)
             else:
                 self.tokenizer = source.tokenizer()
-                self.model = load_model(source, self.device, self.dtype, progress=progress)
+                self.model = load_model(source, self.device, self.dtype,
+                                        progress=progress_bar("loading", "layer") if progress else None)
             self.cache = make_cache(config, self.model.cfg, self.device, self.dtype,
                                     self.plan if config.attention == "topk" else None)
         except torch.cuda.OutOfMemoryError as exc:
             raise CapacityError(f"out of GPU memory while loading ({str(exc).splitlines()[0]}): "
                                 "lower --ctx or free the GPU") from None
         self.generator = Generator(self.model, self.cache, config.prefill_chunk)
+        self.model_config: ModelConfig = self.model.cfg
+        self.closed = False
+        self.context_header: dict[str, Any] | None = None  # the last saved context loaded
+        if context is not None:
+            self.load_context(context)
 
-    @property
-    def model_config(self) -> ModelConfig:
-        return self.model.cfg
+    def close(self) -> None:
+        """Release the weights and the KV cache: GPU memory, pinned host pools and the KV folder
+        under --kv-dir. Closing twice is fine; a closed LLM refuses to generate."""
+        if self.closed:
+            return
+        self.closed = True
+        self.cache.close()
+        del self.generator, self.cache, self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed blocks back to the GPU, not only to torch's pool
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _live_generator(self) -> Generator:
+        if self.closed:
+            raise LcrunError("this LLM was closed (LLM.close or the end of its with block): make a new LLM")
+        return self.generator
 
     # -- token level -------------------------------------------------------------------------
     def _need_tokenizer(self) -> TextTokenizer:
@@ -299,21 +326,40 @@ class LLM:
         return self.tokenizer
 
     def stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None, **sampling: Any) -> Iterator[int]:
-        params = SamplingParams.from_kwargs(**{"seed": self.config.seed, **sampling})
+        params = self._sampling(sampling)
+        if params.stop:
+            raise ConfigError("stop strings apply to text: use LLM.stream or LLM.chat_stream (stream_ids yields "
+                              "token ids)")
+        return self._stream_ids(prompt_ids, progress, params)
+
+    def _sampling(self, sampling: dict[str, Any]) -> SamplingParams:
+        return SamplingParams.from_kwargs(**{"seed": self.config.seed, **sampling})
+
+    def _stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None, params: SamplingParams) -> Iterator[int]:
         if len(prompt_ids) == 0:
             raise LcrunError("the prompt is empty: give some text to continue")
         stop = self.tokenizer.stop_ids if self.tokenizer else set()
-        return self.generator.stream(list(prompt_ids), params, stop, progress)
+        return self._live_generator().stream(list(prompt_ids), params, stop, progress)
 
     def _stream_text(self, ids: list[int], progress: ProgressFn | None, sampling: dict) -> Iterator[str]:
+        params = self._sampling(sampling)
         decoder = StreamDecoder(self._need_tokenizer())
-        for token in self.stream_ids(ids, progress, **sampling):
-            piece = decoder.push(token)
+        stopper = StopText(params.stop)
+        tokens = self._stream_ids(ids, progress, params)
+        for token in tokens:
+            piece = stopper.push(decoder.push(token))
             if piece:
                 yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+            if stopper.stopped:
+                tokens.close()  # no more decoding; the cache holds exactly the tokens before this one
+                break
+        else:
+            tail = stopper.push(decoder.flush())
+            tail += stopper.flush()
+            if tail:
+                yield tail
+        if stopper.stopped:
+            self.last_stats.finish_reason = "stop"
 
     # -- text level --------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -337,6 +383,29 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
         return "".join(self.chat_stream(messages, **sampling))
 
+    def stream_text_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None,
+                        **sampling: Any) -> Iterator[str]:
+        """The text that follows ``prompt_ids`` (already encoded, e.g. by encode_chat), as it forms."""
+        return self._stream_text(list(prompt_ids), progress, sampling)
+
+    # -- saved contexts (lcrun.runtime.context_file) -----------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        from lcrun.runtime.context_file import model_fingerprint
+        return model_fingerprint(self.model_spec, self.model_config, self.config.seed)
+
+    def save_context(self, path: str, meta: dict[str, Any] | None = None) -> int:
+        """Save the tokens now in the cache and their KV (the last prompt and reply) to ``path``,
+        atomically; ``meta`` (JSON) is kept with them, e.g. the conversation. Returns the bytes written."""
+        from lcrun.runtime.context_file import save_context
+        return save_context(path, self._live_generator(), self._fingerprint(), meta)
+
+    def load_context(self, path: str) -> dict[str, Any]:
+        """Restore a saved context: the next prompt that starts with its tokens prefills only the
+        rest. Returns its header (``meta``: what the saver kept with it)."""
+        from lcrun.runtime.context_file import load_context
+        self.context_header = load_context(path, self._live_generator(), self._fingerprint())
+        return self.context_header
+
     @property
-    def last_stats(self):
-        return self.generator.last_stats
+    def last_stats(self) -> GenerationStats:
+        return self._live_generator().last_stats

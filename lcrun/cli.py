@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from lcrun.config import LcrunConfig
+from lcrun.config import DEFAULT_MAX_NEW_TOKENS, LcrunConfig
 from lcrun.errors import ContextOverflowError, LcrunError
 
 
@@ -57,10 +58,18 @@ def _int_choice(name: str, func: Callable) -> Callable:
 
 def sampling_options(func: Callable) -> Callable:
     options = [
-        click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Most tokens per reply."),
+        click.option("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, show_default=True, help="Most tokens per reply."),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
         click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest; 0 = off."),
+        click.option("--stop", multiple=True, metavar="TEXT",
+                     help="End the reply before this text (repeatable); the text itself is not printed."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True,
+                     help="Discourage tokens already in the prompt or reply (above 1 = less repetition; 1 = off)."),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtract from tokens already in the reply, -2 to 2 (0 = off)."),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+                     help="Subtract per earlier use in the reply, -2 to 2 (0 = off)."),
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -91,6 +100,20 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     click.secho(f"warning: {message}", fg="yellow", err=True)
+
+
+class _LibraryLog(logging.Handler):
+    """The library's log records (lcrun.*) as the CLI's own lines: info in cyan, warnings in yellow."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        (info if record.levelno < logging.WARNING else warn)(record.getMessage())
+
+
+def _show_library_log() -> None:
+    logger = logging.getLogger("lcrun")
+    if not any(isinstance(h, _LibraryLog) for h in logger.handlers):
+        logger.addHandler(_LibraryLog())
+        logger.setLevel(logging.INFO)
 
 
 def show_attention(choice) -> None:
@@ -143,16 +166,20 @@ def load_llm(config: LcrunConfig):
 @click.version_option(package_name="lcrun")
 def main() -> None:
     """lcrun: long-context LLM inference on one consumer GPU."""
+    from lcrun.exit_signals import exit_cleanly_on_signals, use_expandable_segments
+    use_expandable_segments()
+    exit_cleanly_on_signals()
+    _show_library_log()
 
 
-def _sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> dict[str, Any]:
-    """The sampling flags, checked (SamplingParams) before any model is loaded."""
+def _sampling(**sampling: Any) -> dict[str, Any]:
+    """The sampling flags (sampling_options), checked (SamplingParams) before any model is loaded."""
     from lcrun.runtime.sampling import SamplingParams
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     SamplingParams.from_kwargs(**sampling)
     return sampling
 
 
+PREFILL_BAR_MIN_TOKENS = 1024  # shorter prefills take about a second on a CPU: no bar
 CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows this; Ctrl+C stops a reply"
 
 
@@ -198,7 +225,7 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
         messages.append({"role": "user", "content": line})
         reply = []
         try:
-            for piece in llm.chat_stream(messages, **sampling):
+            for piece in llm.chat_stream(messages, progress=_prefill_bar(), **sampling):
                 reply.append(piece)
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
@@ -214,7 +241,8 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
         stats = llm.last_stats
         if stats.finish_reason == "context":
             info("(the context is full: /clear to start over, or restart with a larger --ctx)")
-        if interactive and stats.decode_s > 0:
+        _note_cut(stats, sampling["max_new_tokens"])
+        if stats.decode_s > 0:
             info(f"[{stats.new_tokens} tokens, {stats.new_tokens / stats.decode_s:.1f} tok/s; "
                  f"prompt {stats.prompt_tokens} tokens, {stats.reused_tokens} reused]")
     if failed and not interactive:
@@ -246,9 +274,16 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_c
         sys.stdout.flush()
     click.echo()
     s = llm.last_stats
+    _note_cut(s, sampling["max_new_tokens"])
     rate = f", {s.new_tokens / s.decode_s:.1f} tok/s" if s.decode_s > 0 else ""
     info(f"[prompt {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; {s.new_tokens} new tokens{rate}; "
          f"stopped: {s.finish_reason}]")
+
+
+def _note_cut(stats, max_new_tokens: int) -> None:
+    """One line on stderr when a reply ended at the token limit rather than where the model stopped."""
+    if stats.finish_reason == "length":
+        info(f"(reply cut at --max-new-tokens {max_new_tokens}: raise it for a longer reply)")
 
 
 def _read_prompt(path: Path) -> str:
@@ -262,19 +297,9 @@ def _read_prompt(path: Path) -> str:
 
 
 def _prefill_bar():
-    """A tqdm bar for prefills long enough to wait for; tokens/s and time left come with it."""
-    from tqdm import tqdm
-    state: dict[str, Any] = {}
-
-    def progress(done: int, total: int) -> None:
-        if "bar" not in state:
-            state["bar"] = tqdm(total=total, desc="prefill", unit="tok", leave=False, file=sys.stderr,
-                                disable=total < 4096)
-        bar = state["bar"]
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-    return progress
+    """Prefill progress from the first chunk, for prefills long enough to wait for."""
+    from lcrun.progress import progress_bar
+    return progress_bar("prefill", "tok", min_total=PREFILL_BAR_MIN_TOKENS)
 
 
 def plan_choice(config: LcrunConfig):
@@ -507,6 +532,40 @@ def eval_cmd(config: LcrunConfig, tasks: str, lengths: str, modes: str, trials: 
     out = out or Path(f"eval-{datetime.date.today()}.json")
     run_eval(Evaluator(config, log=info), plan, out, time_limit, log=info)
     info(f"wrote {out}")
+
+
+@main.command()
+@config_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="LCRUN_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (or set LCRUN_API_KEY).")
+@click.option("--max-queue", type=int, default=8, show_default=True,
+              help="Requests that may wait while one generates; past it the answer is 503 with Retry-After.")
+@click.option("--max-body", default="32MiB", show_default=True, help="Largest request body.")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True,
+              help="Most tokens per reply for requests that give no max_tokens.")
+@handle_errors
+def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_queue: int, max_body: str,
+          max_new_tokens: int) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import uvicorn
+
+    from lcrun.serve import ServeSettings, create_app
+    from lcrun.units import parse_bytes
+
+    if not 0 <= port <= 65535:
+        raise LcrunError(f"--port must be 0 to 65535, got {port}")
+    settings = ServeSettings(api_key=api_key or None, max_queue=max_queue,
+                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens)
+    _need_text_model(config, "serve")
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
+    llm = load_llm(config)
+    settings.model_name = Path(str(llm.model_spec)).name
+    info(f"serving {settings.model_name} on http://{host}:{port}/v1 (Ctrl+C stops)")
+    uvicorn.run(create_app(llm, settings), host=host, port=port, log_level="warning")
 
 
 @main.command()

@@ -16,6 +16,7 @@ from lcrun.units import parse_bytes, parse_tokens
 
 
 DEFAULT_PAGE_SIZE = 32  # where no plan chooses (CPU, window positions)
+DEFAULT_MAX_NEW_TOKENS = 512  # most tokens per reply, for the CLI and the API alike
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:

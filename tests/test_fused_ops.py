@@ -13,7 +13,7 @@ import torch
 
 from lcrun.kernels import fused_norm, fused_rope  # noqa: E402
 from lcrun.kernels.fused_norm import rms_norm, rms_norm_reference  # noqa: E402
-from lcrun.kernels.fused_rope import fusable, rope_qk, rope_reference  # noqa: E402
+from lcrun.kernels.fused_rope import fusable, rope_qk, rope_reference, rope_three  # noqa: E402
 from lcrun.kernels.triton_support import interpreting  # noqa: E402
 from lcrun.runtime import model as model_mod, rope as rope_mod  # noqa: E402
 from lcrun.runtime.build import random_model  # noqa: E402
@@ -154,6 +154,21 @@ def test_rope_qk_matches_reference(dtype, hq, hkv, d, t):
     q_rot, k_rot = rope_qk(q, k, cos, sin, backend="triton")
     check_rope(q_rot, q, cos, sin)
     check_rope(k_rot, k, cos, sin)
+
+
+@poisoned
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128), (8, 1, 256)])
+@pytest.mark.parametrize("t", [1, 3])
+def test_rope_three_places_q_twice_and_k_once(dtype, hq, hkv, d, t):
+    """A window decode step's q at c - shift, q at c - shift - S (scoring) and k at c: one launch,
+    each output what the reference gives at its own positions."""
+    q, k = fused_qkv(t, hq, hkv, d, dtype, seed=hq + t)
+    at_q, at_k, at_2 = (cos_sin(t, d, dtype, seed=s) for s in (1, 2, 3))
+    q_rot, k_rot, q2_rot = rope_three(q, k, at_q, at_k, at_2, backend="triton")
+    check_rope(q_rot, q, *at_q)
+    check_rope(k_rot, k, *at_k)
+    check_rope(q2_rot, q, *at_2)
 
 
 @poisoned

@@ -25,7 +25,7 @@ def demo():
     from lcrun.runtime.build import load_model
     from lcrun.runtime.loading import open_source
     source = open_source(str(path))
-    model = load_model(source, DEV, torch.float32, progress=False)
+    model = load_model(source, DEV, torch.float32)
     ids = source.tokenizer().encode(TEXT * 80 + "\nQuestion: what did the keeper write about? Answer:")
     return model, ids
 

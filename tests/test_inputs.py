@@ -39,6 +39,10 @@ def demo_llm():
     ("--top-k", "-1", "--top-k must be a whole number, 0 (off) or more, got -1"),
     ("--max-new-tokens", "0", "--max-new-tokens must be a whole number of at least 1, got 0"),
     ("--max-new-tokens", "-1", "--max-new-tokens must be a whole number of at least 1, got -1"),
+    ("--repetition-penalty", "0", "--repetition-penalty must be above 0 (1 = off), got 0.0"),
+    ("--presence-penalty", "3", "--presence-penalty must be between -2 and 2 (0 = off), got 3.0"),
+    ("--frequency-penalty", "-2.5", "--frequency-penalty must be between -2 and 2 (0 = off), got -2.5"),
+    ("--stop", "", "--stop strings must not be empty"),
 ])
 @pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["chat"]])
 def test_cli_sampling_out_of_range_is_one_line_error(command, flag, value, text):
@@ -77,6 +81,27 @@ def test_api_rejects_bad_sampling_before_generating():
 def test_chat_unknown_sampling_setting_is_a_config_error(demo_llm):
     with pytest.raises(ConfigError, match=r"unknown sampling setting\(s\): bogus; known: max_new_tokens"):
         demo_llm.chat([{"role": "user", "content": "Hi"}], bogus=1)
+
+
+@needs_demo
+def test_cli_stop_string_ends_the_reply_before_it():
+    args = ["run", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "12", "--ctx", "1k"]
+    full = _run(args)
+    assert full.exit_code == 0 and "stopped: length" in full.stderr, full.output
+    text = full.stdout.rstrip("\n")
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    res = _run([*args, "--stop", "never appears", "--stop", stop])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == text[:text.index(stop)] + "\n"
+    assert "stopped: stop" in res.stderr
+
+
+@needs_demo
+def test_cli_repetition_penalty_changes_a_looping_reply():
+    args = ["run", "--raw", "--prompt", "one two one two one two one two", "--max-new-tokens", "12", "--ctx", "1k"]
+    plain, penalised = _run(args), _run([*args, "--repetition-penalty", "1.5", "--frequency-penalty", "1"])
+    assert plain.exit_code == penalised.exit_code == 0
+    assert plain.stdout != penalised.stdout
 
 
 # -- an empty prompt ---------------------------------------------------------------------------
@@ -254,3 +279,110 @@ def test_a_context_over_host_memory_is_refused_before_allocating():
 def test_a_model_over_host_memory_is_refused_before_allocating():
     with pytest.raises(LcrunError, match=r"the weights \(.*\) and the KV cache for 8,192 tokens"):
         LLM("synthetic:llama-3.1-8b", ctx="8k", device="cpu", host_mem="8GiB", progress=False)
+
+
+# -- one max_new_tokens default; a reply cut by it says so -----------------------------------------
+def test_one_max_new_tokens_default_for_cli_and_api():
+    from lcrun.config import DEFAULT_MAX_NEW_TOKENS
+    assert SamplingParams().max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    for name in ("run", "chat"):
+        option = next(p for p in main.commands[name].params if p.name == "max_new_tokens")
+        assert option.default == DEFAULT_MAX_NEW_TOKENS
+
+
+@needs_demo
+def test_run_says_when_the_reply_was_cut():
+    res = _run(["run", "--raw", "--prompt", "Once upon a time", "--max-new-tokens", "3", "--ctx", "1k"])
+    assert res.exit_code == 0, res.output
+    assert "(reply cut at --max-new-tokens 3: raise it for a longer reply)" in res.stderr
+    assert "reply cut" not in res.stdout
+
+
+@needs_demo
+def test_piped_chat_says_when_a_reply_was_cut_and_prints_stats():
+    res = _run(["chat", "--ctx", "1k", "--max-new-tokens", "3"], "Tell me a long story.\nSay hi.\n")
+    assert res.exit_code == 0, res.output
+    cut = [line for line in res.stderr.splitlines() if "reply cut at --max-new-tokens 3" in line]
+    stats = [line for line in res.stderr.splitlines() if line.startswith("[") and "tok/s" in line]
+    assert len(cut) == 2 and len(stats) == 2, res.stderr
+    assert "tok/s" not in res.stdout
+    full = _run(["chat", "--ctx", "1k", "--max-new-tokens", "200"], "Say hi.\n")
+    assert full.exit_code == 0 and "reply cut" not in full.stderr, full.output
+
+
+# -- progress from the first prefill token, and while loading weights ------------------------------
+@needs_demo
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_progress_bar_counts_every_chunk_from_the_first(monkeypatch, command):
+    import re
+    import time
+
+    from lcrun.runtime.model import LlamaModel
+    monkeypatch.setattr("lcrun.progress.stderr_is_terminal", lambda: True)
+    forward = LlamaModel.forward
+
+    def slow_forward(self, *args, **kwargs):  # a slow model: each chunk takes a while
+        time.sleep(0.05)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(LlamaModel, "forward", slow_forward)
+    prompt = "word " * 1300
+    args = ["--ctx", "2k", "--prefill-chunk", "256", "--max-new-tokens", "1"]
+    res = (_run(["run", "--raw", "--prompt", prompt, *args]) if command == "run"
+           else _run(["chat", *args], stdin=prompt + "\n"))
+    assert res.exit_code == 0, res.output
+    totals = {int(t) for t in re.findall(r"prefill:.*?\| *\d+/(\d+) ", res.stderr)}
+    assert len(totals) == 1, res.stderr
+    total = totals.pop()
+    assert total > 1300  # every token of the prompt, the first chunk's included
+    shown = [int(n) for n in re.findall(rf"prefill:.*?\| *(\d+)/{total} ", res.stderr)]
+    steps = list(dict.fromkeys(shown))
+    assert steps[:3] == [0, 256, 512] and steps[-1] == total, shown  # up before the first chunk, which it counts
+    assert re.search(r"loading:.*\| *0/30 ", res.stderr) and re.search(r"loading:.*\| *30/30 ", res.stderr)
+
+
+def test_api_progress_callback_starts_at_zero_and_counts_all_tokens():
+    llm = LLM("synthetic:tiny", ctx="1k", prefill_chunk=64, progress=False)
+    calls = []
+    list(llm.stream_ids(list(range(1, 201)), progress=lambda done, total: calls.append((done, total)),
+                        max_new_tokens=1))
+    assert calls == [(0, 200), (64, 200), (128, 200), (192, 200), (200, 200)]
+
+
+# -- a library without side effects; LLM.close() --------------------------------------------------
+def test_importing_lcrun_changes_no_signal_handler_or_environment():
+    import os
+    import subprocess
+    import sys
+    child = ("import os, signal\n"
+             "sigs = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]\n"
+             "before = ({s: signal.getsignal(s) for s in sigs}, dict(os.environ))\n"
+             "import lcrun, lcrun.api, lcrun.cli, lcrun.offload.nvme_store, lcrun.offload.calibrate\n"
+             "from lcrun import LLM\n"
+             "after = ({s: signal.getsignal(s) for s in sigs}, dict(os.environ))\n"
+             "assert before == after, [k for k in set(before[1]) | set(after[1]) "
+             "if before[1].get(k) != after[1].get(k)] or 'signal handlers changed'\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}  # the old import set it
+    res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+def test_llm_close_and_context_manager():
+    with LLM("synthetic:tiny", ctx="1k", progress=False) as llm:
+        assert len(list(llm.stream_ids([1, 2, 3], max_new_tokens=2))) == 2
+    assert llm.closed
+    llm.close()  # twice is fine
+    with pytest.raises(LcrunError, match="this LLM was closed"):
+        llm.stream_ids([1, 2, 3])
+    with pytest.raises(LcrunError, match="this LLM was closed"):
+        llm.last_stats
+
+
+def test_the_cache_is_closed_with_its_llm(monkeypatch):
+    from lcrun.runtime.kv_cache import AttentionCache
+    closed = []
+    monkeypatch.setattr(AttentionCache, "close", lambda self: closed.append(type(self).__name__))
+    llm = LLM("synthetic:tiny", ctx="1k", attention="dense", progress=False)
+    llm.close()
+    assert closed == ["DenseCache"]  # once, though closed twice
+    llm.close()
+    assert closed == ["DenseCache"]

@@ -9,9 +9,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lcrun"
 
 # Bottom to top. Why this order: kernels are pure compute; the planner is plain Python over numbers;
 # offload moves pages by the plan; the runtime runs the model over them; api builds a run from the
-# settings; profiling, eval and the CLI drive runs built by api.
+# settings; profiling, eval, serve and the CLI drive runs built by api.
 LAYERS = [
-    {"errors", "units", "ranges"},  # leaf modules: no lcrun imports but each other
+    {"errors", "units", "ranges", "progress", "exit_signals"},  # leaf modules: no lcrun imports but each other
     {"config"},
     {"kernels"},
     {"planner"},
@@ -20,6 +20,7 @@ LAYERS = [
     {"api"},
     {"profiling"},
     {"eval"},
+    {"serve"},
     {"cli"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}

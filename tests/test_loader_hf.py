@@ -39,7 +39,7 @@ def folder(tmp_path):
 
 
 def test_good_folder_loads(folder):
-    model = load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32, progress=False)
+    model = load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32)
     assert model.lm_head is model.embed
 
 
@@ -95,7 +95,7 @@ def test_truncated_safetensors(folder):
     path = folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="model.safetensors"):
-        load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32, progress=False)
+        load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32)
 
 
 def test_garbage_safetensors(folder):
@@ -109,7 +109,7 @@ def test_missing_tensor(folder):
     del tensors["model.layers.0.mlp.down_proj.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="down_proj.weight' is missing"):
-        load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32, progress=False)
+        load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32)
 
 
 def test_wrong_shape(folder):
@@ -117,7 +117,7 @@ def test_wrong_shape(folder):
     tensors["model.layers.0.self_attn.k_proj.weight"] = torch.randn(5, 32)
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="k_proj.weight' has shape"):
-        load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32, progress=False)
+        load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32)
 
 
 def test_sharded_index_with_missing_shard(folder):

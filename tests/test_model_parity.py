@@ -45,7 +45,7 @@ def _save_random(kind: str, folder) -> "transformers.PreTrainedModel":
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = _save_random(request.param, folder)
-    ours = load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32, progress=False)
+    ours = load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32)
     return ref, ours
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers():
-    """A store converts default SIGTERM/SIGHUP into SystemExit: keep that out of other tests."""
+    """exit_cleanly_on_signals converts default SIGTERM/SIGHUP into SystemExit: keep that out of other tests."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     yield
     for s, h in saved.items():
@@ -221,19 +221,29 @@ def test_unwritable_kv_dir_is_named(tmp_path):
 
 
 def test_app_signal_handler_is_kept(tmp_path):
+    from lcrun.exit_signals import exit_cleanly_on_signals
+
     def mine(signum, frame):
         pass
 
     signal.signal(signal.SIGTERM, mine)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    exit_cleanly_on_signals()
+    assert signal.getsignal(signal.SIGTERM) is mine
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+def test_a_store_installs_no_signal_handler(tmp_path):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with NvmeStore(tmp_path, 4096, 4):
-        assert signal.getsignal(signal.SIGTERM) is mine
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 CHILD = textwrap.dedent("""
     import signal, sys, time, torch
+    from lcrun.exit_signals import exit_cleanly_on_signals
     from lcrun.offload import NvmeStore
+    exit_cleanly_on_signals()  # what the lcrun command does: SIGTERM then runs the finalizers
     # Python keeps SIGINT ignored if the parent ran us with it ignored (a background job):
     # give the child what an interactive start gives.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -141,3 +141,42 @@ def test_prompts_run_layer_by_layer_only():
     with pytest.raises(RuntimeError, match="begin_layerwise"):
         tiered.attend(0, q, k, v)
     tiered.close()
+
+
+def test_prefill_leaves_the_gpu_page_cache_full_of_the_pages_decode_will_want():
+    """After a prefill (which empties the cache to stage K/V in its memory) every slot holds the
+    page of highest warm score mapping to it, bit-exact from the host pool: the sinks and the local
+    window of every head, then the pages the prompt's last query scores highest. The first decode
+    step then hits, and its output is what a cold cache computes."""
+    steps = _steps([200], decode=1, seed=3)
+    kw = dict(page_size=16, budget=96, sink_tokens=16, window_tokens=32, backend="torch")
+    warm = TieredTopKCache(CFG, 256, "cpu", torch.float32, cache_slots_per_layer=20, **kw)  # 26 pages per layer
+    _run(warm, steps[:1])
+    pages, P = warm.pages, 16
+    n_pages = -(-200 // P)
+    for layer in range(CFG.num_layers):
+        q_last = steps[0][0][-1]
+        scores = warm.selector.warm_scores(layer, warm.rotary.rotate(q_last[None], torch.tensor([199]))[0], 200)
+        tag = pages.tag[layer]
+        for s in range(pages.slots):
+            mapped = (pages.cache_slot.flatten() == s).nonzero().flatten()
+            mapped = mapped[mapped % warm.max_pages < n_pages]
+            if not len(mapped):  # no page of the prompt maps here
+                assert tag[s] == -1
+                continue
+            assert int(tag[s]) in mapped.tolist()
+            assert scores.flatten()[int(tag[s])] == scores.flatten()[mapped].max()
+            h, p = divmod(int(tag[s]), warm.max_pages)
+            host = warm.homes.host_kv[layer][warm.homes.host_slot[layer, h, p]]
+            assert torch.equal(pages.gpu_k[layer, s], host[0]) and torch.equal(pages.gpu_v[layer, s], host[1])
+        for h in range(CFG.num_kv_heads):  # the sink page and the window's pages are always kept
+            for p in (0, (200 - 32) // P, n_pages - 1):
+                assert int(tag[pages.cache_slot[h, p]]) == h * warm.max_pages + p
+    out = _run(warm, steps[1:])
+    assert warm.report()["cache_hits"] > 0
+    cold = TieredTopKCache(CFG, 256, "cpu", torch.float32, cache_slots_per_layer=20, **kw)
+    _run(cold, steps[:1])
+    cold.pages.tag.fill_(-1)
+    torch.testing.assert_close(out, _run(cold, steps[1:]), rtol=0, atol=0)
+    warm.close()
+    cold.close()

@@ -8,6 +8,8 @@ real ``HostPagePool`` (cudaHostRegister) and a CUDA graph. A decode step admits 
 admission tests check what attention then reads.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -217,6 +219,23 @@ def test_admit_conflicts():
     store.tag, store.gpu_k, store.gpu_v = tag, gpu_k, gpu_v
     again = run_admit(store, sel_pages, sel_lens)
     assert torch.equal(again[0], tag) and same_bits(again[1], gpu_k) and same_bits(again[2], gpu_v)
+
+
+def test_admit_distinct_slots_without_the_conflict_scan():
+    """``distinct=True`` (the caller picked one page per slot, as GpuPageCache.fill does over a
+    whole layer) admits exactly what the scanning call and the reference admit."""
+    store = Store(hkv=3, max_pages=12, P=16, d=64, dtype=BF16, num_cache_slots=7, spill=0.25, cache_frac=0.5, seed=4)
+    pages = torch.arange(12, dtype=torch.int32, device=DEVICE).expand(3, -1).contiguous()
+    flat = torch.arange(3 * 12).view(3, 12)
+    first = torch.full((7,), 10 ** 6, dtype=torch.long).scatter_reduce(
+        0, store.cache_slot.cpu().flatten().long(), flat.flatten(), "amin")
+    one_per_slot = first[store.cache_slot.cpu().long()] == flat       # the lowest page id of each slot
+    lens = torch.where(one_per_slot, 16, 0).to(torch.int32).to(DEVICE)
+    got = [run_admit(store, pages, lens, functools.partial(admit_pages, distinct=True)),
+           run_admit(store, pages, lens), run_admit(store, pages, lens, ref.admit_pages)]
+    for tag, gpu_k, gpu_v in got[1:]:
+        assert torch.equal(got[0][0], tag) and same_bits(got[0][1], gpu_k) and same_bits(got[0][2], gpu_v)
+    assert not torch.equal(got[0][0], store.tag), "nothing admitted: weak test"
 
 
 def test_admit_counts_hits_and_marks_prefetch():

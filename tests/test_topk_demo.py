@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow,
 @pytest.fixture(scope="module")
 def demo():
     source = open_source(str(demo_model_path()))
-    return load_model(source, torch.device("cpu"), torch.float32, progress=False), source.tokenizer()
+    return load_model(source, torch.device("cpu"), torch.float32), source.tokenizer()
 
 
 def _greedy(model, cache, prompt, n):

@@ -138,7 +138,7 @@ class Evaluator:
         t0 = time.perf_counter()
         source = open_source(self.spec)
         self.tok = source.tokenizer()
-        self.model = load_model(source, self.device, self.dtype, progress=False)
+        self.model = load_model(source, self.device, self.dtype)
         self.load_s = round(time.perf_counter() - t0, 2)
         bos = self.tok.token_id(self.tok.bos_token) if self.tok.bos_token else None
         self.tasks = TaskSet(self.tok, bos=[] if bos is None else [bos], seed=self.config.seed)

@@ -49,7 +49,7 @@ LEADER_GROUPS = 128   # chunk groups whose leaders compete (exact top chunks up 
 
 
 # auto mode: hierarchical from 8192 pages per KV head (256K tokens at P = 32). Per layer inside a
-# decode graph on an H200 (bench_attention-h200-2026-11-29-round8.json): flat is faster at 128K
+# decode graph on an H200 (attention-h200-2026-11-29-layer-32k-1m.json): flat is faster at 128K
 # (20-21 us against 24-25 for 32x32) and slower at 512K (39-41 against 25-26); 256K lies between, unmeasured.
 AUTO_MIN_PAGES = 8192
 

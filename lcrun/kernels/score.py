@@ -129,8 +129,8 @@ def _score_pages_mma_kernel(
 
 
 KERNELS = ("grid", "mma")
-# Which kernel score_pages runs, and its shape, by default: picked by perf/bench_attention.py --tune
-# on an H100 (perf/results/bench_attention-h100-2026-11-22-fused-topk.json, graph replay, L2 flushed):
+# Which kernel score_pages runs, and its shape, by default: picked by `python -m perf.attention` --tune
+# on an H100 (perf/results/attention-h100-2026-11-22-score-tuning.json, graph replay, L2 flushed):
 # mma 64 pages x 4 warps, 66 programs per KV head, 3 stages: 8.8 / 14.1 / 36.8 / 60.8 us at
 # 32K / 128K / 512K / 1M against 8.5 / 15.6 / 37.8 / 61.4 us for the grid kernel (32 pages, 8 warps).
 # Every variant, grid or mma, pipelined or not, lands at ~2.2 TB/s at 1M (see the JSON's notes).

@@ -131,7 +131,7 @@ def _admit_pages_kernel(
     read_slot, read_lens, overflow,
     n_entries, kmax, max_pages, stride_sel_h, stride_map_h, stride_hslot, stride_hkv, stride_cslot,
     PD: tl.constexpr, BLOCK_PD: tl.constexpr, BLOCK_E: tl.constexpr, COUNT: tl.constexpr,
-    SPECULATIVE: tl.constexpr, READ_MAP: tl.constexpr,
+    SPECULATIVE: tl.constexpr, READ_MAP: tl.constexpr, DISTINCT: tl.constexpr,
 ):
     i = tl.program_id(0)
     head = i // kmax
@@ -169,7 +169,7 @@ def _admit_pages_kernel(
             # Do I own the slot? Another used entry j mapping to it blocks me if its page is the one
             # cached there (the incumbent stays), or if it would be admitted too and j < i.
             blocked = tl.zeros([BLOCK_E], tl.int32)
-            for j0 in range(0, n_entries, BLOCK_E):
+            for j0 in range(0, 0 if DISTINCT else n_entries, BLOCK_E):
                 j = j0 + tl.arange(0, BLOCK_E)
                 head_j = j // kmax
                 len_j = tl.load(sel_lens + head_j * stride_sel_h + j % kmax, mask=j < n_entries, other=0)
@@ -208,7 +208,7 @@ def admit_pages(sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: tor
                 counters: torch.Tensor | None = None, spec_mark: torch.Tensor | None = None,
                 step: torch.Tensor | None = None, speculative: bool = False,
                 read_slot: torch.Tensor | None = None, read_lens: torch.Tensor | None = None,
-                overflow: int | None = None) -> None:
+                overflow: int | None = None, distinct: bool = False) -> None:
     """Copy into the GPU cache every selected page (entry with len > 0) that is not cached and is in
     the host pool (host_slot >= 0): its whole K and V page (P * D each, also for a partial last
     page) into gpu_k/gpu_v[cache_slot[h, p]], then tag[cache_slot[h, p]] = h * max_pages + p.
@@ -224,6 +224,8 @@ def admit_pages(sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: tor
     smallest flat index h * Kmax + e wins. Each program decides alone by scanning all Hkv * Kmax
     entries in vector blocks (only for entries that want to admit; cost O(entries) each, fine for a
     few thousand entries); its host reads are issued before the scan, overlapping it.
+    ``distinct``: the caller guarantees that no two used entries map to one slot (no scan: the
+    cost is O(1) per entry, for calls over every page of a layer, e.g. GpuPageCache.fill).
 
     One launch, one program per entry; no host synchronisation (graph-capturable). Within a
     program the data is written before the tag. Nothing may read this layer's cache while this
@@ -274,7 +276,7 @@ def admit_pages(sel_pages: torch.Tensor, sel_lens: torch.Tensor, cache_slot: tor
         n, kmax, cache_slot.shape[1], sel_pages.stride(0), cache_slot.stride(0), host_kv.stride(0),
         host_kv.stride(1), gpu_k.stride(0),
         PD=pd, BLOCK_PD=next_pow2(pd), BLOCK_E=min(1024, next_pow2(n)),
-        COUNT=count and not speculative, SPECULATIVE=count and speculative, READ_MAP=read_map,
+        COUNT=count and not speculative, SPECULATIVE=count and speculative, READ_MAP=read_map, DISTINCT=distinct,
         num_warps=4 if pd * gpu_k.element_size() <= 8192 else 8, num_stages=1,
     )
 
@@ -294,7 +296,7 @@ def _to_e4m3(x, code_max: tl.constexpr):
     in fp32 first (adding and subtracting 1.5 * 2^(23 + s) rounds to a multiple of the grid step
     2^s; subnormals have step 2^-9), so the cast only meets representable values: the interpreter's
     own fp8 cast mis-rounds some values (7.9 -> 4); the GPU's hardware cast agrees with torch on
-    every value (perf/diag_fp8_rounding.py), and so does this."""
+    every value (perf/diag/fp8_rounding.py), and so does this."""
     size = tl.abs(x)
     biased = (size.to(tl.int32, bitcast=True) >> 23) & 0xFF
     step_exp = tl.maximum(biased - 127, -6) - 3

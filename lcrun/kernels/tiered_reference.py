@@ -65,7 +65,9 @@ def admission_winners(sel_pages, sel_lens, cache_slot, tag, host_slot) -> torch.
 
 
 def admit_pages(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v, counters=None,
-                spec_mark=None, step=None, speculative=False, read_slot=None, read_lens=None, overflow=None) -> None:
+                spec_mark=None, step=None, speculative=False, read_slot=None, read_lens=None, overflow=None,
+                distinct=False) -> None:
+    # ``distinct`` only spares the Triton kernel its conflict scan: with no conflicts the winners are the same.
     max_pages = cache_slot.shape[1]
     if read_slot is not None:
         _read_map(sel_pages, sel_lens, cache_slot, tag, host_slot, host_kv, gpu_k, gpu_v, read_slot, read_lens,

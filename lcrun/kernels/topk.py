@@ -231,7 +231,7 @@ def _config(n_cols: int, k: int, groups: int | None, cap: int | None, num_warps:
     if small:
         cap = block
     if num_warps is None:
-        # One program per KV head, alone on its SM. Fastest on an H100 (perf/bench_attention.py
+        # One program per KV head, alone on its SM. Fastest on an H100 (`python -m perf.attention`
         # --tune, Triton 3.6): 8 warps for 1K-page rows (32K tokens), 16 for 4K, 32 for 16K, 16 for
         # 32K (both 16 and 32 spill there; 27.0 vs 27.5 us).
         num_warps = 8 if block <= 2048 else 16 if block <= 8192 else 32 if block <= 16384 else 16

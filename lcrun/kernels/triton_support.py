@@ -88,7 +88,7 @@ def use_triton(device: torch.device, backend: str) -> bool:
 # Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may be scheduled
 # while the kernel before it in the stream is still running, so its launch and ramp-up overlap its
 # predecessor's tail (measured on an H200: 0.5-1.4 us per decode layer of four to five dependent
-# kernels; perf/results/bench_attention-h200-2026-11-29-stack-pdl.json). The kernels that take a
+# kernels; perf/results/attention-h200-2026-11-29-layer-32k-1m.json). The kernels that take a
 # PDL flag call ``pdl_wait`` before touching memory: it waits until the predecessor has finished
 # and its writes are visible, so memory order is exactly the stream's.
 PDL_ENV = "LCRUN_PDL"  # "0" turns it off (read once per process and device)
@@ -146,6 +146,6 @@ if HAVE_TRITON:
     @jit
     def timer_after(dep):
         """%globaltimer (ns) read by each thread once its elements of ``dep`` (int32) are computed:
-        stage timestamps inside a kernel, for diagnostics (perf/diag_topk_timeline.py)."""
+        stage timestamps inside a kernel, for diagnostics (perf/diag/topk_timeline.py)."""
         return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=tl.int64,
                                          is_pure=False, pack=1)

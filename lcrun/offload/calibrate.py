@@ -8,9 +8,9 @@ is measured. Each number is the median of a few repetitions.
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -95,6 +95,7 @@ def calibrate(device: torch.device, kv_dir: str | None = None, path: Path | None
 
 
 AUTO_ENV = "LCRUN_AUTO_CALIBRATE"
+log = logging.getLogger(__name__)  # the library reports; the application decides what to show
 
 
 def gpu_calibration(device: torch.device, gpu_name: str) -> Calibration | None:
@@ -111,14 +112,14 @@ def gpu_calibration(device: torch.device, gpu_name: str) -> Calibration | None:
     try:
         h2d, hbm = measure_gpu(device)
     except Exception as exc:  # noqa: BLE001 - planning with defaults beats not running
-        print(f"lcrun: could not measure the GPU's links ({type(exc).__name__}: {exc}); planning with "
-              f"defaults (lcrun calibrate retries)", file=sys.stderr)
+        log.warning(f"could not measure the GPU's links ({type(exc).__name__}: {exc}); planning with "
+                    "defaults (lcrun calibrate retries)")
         return cal
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the 2 GiB copy buffers go back before the model loads
     cal = cal or Calibration(gpu_name=gpu_name)
     cal.h2d_bytes_per_s, cal.gpu_mem_bytes_per_s, cal.measured_at = h2d, hbm, None
     path = cal.save()
-    print(f"lcrun: measured this GPU's links once: host->GPU {h2d / 1e9:.1f} GB/s, device memory "
-          f"{hbm / 1e9:.0f} GB/s (saved to {path}; lcrun calibrate --kv-dir DIR adds the disk)", file=sys.stderr)
+    log.info(f"measured this GPU's links once: host->GPU {h2d / 1e9:.1f} GB/s, device memory "
+             f"{hbm / 1e9:.0f} GB/s (saved to {path}; lcrun calibrate --kv-dir DIR adds the disk)")
     return cal

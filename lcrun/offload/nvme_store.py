@@ -15,11 +15,10 @@ is ``DEFAULT_IO_THREADS``, or ``LCRUN_NVME_IO_THREADS``.
 
 Cleanup: :meth:`NvmeStore.close`, or a ``weakref.finalize`` that runs when the store is dropped
 and at interpreter exit (atexit), removes the folder. Ctrl-C raises KeyboardInterrupt, which
-unwinds to that exit. SIGTERM and SIGHUP by default kill Python without running any exit code,
-so the first store converts them into ``SystemExit`` -- but only for a signal whose handler is
-still the default (an application that installed its own keeps it, and an ignored signal stays
-ignored) and only from the main thread (Python allows no other). SIGKILL cannot be caught: a
-process killed that way leaves its folder behind.
+unwinds to that exit. SIGTERM and SIGHUP by default kill Python without running any exit code:
+an application that wants the folder removed then too calls
+:func:`lcrun.exit_signals.exit_cleanly_on_signals` (the `lcrun` command does; the library installs
+no handler). SIGKILL cannot be caught: a process killed that way leaves its folder behind.
 """
 from __future__ import annotations
 
@@ -29,7 +28,6 @@ import mmap
 import os
 import queue
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -64,20 +62,6 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 def default_io_threads() -> int:
     """``LCRUN_NVME_IO_THREADS`` when set (a positive integer), else DEFAULT_IO_THREADS."""
     return int(env_number(IO_THREADS_ENV, DEFAULT_IO_THREADS, minimum=1))
-
-
-def _raise_system_exit(signum, frame):
-    raise SystemExit(128 + signum)  # the shell's exit status for "killed by signum"
-
-
-def _exit_cleanly_on_signals() -> None:
-    """Turn default-action SIGTERM/SIGHUP into SystemExit so that finalizers remove the folder."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for name in ("SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
-            signal.signal(sig, _raise_system_exit)
 
 
 def _transfer(fn, fd: int, views: list[memoryview], offset: int) -> None:
@@ -282,7 +266,6 @@ class NvmeStore:
                 raise CapacityError(self._disk_full_message("reserving")) from e
             raise LcrunError(f"cannot create the KV page file in {path} ({e.strerror or e})") from e
         self._disk.start_threads(self.io_threads)
-        _exit_cleanly_on_signals()
 
     # --- public API -------------------------------------------------------------------------
 

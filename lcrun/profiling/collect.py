@@ -69,6 +69,8 @@ def _prefill(llm, ids: list[int], log: Log) -> dict:
     t0 = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
+        if done == 0:  # the start, before any chunk: t0 is taken
+            return
         _sync(llm.device)
         points.append({"tokens": done, "seconds": time.perf_counter() - t0})
         if len(points) % 16 == 0 or done >= total:

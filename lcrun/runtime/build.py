@@ -1,8 +1,9 @@
 """Assemble a LlamaModel from a WeightSource (real files) or from random weights (synthetic specs)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-from tqdm import tqdm
 
 from lcrun.errors import ModelLoadError
 from lcrun.runtime.model import LayerWeights, LlamaModel
@@ -10,7 +11,10 @@ from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.weight_source import WeightSource
 
 
-def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype, progress: bool = True) -> LlamaModel:
+def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
+               progress: Callable[[int, int], None] | None = None) -> LlamaModel:
+    """The model's weights on ``device`` in ``dtype``; progress(layers done, layers) after each layer
+    (and with 0 before the first)."""
     cfg = source.config
     available = set(source.names())
 
@@ -25,8 +29,9 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype, p
         return None if t is None else t.to(device, non_blocking=False).contiguous()
 
     layers = []
-    bar = tqdm(range(cfg.num_layers), desc="loading layers", unit="layer", disable=None if progress else True, leave=False)
-    for i in bar:
+    for i in range(cfg.num_layers):
+        if progress is not None:
+            progress(i, cfg.num_layers)
         p = f"model.layers.{i}."
         q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
         _check_shape(source, p + "self_attn.q_proj.weight", q, (cfg.num_heads * cfg.head_dim, cfg.hidden_size))
@@ -48,6 +53,8 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype, p
             w_gate_up=put(torch.cat([gate, up])),
             w_down=put(get(p + "mlp.down_proj.weight")),
         ))
+    if progress is not None:
+        progress(cfg.num_layers, cfg.num_layers)
     embed = put(get("model.embed_tokens.weight"))
     _check_shape(source, "model.embed_tokens.weight", embed, (cfg.vocab_size, cfg.hidden_size))
     head = get("lm_head.weight", required=not cfg.tie_word_embeddings)

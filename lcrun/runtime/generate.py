@@ -16,7 +16,9 @@ from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model import LlamaModel
 from lcrun.runtime.sampling import Sampler, SamplingParams
 
-ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
+# (tokens done, tokens total); called with done = 0 before the work starts, so a bar shows from
+# the start and its rate and time left count all of it
+ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
@@ -26,7 +28,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    finish_reason: str = ""  # "stop", "length" (max_new_tokens) or "context" (context full)
+    finish_reason: str = ""  # "stop" (stop token or string), "length" (max_new_tokens) or "context" (context full)
 
 
 class Generator:
@@ -74,6 +76,8 @@ class Generator:
         # own selection, as every decode step has (window passkey at 2K: wrong -> right).
         last_alone = self.cache.shares_prefill_selection(len(ids)) and todo.numel() > 1
         body = todo[:-1] if last_alone else todo
+        if progress is not None:
+            progress(0, todo.numel())
         if self.cache.layerwise_prefill and body.numel() > 0:
             logits = self.model.forward_layerwise(body, self.cache, self.prefill_chunk, progress)
             self.cached_ids.extend(ids[common:common + body.numel()])
@@ -101,7 +105,7 @@ class Generator:
         import time
         t0 = time.perf_counter()
         logits = self.prefill(prompt_ids, progress)
-        sampler = Sampler(params, self.model.device)
+        sampler = Sampler(params, self.model.device, prompt_ids)
         stats = self.last_stats
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()

@@ -174,7 +174,7 @@ def _attend_piece(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rel
     own = lay.p0 - lay.ls  # local tokens before the piece
     o, lse = attention_with_lse(qr.reshape(hkv * g, n, d), local_k[:, own:].repeat_interleave(g, 0),
                                 values[:, lay.p0:end].repeat_interleave(g, 0), True, sm_scale)
-    acc = RunningAttention(o.view(hkv, g * n, d), lse.view(hkv, g * n))
+    acc = RunningAttention(o.reshape(hkv, g * n, d), lse.reshape(hkv, g * n))  # flash outputs may be strided
     rows = qr.reshape(hkv, g * n, d)
     if own:
         acc.add(*attention_with_lse(rows, local_k[:, :own].contiguous(), values[:, lay.ls:lay.p0], False, sm_scale))
@@ -206,6 +206,6 @@ def _attend_far(q: torch.Tensor, qr: torch.Tensor, keys: torch.Tensor, values: t
     q_blk = torch.nn.functional.pad(qr, (0, 0, 0, pad)) if pad else qr                     # (Hkv, G, n_sel*sb, D)
     q_blk = q_blk.view(hkv, g, n_sel, select_block, d).permute(0, 2, 1, 3, 4).reshape(hkv * n_sel, g * select_block, d)
     o, lse = attention_with_lse(q_blk.contiguous(), k_blk, v_blk, False, sm_scale)
-    o = o.view(hkv, n_sel, g, select_block, d).permute(0, 2, 1, 3, 4).reshape(hkv, g, -1, d)[:, :, :n]
-    lse = lse.view(hkv, n_sel, g, select_block).permute(0, 2, 1, 3).reshape(hkv, g, -1)[:, :, :n]
+    o = o.reshape(hkv, n_sel, g, select_block, d).permute(0, 2, 1, 3, 4).reshape(hkv, g, -1, d)[:, :, :n]
+    lse = lse.reshape(hkv, n_sel, g, select_block).permute(0, 2, 1, 3).reshape(hkv, g, -1)[:, :, :n]
     return o.reshape(hkv, g * n, d), lse.reshape(hkv, g * n)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from lcrun.kernels.fused_rope import rope_qk
+from lcrun.kernels.fused_rope import rope_qk, rope_three
 from lcrun.runtime.model_config import ModelConfig
 
 
@@ -57,6 +57,14 @@ class Rotary:
         """``(apply(q, cos, sin), apply(k, cos, sin))`` in one launch on CUDA. q: (T, Hq, D),
         k: (T, Hkv, D), strided views allowed (last dim contiguous); cos/sin: (T, 1, D)."""
         return rope_qk(q, k, cos, sin)
+
+    @staticmethod
+    def apply_window(q: torch.Tensor, k: torch.Tensor, q_at: tuple[torch.Tensor, torch.Tensor],
+                     k_at: tuple[torch.Tensor, torch.Tensor], score_at: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A window-position decode step (lcrun.runtime.positions): (q at ``q_at``, k at ``k_at``,
+        q at ``score_at``) in one launch on CUDA. Shapes as ``apply_qk``; each pair (T, 1, D)."""
+        return rope_three(q, k, q_at, k_at, score_at)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self.cos_sin(positions, x.dtype)

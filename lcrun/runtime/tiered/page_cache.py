@@ -88,6 +88,27 @@ class GpuPageCache:
                                  self._step, False, self._read_slot, self._read_lens, self._overflow - layer * S)
         return pool_k, pool_v, self._read_slot, self._read_lens
 
+    def fill(self, layer: int, pages: torch.Tensor, scores: torch.Tensor) -> int:
+        """Fill every slot of ``layer`` with the page of highest score that maps to it (a whole
+        layer's pages in one admission, e.g. after a prefill, which empties the cache). pages:
+        (Hkv, max_pages) int32 logical ids (the identity table); scores: (Hkv, max_pages) fp32, -inf
+        for pages not to cache. Pages without a host copy (on NVMe only) are skipped. Returns the
+        bytes read from the host pool (synchronises)."""
+        slot, flat_score = self.cache_slot.flatten().long(), scores.flatten()
+        best = torch.full((self.slots,), float("-inf"), device=scores.device).scatter_reduce(
+            0, slot, flat_score, "amax")
+        chosen = (flat_score == best[slot]) & (flat_score > float("-inf"))
+        # One page per slot (the admission then needs no conflict scan): ties go to the highest id.
+        flat_id = torch.arange(slot.numel(), device=slot.device)
+        winner = torch.full((self.slots,), -1, device=slot.device).scatter_reduce(
+            0, slot, torch.where(chosen, flat_id, -1), "amax")
+        chosen &= winner[slot] == flat_id
+        readable = chosen & (self.homes.host_slot[layer].flatten() >= 0)
+        lens = torch.where(chosen, self.conf.page_size, 0).to(torch.int32).view_as(pages)
+        self.kernels.admit_pages(pages, lens, self.cache_slot, self.tag[layer], self.homes.host_slot[layer],
+                                 self.homes.host_kv[layer], self.gpu_k[layer], self.gpu_v[layer], distinct=True)
+        return int(readable.sum()) * self.codec.page_bytes
+
     # -- the cache's memory, lent to a prefill -----------------------------------------------------
     def start_lending(self) -> None:
         """Empty the cache; its memory is lent from the start (a bump allocator, reset per prefill)."""

@@ -23,7 +23,7 @@ from lcrun.runtime.tiered.stats import TierStats
 PREFETCH_PROBE_STEPS = 2       # decode steps that measure the prefetch in "auto" mode
 # Below this accuracy the prefetch costs more than it saves: every wrong page takes the PCIe link
 # from the demand fetches of the same step. With random weights the hidden-state predictor was
-# 63-66% accurate (Llama-3.1-8B shape, 24 GiB cap: bench-h200-2026-11-29-llama8b-24gib.json,
+# 63-66% accurate (Llama-3.1-8B shape, 24 GiB cap: bench-h200-2026-11-28-topk-dense-transformers-24gib.json,
 # kernels-h200-512k-24gib.json in perf/results); on the H100 at 128K it made decode slower than
 # no prefetch (a session measurement not kept as a results file).
 PREFETCH_MIN_ACCURACY = 0.8

@@ -22,7 +22,7 @@ from lcrun.runtime.tiered.config import TierConfig
 class PageSelector:
     """kmin, kmax (and rel_min, rel_max when positions may move): (L, Hkv, max_pages, D) model
     dtype; cmin, cmax: chunk abstracts (chunk_abstracts_like) when ``chunk_pages``. ``ops`` (the
-    page kernels) may be replaced, e.g. by a recording wrapper (perf/diag_tiered_reuse.py)."""
+    page kernels) may be replaced, e.g. by a recording wrapper (perf/diag/tiered_reuse.py)."""
 
     def __init__(self, conf: TierConfig, ops: KernelBackend, rotary: Rotary, positions: PositionRule,
                  chunk_pages: int, top_chunks: int):
@@ -121,6 +121,19 @@ class PageSelector:
         """Prefill tokens' page-relative abstracts: k_pre (T, Hkv, D) pre-RoPE keys at ``positions`` (T,)."""
         update_relative_abstracts(k_pre.to(self.conf.dtype), positions, self.rotary.inv_freq, self.rel_min[layer],
                                   self.rel_max[layer], self.conf.page_size)
+
+    def warm_scores(self, layer: int, q_last: torch.Tensor, end: int) -> torch.Tensor:
+        """How much the GPU page cache should hold each page after a prefill of ``end`` tokens:
+        (Hkv, max_pages) fp32, the prompt's last query q_last (Hq, D) post-RoPE at its true position
+        against the true-position abstracts (pages it attends now are likely attended by the next
+        tokens), +inf for the sinks and the local window (attended every step), -inf past the end."""
+        P, dev = self.conf.page_size, self.conf.device
+        num_full = torch.tensor([end // P], device=dev, dtype=torch.int32)
+        scores = self.ops.score_pages(q_last.to(self.conf.dtype).contiguous(), self.kmin[layer], self.kmax[layer],
+                                      num_full, self.conf.group_score)
+        page = torch.arange(self.conf.max_pages, device=dev)
+        always = (page < -(-self.conf.sink_tokens // P)) | (page >= max(0, end - self.conf.window_tokens) // P)
+        return torch.where(always, float("inf"), scores).masked_fill(page >= -(-end // P), float("-inf"))
 
     def refresh_chunks(self, layer: int, first_page: int, end: int) -> None:
         """Hierarchical selection: the chunk abstracts of pages first_page .. ceil(end / P) - 1, with

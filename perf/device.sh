@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Device measurements, one named suite per call (each fits the device's 10-minute limit).
+# Run from the repo root on the GPU machine:   bash perf/device.sh SUITE OUTDIR
+#
+#   headline  PHASE=bench: `lcrun bench` with the flags a user types plus --gpu-mem 24GiB at CONTEXTS
+#             (32k,128k,256k; time limit BENCH_S, 500); PHASE=quality: GPU tests of positions, key
+#             rotation and NVMe late pages, then passkey 32K/128K and the single needle at 32K, 20
+#             trials, through the default path on the demo model ($LCRUN_DEMO_MODEL) with
+#             --gpu-mem 1GiB (KV pages in host memory); unset PHASE: both
+#   quick     the key-rotation GPU test, then `lcrun bench` with default flags + --gpu-mem 24GiB;
+#             env TEST_S (test time limit, 40), BENCH_S (bench limit, 200), CONTEXTS (32k,256k)
+#   tests     every GPU test (pytest -m gpu)
+#   attention kernel GPU tests, then one attention layer, top-k vs dense, 32K-1M, per-layer times in
+#             stacks of distinct layers with and without PDL (python -m perf.attention)
+#   fp8       fp8 page GPU tests, then 512K decode with fp8 and bf16 pages (32K beside), 128 steps
+#   prefetch  the GPU test that prefetch never changes tokens, then 512K decode, --prefetch hidden/off
+#   cache     512K decode over 96 steps, and its selections replayed through caches of the store's
+#             size (python -m perf.diag.tiered_reuse): what sets the GPU page cache's hit rate
+#   profile   `lcrun bench` top-k 32K/128K/512K, dense 32K, transformers at 128K (env TF_CAP=no
+#             lifts the cap from transformers), then `lcrun profile` at 128K (report.html)
+#   pdl       32K/128K decode with programmatic dependent launch on and off (LCRUN_PDL)
+#   nvme      256K decode with a 16 GiB host pool: half the KV pages in page files under /tmp/lcrun-kv
+#
+# Every results file records its command line, commit, GPU and versions (lcrun bench, perf.attention).
+set -u -o pipefail
+usage="usage: bash perf/device.sh headline|quick|tests|attention|fp8|prefetch|cache|profile|pdl|nvme OUTDIR"
+suite=${1:?$usage}
+out=${2:?$usage}
+suites=" headline quick tests attention fp8 prefetch cache profile pdl nvme "
+[[ $suites == *" $suite "* ]] || { echo "unknown suite '$suite'; $usage" >&2; exit 2; }
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:.
+log="$out/device-$suite.log"; t0=$SECONDS
+step() { echo "=== $1 ($((SECONDS - t0)) s)" | tee -a "$log"; }
+show() { grep -v -i warn | tail "-$1" | tee -a "$log"; }   # a step's last lines, without warnings
+# The Llama-3.1-8B shape with random bf16 weights under a 24 GiB cap, attention and positions fixed
+# (the suites that compare one setting keep everything else as it was measured before).
+fixed=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --host-mem 72GiB
+       --prefill-chunk 8192 --positions true --prefill topk --attention topk)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
+
+headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each); default both
+  local phase=${PHASE:-all}
+  if [[ $phase == all || $phase == bench ]]; then
+    step "bench: default flags + --gpu-mem 24GiB, ${CONTEXTS:=32k,128k,256k}"
+    local cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --contexts "$CONTEXTS"
+               --out "$out/bench-h200-headline-24gib.json")
+    echo "${cmd[*]}" | tee -a "$log"
+    timeout "${BENCH_S:-500}" "${cmd[@]}" 2>&1 | show 12
+  fi
+  if [[ $phase == all || $phase == quality ]]; then
+    step "GPU tests"
+    timeout 110 python3 -m pytest -q -m gpu -x tests/test_gpu_positions.py tests/test_key_rotation.py \
+      tests/test_tiered_nvme.py 2>&1 | tail -15 | tee -a "$log"
+    step "quality: passkey 32K/128K, single needle 32K, through the default path, --gpu-mem 1GiB"
+    timeout 230 python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --tasks passkey --lengths 32k,128k \
+      --modes auto --trials 20 --gpu-mem 1GiB --time-limit 220 --out "$out/eval-h200-passkey-default-path.json" 2>&1 \
+      | show 6
+    timeout 150 python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --tasks niah_single --lengths 32k \
+      --modes auto --trials 20 --gpu-mem 1GiB --time-limit 140 --out "$out/eval-h200-needle-default-path.json" 2>&1 \
+      | show 6
+  fi
+}
+
+quick() {
+  timeout "${TEST_S:-40}" python3 -m pytest -q -m gpu -x tests/test_key_rotation.py 2>&1 | tail -3 | tee -a "$log"
+  step "bench"
+  local cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --contexts "${CONTEXTS:-32k,256k}"
+             --steps 24 --out "$out/bench-h200-headline-24gib.json")
+  echo "${cmd[*]}" | tee -a "$log"
+  timeout "${BENCH_S:-200}" "${cmd[@]}" 2>&1 | show 14
+}
+
+tests() {
+  step "GPU tests"
+  timeout 560 python3 -m pytest -q -m gpu tests 2>&1 | tail -15 | tee -a "$log"
+}
+
+attention() {
+  step "GPU tests (kernels, graph-replayed decode)"
+  timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu.py -x -k "not demo and not prefetch" 2>&1 \
+    | tail -4 | tee -a "$log"
+  step "one attention layer 128K, 1M, 32K, 512K with stacks"
+  timeout 400 python3 -m perf.attention --contexts 128k,1M,32k,512k --hier-variants 32x16 --stack-hier 32x16,32x32 \
+    --out "$out/attention-layer-32k-1m.json" 2>&1 | show 32
+}
+
+fp8() {
+  step "GPU tests of the fp8 page path"
+  timeout 130 python3 -m pytest -q --tb=short tests/test_tiered_kernels.py tests/test_gpu.py -k "fp8 or tiered_kernels" \
+    2>&1 | grep -E "^E |Error|passed|failed" | head -30 | tee -a "$log"
+  step "bench fp8 pages 32K + 512K"
+  timeout 220 "${fixed[@]}" --steps 128 --kv-dtype fp8 --contexts 32k,512k --out "$out/bench-512k-fp8-pages.json" 2>&1 | show 3
+  step "bench bf16 pages 512K"
+  timeout 180 "${fixed[@]}" --steps 128 --contexts 512k --out "$out/bench-512k-bf16-pages.json" 2>&1 | show 3
+}
+
+prefetch() {
+  step "GPU test: prefetch never changes tokens"
+  timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -x -k prefetch 2>&1 | tail -4 | tee -a "$log"
+  local p ctx
+  for p in hidden off; do
+    ctx=512k; [ "$p" = off ] && ctx=32k,512k
+    step "bench --prefetch $p --contexts $ctx"
+    timeout 220 "${fixed[@]}" --prefetch "$p" --contexts "$ctx" --steps 48 --out "$out/bench-512k-prefetch-$p.json" 2>&1 | show 4
+  done
+}
+
+cache() {
+  mkdir -p /tmp/lcrun-kv
+  step "bench 32K + 512K, 96 steps"
+  timeout 300 "${fixed[@]}" --kv-dir /tmp/lcrun-kv --contexts 32k,512k --steps 96 --out "$out/bench-512k-96steps.json" 2>&1 | show 5
+  step "selection reuse at 512K"
+  timeout 270 python3 -m perf.diag.tiered_reuse --model synthetic:llama-3.1-8b --context 512k --steps 64 \
+    --gpu-mem 24GiB --host-mem 72GiB --kv-dir /tmp/lcrun-kv --out "$out/diag-tiered-reuse-512k.json" 2>&1 | show 3
+}
+
+profile() {
+  # 512K of KV is 64 GiB: all of it in pinned host memory (the default cap is half of what is free).
+  mkdir -p /tmp/lcrun-kv
+  local model=(--model synthetic:llama-3.1-8b --gpu-mem 24GiB --prefill-chunk 8192 --positions true)
+  local tf_cap=--transformers-cap; [[ ${TF_CAP:-yes} == no ]] && tf_cap=--no-transformers-cap
+  step "bench: top-k, dense and transformers"
+  timeout 420 python3 -m lcrun.cli bench "${model[@]}" --attention topk --host-mem 72GiB --kv-dir /tmp/lcrun-kv \
+    --contexts 32k,128k,512k --steps 32 --dense-contexts 32k \
+    --transformers dense,offloaded --transformers-contexts 128k --transformers-steps 6 "$tf_cap" \
+    --out "$out/bench-topk-dense-transformers-24gib.json" 2>&1 | show 20
+  local left=$((535 - (SECONDS - t0))); ((left < 90)) && left=90  # the whole under ~9 minutes
+  step "profile 128K"
+  timeout "$left" python3 -m lcrun.cli profile "${model[@]}" --attention topk --ctx 128k --steps 6 --timed-steps 32 \
+    --out-dir "$out/profile-128k-24gib" 2>&1 | show 10
+}
+
+pdl() {
+  local p
+  for p in 1 0; do
+    step "bench 32K + 128K, LCRUN_PDL=$p"
+    LCRUN_PDL=$p timeout 240 "${fixed[@]}" --contexts 32k,128k --steps 48 --out "$out/bench-pdl$p.json" 2>&1 | show 3
+  done
+}
+
+nvme() {
+  mkdir -p /tmp/lcrun-kv
+  step "bench 256K, 16 GiB host pool, pages spilled to /tmp/lcrun-kv"
+  timeout 400 python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --host-mem 16GiB \
+    --kv-dir /tmp/lcrun-kv --prefill-chunk 8192 --positions true --attention topk --contexts 256k --steps 32 \
+    --out "$out/bench-256k-nvme-16gib-host.json" 2>&1 | show 6
+}
+
+"$suite"
+step "done"
