@@ -231,8 +231,8 @@ class LLM:
     """A loaded model with its KV cache, ready to generate. Settings are LcrunConfig's fields.
 
     ``attention`` ("dense" or "topk") and ``attention_reason`` say what --attention resolved to and
-    why; ``config`` is the settings with that resolved value (the config passed in is not changed
-    beyond its own resolve()); ``plan`` is the memory plan on a GPU (None on the CPU)."""
+    why; ``config`` is the settings with that resolved value (a copy: configs are immutable);
+    ``plan`` is the memory plan on a GPU (None on the CPU)."""
 
     def __init__(self, model: str | None = None, *, config: LcrunConfig | None = None, progress: bool = True,
                  context: str | None = None, **settings: Any):
@@ -241,7 +241,6 @@ class LLM:
             config = LcrunConfig.from_kwargs(model=model, **settings)
         elif model is not None or settings:
             raise ConfigError("pass either config= or model/settings, not both")
-        config.resolve()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.settings_warning: str | None = None  # settings this device does not use, one line

@@ -16,7 +16,7 @@ import torch
 
 from lcrun.errors import ConfigError
 from lcrun.kernels import kernel_backend, plan_selection, write_kv
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.kernels.key_rotation import KeyRotation, update_relative_abstracts
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig

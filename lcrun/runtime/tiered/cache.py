@@ -22,7 +22,7 @@ import torch
 from lcrun.errors import ConfigError
 from lcrun.kernels import KernelBackend, kernel_backend
 from lcrun.kernels.key_rotation import KeyRotation
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.paged_cache import export_abstracts, import_abstracts, resolve_chunk_pages, snapshot_positions
