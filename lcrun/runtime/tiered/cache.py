@@ -124,7 +124,7 @@ class TieredTopKCache(AttentionCache):
         except BaseException:
             self._layerwise = False
             raise
-        self.prefill.begin(positions, self.length, self._cos_sin)
+        self.prefill.begin(positions, self.length)
 
     def prefill_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Room for the prefill's hidden states in the page cache memory beyond the staging area
@@ -132,9 +132,9 @@ class TieredTopKCache(AttentionCache):
         return self.pages.lend(shape, dtype)
 
     def _plan(self, positions: torch.Tensor) -> None:
-        self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
-        if self._layerwise:
+        if self._layerwise:  # the prefill rotates chunk by chunk (a whole prompt's cos/sin: 0.5 GiB at 1M)
             return
+        self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
         if positions.numel() != 1:
             raise _prompt_error(positions.numel())
         self.settler.before_step(self.length)

@@ -38,10 +38,10 @@ class LayerwisePrefill:
         self._k = self._v = None
         self._last_query: list[torch.Tensor | None] = [None]  # per layer, the prompt's last query (end())
 
-    def begin(self, positions: torch.Tensor, start: int, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """A prompt of positions (T,) after ``start`` cached tokens, rotated by cos_sin (T, 1, D).
-        The GPU page cache is emptied and its memory holds the staging area meanwhile."""
-        self._positions, self._start, self._n, self._cos_sin = positions, start, positions.numel(), cos_sin
+    def begin(self, positions: torch.Tensor, start: int) -> None:
+        """A prompt of positions (T,) after ``start`` cached tokens. The GPU page cache is emptied
+        and its memory holds the staging area meanwhile."""
+        self._positions, self._start, self._n = positions, start, positions.numel()
         self._done = [0] * self.conf.cfg.num_layers
         self._last_query = [None] * self.conf.cfg.num_layers
         self.begin_staging()
@@ -78,9 +78,9 @@ class LayerwisePrefill:
         t, start, off = q.shape[0], self._start, self._done[layer]
         if off == 0 and start > 0:
             self._stage_past(layer, start)
-        cos, sin = self._cos_sin
+        cos, sin = self.rotary.cos_sin(self._positions[off:off + t], conf.dtype)
         q_pre = q
-        q, k_rot = Rotary.apply_qk(q, k, cos[off:off + t], sin[off:off + t])
+        q, k_rot = Rotary.apply_qk(q, k, cos, sin)
         pos0 = start + off
         self._k[:, pos0:pos0 + t] = k_rot.to(conf.dtype).transpose(0, 1)
         self._v[:, pos0:pos0 + t] = v.to(conf.dtype).transpose(0, 1)
