@@ -235,16 +235,16 @@ class LLM:
     """A loaded model with its KV cache, ready to generate. Settings are LcrunConfig's fields.
 
     ``attention`` ("dense" or "topk") and ``attention_reason`` say what --attention resolved to and
-    why; ``config`` is the settings with that resolved value (the config passed in is not changed
-    beyond its own resolve()); ``plan`` is the memory plan on a GPU (None on the CPU)."""
+    why; ``config`` is the settings with that resolved value (a copy: configs are immutable);
+    ``plan`` is the memory plan on a GPU (None on the CPU)."""
 
     def __init__(self, model: str | None = None, *, config: LcrunConfig | None = None, progress: bool = True,
-                 **settings: Any):
+                 context: str | None = None, **settings: Any):
+        """context: a saved context (LLM.save_context, --save-context) to load once the model is."""
         if config is None:
             config = LcrunConfig.from_kwargs(model=model, **settings)
         elif model is not None or settings:
             raise ConfigError("pass either config= or model/settings, not both")
-        config.resolve()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.settings_warning: str | None = None  # settings this device does not use, one line
@@ -297,6 +297,9 @@ class LLM:
         self.generator = Generator(self.model, self.cache, config.prefill_chunk)
         self.model_config: ModelConfig = self.model.cfg
         self.closed = False
+        self.context_header: dict[str, Any] | None = None  # the last saved context loaded
+        if context is not None:
+            self.load_context(context)
 
     def close(self) -> None:
         """Release the weights and the KV cache: GPU memory, pinned host pools and the KV folder
@@ -387,6 +390,29 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
         return "".join(self.chat_stream(messages, **sampling))
+
+    def stream_text_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None,
+                        **sampling: Any) -> Iterator[str]:
+        """The text that follows ``prompt_ids`` (already encoded, e.g. by encode_chat), as it forms."""
+        return self._stream_text(list(prompt_ids), progress, sampling)
+
+    # -- saved contexts (lcrun.runtime.context_file) -----------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        from lcrun.runtime.context_file import model_fingerprint
+        return model_fingerprint(self.model_spec, self.model_config, self.config.seed)
+
+    def save_context(self, path: str, meta: dict[str, Any] | None = None) -> int:
+        """Save the tokens now in the cache and their KV (the last prompt and reply) to ``path``,
+        atomically; ``meta`` (JSON) is kept with them, e.g. the conversation. Returns the bytes written."""
+        from lcrun.runtime.context_file import save_context
+        return save_context(path, self._live_generator(), self._fingerprint(), meta)
+
+    def load_context(self, path: str) -> dict[str, Any]:
+        """Restore a saved context: the next prompt that starts with its tokens prefills only the
+        rest. Returns its header (``meta``: what the saver kept with it)."""
+        from lcrun.runtime.context_file import load_context
+        self.context_header = load_context(path, self._live_generator(), self._fingerprint())
+        return self.context_header
 
     @property
     def last_stats(self) -> GenerationStats:

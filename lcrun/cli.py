@@ -15,11 +15,15 @@ from lcrun.config import DEFAULT_MAX_NEW_TOKENS, LcrunConfig
 from lcrun.errors import ContextOverflowError, LcrunError
 
 
-def config_options(func: Callable) -> Callable:
-    """Add one click option per LcrunConfig field; the command receives ``config=LcrunConfig``."""
-    fields = LcrunConfig.cli_fields()
+def config_options(func: Callable | None = None, *, exclude: tuple[str, ...] = ()) -> Callable:
+    """Add one click option per LcrunConfig field but ``exclude`` (fields the command sets itself);
+    the command receives ``config=LcrunConfig``."""
+    if func is None:
+        return functools.partial(config_options, exclude=exclude)
+    fields = [f for f in LcrunConfig.cli_fields() if f.name not in exclude]
 
     @functools.wraps(func)
+    @handle_errors  # a bad setting fails as the config is made: one line, as any other error
     def wrapper(**kwargs: Any):
         settings = {f.name: kwargs.pop(f.name) for f in fields}
         settings = {k: v for k, v in settings.items() if v is not None or k == "model"}
@@ -132,7 +136,6 @@ def _positions_line(llm) -> str:
 def _need_text_model(config: LcrunConfig, command: str) -> None:
     """run and chat take text: a synthetic model (random weights, no tokenizer) is refused before loading."""
     from lcrun.runtime.synthetic import is_synthetic
-    config.resolve()  # bad settings first
     if config.model is not None and is_synthetic(config.model):
         ids = "give token ids with --prompt-ids, or " if command == "run" else ""
         raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot take "
@@ -140,12 +143,11 @@ def _need_text_model(config: LcrunConfig, command: str) -> None:
 
 
 def load_llm(config: LcrunConfig):
-    config.resolve()
     from lcrun.api import LLM, IgnoredSettingWarning, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
     if config.model is None:
-        config.model = default_model()
+        config = dataclasses.replace(config, model=default_model())
         info(f"no --model given: using the built-in demo model {config.model}")
     info(f"context: {config.ctx_tokens} tokens ({config.ctx})")
     with warnings.catch_warnings():
@@ -334,7 +336,6 @@ def plan_choice(config: LcrunConfig):
     from lcrun.runtime.loading import default_model, open_source
     from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 
-    config.resolve()
     spec = config.model or default_model()
     model_cfg = synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
     device = resolve_device(config.device)
@@ -387,10 +388,16 @@ def _token_list(value: str | None) -> list[int]:
 @config_options
 @click.option("--contexts", default=None, help="Comma-separated context lengths to sweep, e.g. 32k,128k,512k "
               "(default: --ctx). Each prefills that many random tokens.")
-@click.option("--steps", type=int, default=32, show_default=True, help="Decode steps timed per context.")
+@click.option("--steps", type=int, default=32, show_default=True,
+              help="Decode steps timed per context (at least 2: the first, cold one is not counted).")
 @click.option("--dense-contexts", default=None, help="Also run lcrun with --attention dense at these contexts.")
+@click.option("--dense-cap/--no-dense-cap", default=True, show_default=True,
+              help="Hold the --dense-contexts rows to --gpu-mem as well (--no-dense-cap: the dense reference with "
+              "the whole GPU).")
 @click.option("--transformers", "transformers_caches", default=None,
-              help="Also run transformers' Llama on the same shape: dense (its GPU cache), offloaded, or both.")
+              help="Also run transformers' Llama on the same shape, comma-separated: dense (its dynamic GPU cache, "
+              "eager), static (its static cache with a torch.compile'd CUDA-graph decode; GPU only), offloaded "
+              "(GPU only).")
 @click.option("--transformers-contexts", default=None, help="Contexts for transformers (default: --contexts).")
 @click.option("--transformers-steps", type=int, default=None, help="Decode steps for transformers (default: --steps).")
 @click.option("--transformers-cap/--no-transformers-cap", default=True, show_default=True,
@@ -399,7 +406,7 @@ def _token_list(value: str | None) -> list[int]:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: bench-GPU-DATE.json here).")
 @handle_errors
-def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts: str | None,
+def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts: str | None, dense_cap: bool,
           transformers_caches: str | None, transformers_contexts: str | None, transformers_steps: int | None,
           transformers_cap: bool, trace: str | None, out: Path | None) -> None:
     """Prefill tokens/s and decode ms/token over context lengths (JSON), optionally beside transformers."""
@@ -408,12 +415,13 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
     from lcrun.profiling.bench import Sweep, format_rows, run_sweep
     from lcrun.profiling.meta import gpu_slug
 
-    config.resolve()
     if config.model is None:
         from lcrun.runtime.loading import default_model
-        config.model = default_model()
+        config = dataclasses.replace(config, model=default_model())
+    if not dense_cap and not dense_contexts:
+        warn("--no-dense-cap applies to the --dense-contexts rows, and none were asked for: ignored")
     sweep = Sweep(contexts=_token_list(contexts) or [config.ctx_tokens], steps=steps,
-                  dense_contexts=_token_list(dense_contexts),
+                  dense_contexts=_token_list(dense_contexts), dense_capped=dense_cap,
                   transformers=[c.strip() for c in transformers_caches.split(",")] if transformers_caches else [],
                   transformers_contexts=_token_list(transformers_contexts) or None,
                   transformers_steps=transformers_steps, transformers_capped=transformers_cap, trace=trace)
@@ -453,7 +461,6 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
     from lcrun.profiling.report import check_dependencies, write_report
 
     check_dependencies()
-    config.resolve()
     opts = ProfileOptions(prompt_tokens=prompt_tokens or 0, steps=steps, timed_steps=timed_steps)
     if prompt_file is None and prompt_tokens is None:
         opts.prompt_tokens = config.ctx_tokens - opts.decode_tokens() - 1
@@ -474,24 +481,115 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
     click.echo(f"wrote {html}, {js.name} and {data['trace']} in {out_dir}")
 
 
-@main.command("eval", context_settings=dict(ignore_unknown_options=True, allow_extra_args=True),
-              add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@handle_errors
-def eval_cmd(args: tuple[str, ...]) -> None:
-    """Long-context quality: passkey / needle tasks by length and depth, dense vs top-k, and the
-    teacher-forced fidelity test (perf/eval_longctx.py; `lcrun eval --help` lists its options)."""
-    import lcrun
-    root = Path(lcrun.__file__).resolve().parent.parent
-    if not (root / "perf" / "eval_longctx.py").is_file():
-        raise LcrunError(f"lcrun eval runs from a source checkout: {root / 'perf' / 'eval_longctx.py'} is missing")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from perf.eval_longctx import main as eval_main
+GRID_OPTIONS = ("tasks", "lengths", "modes", "trials", "fidelity_lengths", "fidelity_steps")
+
+
+def _read_json(path: Path) -> Any:
+    import json
     try:
-        sys.exit(eval_main(list(args)))
-    except ValueError as exc:  # a bad task, length or mode name
-        raise LcrunError(str(exc)) from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LcrunError(f"{path}: cannot read it as JSON ({exc})") from None
+
+
+def _names(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+@main.command("eval")
+@config_options(exclude=("ctx", "attention", "positions"))  # set per cell by --lengths and --modes
+@click.option("--tasks", default="passkey", show_default=True,
+              help="Comma-separated tasks: passkey, niah_single, niah_multikey, niah_multivalue. Empty: the "
+              "fidelity test alone.")
+@click.option("--lengths", default="1k,4k", show_default=True, help="Comma-separated prompt lengths in tokens "
+              "(4096, 4k, 7.3k, 1M; k = 1024).")
+@click.option("--modes", default="dense,topk", show_default=True,
+              help="Comma-separated attention modes: auto (as `lcrun run` picks), dense, topk, or topk:true / "
+              "topk:window (top-k with those --positions).")
+@click.option("--trials", type=int, default=20, show_default=True,
+              help="Prompts per task, length and mode, the needle's depth swept from 0 to 100%.")
+@click.option("--fidelity-lengths", default=None, help="Also compare each non-dense mode's next-token "
+              "logits with dense attention's on a fixed text, at these lengths (teacher-forced).")
+@click.option("--fidelity-steps", type=int, default=512, show_default=True,
+              help="Decode steps compared per fidelity length.")
+@click.option("--time-limit", type=float, default=None,
+              help="Seconds; measurements not started by then are skipped and listed in the JSON.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file to write (default: eval-DATE.json here).")
+@click.option("--suite", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run the measurements listed in this JSON file instead of the --tasks x --lengths x --modes "
+              "grid (format: lcrun.eval.Suite.from_json).")
+@click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Print this results file as a markdown table and exit.")
+@handle_errors
+def eval_cmd(config: LcrunConfig, tasks: str, lengths: str, modes: str, trials: int, fidelity_lengths: str | None,
+             fidelity_steps: int, time_limit: float | None, out: Path | None, suite: Path | None,
+             table: Path | None) -> None:
+    """Long-context quality: passkey and needle-in-a-haystack accuracy by length and depth, dense
+    against top-k, and optionally the teacher-forced fidelity of top-k decoding (JSON)."""
+    import datetime
+
+    from lcrun.eval import Evaluator, Suite, markdown_table, run_eval
+
+    if table is not None:
+        try:
+            click.echo(markdown_table(_read_json(table)))
+        except (KeyError, TypeError) as exc:
+            raise LcrunError(f"{table} is not an `lcrun eval` results file (no {exc})") from None
+        return
+    if suite is not None:
+        source = click.get_current_context().get_parameter_source
+        grid = [f"--{n.replace('_', '-')}" for n in GRID_OPTIONS if source(n) != click.core.ParameterSource.DEFAULT]
+        if grid:
+            raise click.UsageError(f"--suite lists every measurement: drop {', '.join(grid)}")
+        plan = Suite.from_json(_read_json(suite))
+    else:
+        plan = Suite.grid(_names(tasks), _names(lengths), _names(modes), trials, _names(fidelity_lengths),
+                          fidelity_steps)
+    if not plan.cells and not plan.fidelity:
+        raise click.UsageError("nothing to measure: give --tasks and --lengths, or --fidelity-lengths")
+    plan.check()
+    if config.model is None:
+        from lcrun.runtime.loading import default_model
+        config = dataclasses.replace(config, model=default_model())
+        info(f"no --model given: using the built-in demo model {config.model}")
+    out = out or Path(f"eval-{datetime.date.today()}.json")
+    run_eval(Evaluator(config, log=info), plan, out, time_limit, log=info)
+    info(f"wrote {out}")
+
+
+@main.command()
+@config_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="LCRUN_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (or set LCRUN_API_KEY).")
+@click.option("--max-queue", type=int, default=8, show_default=True,
+              help="Requests that may wait while one generates; past it the answer is 503 with Retry-After.")
+@click.option("--max-body", default="32MiB", show_default=True, help="Largest request body.")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True,
+              help="Most tokens per reply for requests that give no max_tokens.")
+@handle_errors
+def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_queue: int, max_body: str,
+          max_new_tokens: int) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import uvicorn
+
+    from lcrun.serve import ServeSettings, create_app
+    from lcrun.units import parse_bytes
+
+    if not 0 <= port <= 65535:
+        raise LcrunError(f"--port must be 0 to 65535, got {port}")
+    settings = ServeSettings(api_key=api_key or None, max_queue=max_queue,
+                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens)
+    _need_text_model(config, "serve")
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
+    llm = load_llm(config)
+    settings.model_name = Path(str(llm.model_spec)).name
+    info(f"serving {settings.model_name} on http://{host}:{port}/v1 (Ctrl+C stops)")
+    uvicorn.run(create_app(llm, settings), host=host, port=port, log_level="warning")
 
 
 @main.command()

@@ -25,8 +25,8 @@ from lcrun.errors import ConfigError, LcrunError
 from lcrun.profiling import attribution, counters, links
 from lcrun.profiling.bench import WARMUP_STEPS, random_prompt, warm_median
 from lcrun.profiling.meta import run_metadata
-from lcrun.profiling.ranges import named_range
 from lcrun.profiling.trace import export_trace_gz, profiling
+from lcrun.ranges import named_range
 
 TRACE_NAME = "trace.json.gz"
 Log = Callable[[str], None]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lcrun.kernels.fused_norm import rms_norm
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
 
