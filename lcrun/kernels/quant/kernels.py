@@ -1,0 +1,149 @@
+"""Triton kernels over quantized weights (planes of lcrun.kernels.quant.formats).
+
+Both kernels walk a weight in *pairs*: pair i of a row is byte i of its 4-bit ``qs`` plane, i.e.
+elements e = 32(i//16) + i%16 and e + 16; every format (Q8_0 too) is read pair-wise so one
+dequantizer serves all. The activations are loaded in the same pair order, so the weight is never
+reshuffled in registers.
+
+- ``qgemv``: decode, x (1, K) @ W^T. Memory-bound: each program owns BLOCK_N rows and a K slice
+  (split-K when rows alone give too few programs), reads each weight byte once with contiguous
+  per-row loads, dequantizes in registers and accumulates in fp32; split-K partials are summed by
+  one torch add.
+- ``dequantize``: the whole weight into a (N, K) scratch tensor in the compute dtype, for
+  prefill (T > 1), which then runs torch's matmul (the scratch path: the simplest correct
+  prefill; a GEMM dequantizing tiles in place would save the scratch write and read).
+Imported on first use (lcrun.kernels.quant.linear), so the interpreter-or-GPU mode is fixed then.
+"""
+from __future__ import annotations
+
+import torch
+
+from lcrun.kernels.quant.formats import FORMATS
+from lcrun.kernels.quant.weight import QuantWeight
+from lcrun.kernels.triton_support import interpreting, jit, tl, triton
+
+
+@jit
+def _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, FMT: tl.constexpr):
+    """Weights of pairs i of rows ``row`` (row: (BN, 1) int64, i: (1, BP) int32, mask like both):
+    returns (w_lo, w_hi) fp32 (BN, BP), elements e = 32(i//16) + i%16 and e + 16."""
+    e = (i // 16) * 32 + (i % 16)
+    g = i // 16  # 32-element group of both
+    if FMT == 0:  # Q8_0
+        q_lo = tl.load(qs + row * K + e, mask=mask, other=0).to(tl.float32)
+        q_hi = tl.load(qs + row * K + e + 16, mask=mask, other=0).to(tl.float32)
+        s = tl.load(d + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
+        return s * q_lo, s * q_hi
+    byte = tl.load(qs + row * (K // 2) + i, mask=mask, other=0).to(tl.int32)
+    q_lo = byte & 15
+    q_hi = byte >> 4
+    if FMT == 1:  # Q4_0
+        s = tl.load(d + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
+        return s * (q_lo - 8).to(tl.float32), s * (q_hi - 8).to(tl.float32)
+    if FMT == 2:  # Q4_1
+        s = tl.load(d + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(m + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
+        return s * q_lo.to(tl.float32) + o, s * q_hi.to(tl.float32) + o
+    sb = e // 256
+    ds = tl.load(d + row * (K // 256) + sb, mask=mask, other=0.0).to(tl.float32)
+    if FMT == 5:  # Q6_K: 2 high bits per element, int8 scale per 16 elements
+        h_lo = tl.load(qh + row * (K // 4) + e // 4, mask=mask, other=0).to(tl.int32)
+        h_hi = tl.load(qh + row * (K // 4) + (e + 16) // 4, mask=mask, other=0).to(tl.int32)
+        q_lo = q_lo | (((h_lo >> (2 * (e % 4))) & 3) << 4)
+        q_hi = q_hi | (((h_hi >> (2 * (e % 4))) & 3) << 4)
+        s_lo = tl.load(sc + row * (K // 16) + e // 16, mask=mask, other=0).to(tl.float32)
+        s_hi = tl.load(sc + row * (K // 16) + e // 16 + 1, mask=mask, other=0).to(tl.float32)
+        return (ds * s_lo) * (q_lo - 32).to(tl.float32), (ds * s_hi) * (q_hi - 32).to(tl.float32)
+    if FMT == 4:  # Q5_K: one high bit per element
+        h_lo = tl.load(qh + row * (K // 8) + e // 8, mask=mask, other=0).to(tl.int32)
+        h_hi = tl.load(qh + row * (K // 8) + (e + 16) // 8, mask=mask, other=0).to(tl.int32)
+        q_lo = q_lo | (((h_lo >> (e % 8)) & 1) << 4)
+        q_hi = q_hi | (((h_hi >> (e % 8)) & 1) << 4)
+    dm = tl.load(m + row * (K // 256) + sb, mask=mask, other=0.0).to(tl.float32)
+    s = ds * tl.load(sc + row * (K // 32) + g, mask=mask, other=0).to(tl.float32)
+    o = dm * tl.load(mn + row * (K // 32) + g, mask=mask, other=0).to(tl.float32)
+    return s * q_lo.to(tl.float32) - o, s * q_hi.to(tl.float32) - o
+
+
+@jit
+def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, PAIRS_PER_SPLIT,
+                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+    row_ok = row < N
+    acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    p0 = split * PAIRS_PER_SPLIT
+    for off in range(0, PAIRS_PER_SPLIT, BLOCK_P):
+        i = (p0 + off + tl.arange(0, BLOCK_P))[None, :]
+        i_ok = i < K // 2
+        e = (i // 16) * 32 + (i % 16)
+        x_lo = tl.load(x + e, mask=i_ok, other=0.0).to(tl.float32)
+        x_hi = tl.load(x + e + 16, mask=i_ok, other=0.0).to(tl.float32)
+        w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, row_ok & i_ok, K, FMT)
+        acc += w_lo * x_lo + w_hi * x_hi
+    tl.store(out + split * N + row, tl.sum(acc, axis=1)[:, None], mask=row_ok)
+
+
+@jit
+def _dequant_kernel(qs, d, m, sc, mn, qh, out, N, K,
+                    FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    row = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+    i = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
+    mask = (row < N) & (i < K // 2)
+    w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, FMT)
+    e = (i // 16) * 32 + (i % 16)
+    tl.store(out + row * K + e, w_lo.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + row * K + e + 16, w_hi.to(out.dtype.element_ty), mask=mask)
+
+
+def _plane_args(w: QuantWeight) -> list[torch.Tensor]:
+    """The six plane pointers the kernels take; planes a format lacks get ``qs`` (never read)."""
+    for t in w.planes.values():
+        assert t.stride(-1) == 1 and t.stride(0) == t.shape[1], "quantized planes must be contiguous rows"
+    return [w.planes.get(p, w.planes["qs"]) for p in ("qs", "d", "m", "sc", "mn", "qh")]
+
+
+def gemv_config(n: int, k: int, sm_count: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_P, splits) for a decode GEMV: rows per program, pairs per iteration and
+    split-K factor, aiming at >= 4 programs per SM so the loads keep the memory system full."""
+    if interpreting():  # few, large programs: the interpreter pays per program
+        return 16, 128, 1
+    block_n, block_p = 8, 128
+    programs = triton.cdiv(n, block_n)
+    pairs = k // 2
+    splits = 1
+    while programs * splits < 4 * sm_count and pairs // (2 * splits) >= 4 * block_p:
+        splits *= 2
+    return block_n, block_p, splits
+
+
+def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x (1, K) or (K,) fp32/fp16/bf16, contiguous; w (N, K) on x's device. Returns x @ W^T as
+    (1, N) in x's dtype (accumulated in fp32). ``config``: (BLOCK_N, BLOCK_P, splits) to override
+    gemv_config (benchmarks sweep it); splits must divide K/2 into multiples of BLOCK_P."""
+    n, k = w.shape
+    if x.numel() != k or x.dim() > 2:
+        raise ValueError(f"qgemv wants x of K={k} elements as (1, K) or (K,), got {tuple(x.shape)}")
+    assert x.device == w.device, (x.device, w.device)
+    x = x.reshape(-1).contiguous()
+    sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    block_n, block_p, splits = config or gemv_config(n, k, sm)
+    pairs = triton.cdiv(triton.cdiv(k // 2, splits), block_p) * block_p
+    partial = torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    _qgemv_kernel[(triton.cdiv(n, block_n), splits)](
+        x, *_plane_args(w), partial, n, k, pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p)
+    out = partial[0] if splits == 1 else partial.sum(0)
+    return out.to(x.dtype)[None]
+
+
+def dequantize(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """w (N, K) -> (N, K) ``dtype`` on w's device (written into ``out`` when given: (N, K), contiguous)."""
+    n, k = w.shape
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=w.device)
+    assert out.shape == (n, k) and out.is_contiguous() and out.dtype == dtype
+    block_n, block_p = (16, 128) if interpreting() else (16, 64)
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k // 2, block_p))](
+        *_plane_args(w), out, n, k, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p)
+    return out
