@@ -110,3 +110,22 @@ def test_linear_and_embedding_dispatch(fmt, t, monkeypatch):
     for backend in ("triton", "torch"):
         rows = ql.embedding(ids.to(DEVICE), w, torch.float32, backend=backend).cpu()
         torch.testing.assert_close(rows, reference(fmt, raw, n, k)[ids])
+
+
+@pytest.mark.parametrize("fmt", ALL)
+def test_random_quant_has_the_asked_spread(fmt):
+    from lcrun.kernels.quant.quantize import random_quant
+    w = random_quant(fmt, 64, 512, torch.device("cpu"), torch.Generator().manual_seed(0), std=0.02)
+    v = w.dequantize_reference()
+    assert abs(v.mean().item()) < 0.15 * 0.02 and 0.015 < v.std().item() < 0.025  # Q4_0 centres on q = 8.5
+
+
+def test_quantize_rounds_as_gguf_and_refuses_what_it_cannot():
+    from lcrun.errors import ConfigError
+    from lcrun.kernels.quant.quantize import quantize
+    dense = torch.randn(6, 64)
+    w = quantize(dense, "Q8_0")
+    expected = gguf_dequantize(gguf_quantize(dense.numpy(), FORMATS["Q8_0"].ggml), FORMATS["Q8_0"].ggml)
+    torch.testing.assert_close(w.dequantize_reference(), torch.from_numpy(expected.reshape(6, 64)))
+    with pytest.raises(ConfigError, match="not whole Q4_0 blocks"):
+        quantize(torch.randn(2, 48), "Q4_0", "x")

@@ -201,11 +201,6 @@ def _hf_config(cfg):
     return classes[cfg.arch](**kw)
 
 
-def _model_config(config: LcrunConfig):
-    from lcrun.runtime.loading import default_model, open_source
-    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
-    spec = config.model or default_model()
-    return synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
 
 
 def _set_cap(device: torch.device, cap: int | None) -> None:
@@ -223,7 +218,8 @@ def bench_transformers(config: LcrunConfig, context: int, steps: int, cache_kind
     device = resolve_device(config.device)
     if cache_kind == "offloaded" and device.type != "cuda":
         raise ConfigError("transformers' offloaded cache moves layers between GPU and host: it needs a GPU")
-    cfg = _model_config(config)
+    from lcrun.runtime.loading import open_model
+    cfg, _ = open_model(config.model)
     cap = config.gpu_mem_bytes if capped else None
     _free()
     _set_cap(device, cap)
@@ -306,10 +302,12 @@ def resolved_attention(config: LcrunConfig, context: int, steps: int) -> str:
     if config.attention != "auto":
         return config.attention
     from lcrun.api import plan_run, resolve_device, resolve_dtype
+    from lcrun.runtime.loading import open_model
     try:
         cfg = dataclasses.replace(config, ctx=context + steps + 8).resolve()
         device = resolve_device(cfg.device)
-        return plan_run(cfg, _model_config(cfg), device, resolve_dtype(cfg.dtype, device)).attention
+        model_cfg, source = open_model(cfg.model)
+        return plan_run(cfg, model_cfg, device, resolve_dtype(cfg.dtype, device), source=source).attention
     except LcrunError:
         return "topk"
 

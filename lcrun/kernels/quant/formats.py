@@ -74,6 +74,11 @@ def plane_shapes(fmt: str, n: int, k: int) -> dict[str, tuple[tuple[int, int], t
     return shapes
 
 
+def planes_nbytes(fmt: str, n: int, k: int) -> int:
+    """Bytes of an (n, k) weight of ``fmt`` on the device."""
+    return sum(a * b * dt.itemsize for (a, b), dt in plane_shapes(fmt, n, k).values())
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """(N, K) values 0..15 (uint8) -> the ``qs`` plane (N, K/2) in the 32-element group order."""
     g = q.reshape(q.shape[0], -1, 2, 16)
@@ -121,7 +126,9 @@ def split_blocks(fmt: str, raw: torch.Tensor | np.ndarray, n: int, k: int) -> di
     f = FORMATS[fmt]
     if k % f.block:
         raise ValueError(f"a {fmt} row of {k} elements is not whole {f.block}-element blocks")
-    b = torch.as_tensor(np.ascontiguousarray(raw)).view(torch.uint8).reshape(n * (k // f.block), f.block_bytes)
+    if isinstance(raw, np.ndarray):  # a copy: raw may be a read-only memmap of the file
+        raw = torch.from_numpy(np.array(raw, dtype=np.uint8))
+    b = raw.contiguous().view(torch.uint8).reshape(n * (k // f.block), f.block_bytes)
     rows = lambda t: t.reshape(n, -1).contiguous()  # noqa: E731
     if fmt == "Q8_0":
         return {"qs": rows(b[:, 2:].view(torch.int8)), "d": rows(_f16(b[:, 0:2]))}

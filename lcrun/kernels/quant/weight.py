@@ -96,6 +96,15 @@ def weight_nbytes(w: Weight) -> int:
     return w.nbytes
 
 
+def weight_format(w: Weight) -> str:
+    """'bfloat16' (a tensor's dtype), 'Q4_0' (a QuantWeight's format) or 'Q4_K+Q6_K' (a RowConcat's)."""
+    if isinstance(w, torch.Tensor):
+        return str(w.dtype).removeprefix("torch.")
+    if isinstance(w, QuantWeight):
+        return w.fmt
+    return "+".join(dict.fromkeys(weight_format(p) for p in w.parts))
+
+
 def row_slice(w: Weight, start: int, stop: int) -> Weight:
     return w[start:stop] if isinstance(w, torch.Tensor) else w.rows(start, stop)
 
