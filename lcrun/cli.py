@@ -12,6 +12,7 @@ import click
 
 from lcrun.config import LcrunConfig
 from lcrun.errors import ContextOverflowError, LcrunError
+from lcrun.planner.gpus import GPU_PROFILES
 
 
 def config_options(func: Callable) -> Callable:
@@ -275,36 +276,37 @@ def _prefill_bar():
     return progress
 
 
-def plan_choice(config: LcrunConfig):
+def plan_choice(config: LcrunConfig, gpu: str | None = None):
     """What `lcrun run` would do with ``config``, without loading weights: the resolved attention and
-    its plan, through the same api.plan_run that LLM calls. On this machine's GPU; a CPU-only
-    machine plans for a GPU of --gpu-mem when given, else for the CPU."""
+    its plan, through the same api.plan_run that LLM calls. On the GPU of the built-in profile
+    ``gpu`` if given, else this machine's GPU; a CPU-only machine plans for a GPU of --gpu-mem when
+    given, else for the CPU."""
     import torch
 
     from lcrun.api import plan_run, resolve_device, resolve_dtype
-    from lcrun.runtime.loading import default_model, open_source
-    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
+    from lcrun.runtime.loading import open_model
 
     config.resolve()
-    spec = config.model or default_model()
-    model_cfg = synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
+    model_cfg, source = open_model(config.model)
     device = resolve_device(config.device)
-    on_gpu = device.type == "cuda" or config.gpu_mem is not None
+    on_gpu = device.type == "cuda" or config.gpu_mem is not None or gpu is not None
     dtype = resolve_dtype(config.dtype, torch.device("cuda") if on_gpu else device)
-    return plan_run(config, model_cfg, device, dtype, what_if=True, cpu_plan=True)
+    return plan_run(config, model_cfg, device, dtype, source=source, what_if=True, cpu_plan=True, gpu=gpu)
 
 
 @main.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--gpu", default=None, type=click.Choice(list(GPU_PROFILES), case_sensitive=False),
+              help="Plan for this GPU (built-in profile: memory, memory bandwidth, PCIe link) instead of this machine's.")
 @handle_errors
-def plan(config: LcrunConfig, as_json: bool) -> None:
+def plan(config: LcrunConfig, as_json: bool, gpu: str | None) -> None:
     """Show where weights and the KV cache would live, and the predicted decode speed."""
     import json
 
     from lcrun.planner import format_plan
 
-    choice = plan_choice(config)
+    choice = plan_choice(config, gpu)
     show_attention(choice)
     if as_json:
         click.echo(json.dumps({**choice.plan.to_dict(), **choice.to_dict()}, indent=2))
