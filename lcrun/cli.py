@@ -331,15 +331,17 @@ def calibrate(device: str, kv_dir: str | None) -> None:
     click.echo(f"saved to {calibration_path()}")
 
 
-def _token_list(value: str | None) -> list[int]:
+def _token_list(value: str | None, zero: bool = False) -> list[int]:
+    """Token counts 'a,b,c'; ``zero``: '0' allowed too."""
     from lcrun.units import parse_tokens
-    return [parse_tokens(v) for v in value.split(",") if v.strip()] if value else []
+    items = [v.strip() for v in value.split(",") if v.strip()] if value else []
+    return [0 if zero and v == "0" else parse_tokens(v) for v in items]
 
 
 @main.command()
 @config_options
 @click.option("--contexts", default=None, help="Comma-separated context lengths to sweep, e.g. 32k,128k,512k "
-              "(default: --ctx). Each prefills that many random tokens.")
+              "(default: --ctx). Each prefills that many random tokens (0: one token, as llama-bench's depth 0).")
 @click.option("--steps", type=int, default=32, show_default=True, help="Decode steps timed per context.")
 @click.option("--dense-contexts", default=None, help="Also run lcrun with --attention dense at these contexts.")
 @click.option("--transformers", "transformers_caches", default=None,
@@ -365,7 +367,7 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
     if config.model is None:
         from lcrun.runtime.loading import default_model
         config.model = default_model()
-    sweep = Sweep(contexts=_token_list(contexts) or [config.ctx_tokens], steps=steps,
+    sweep = Sweep(contexts=_token_list(contexts, zero=True) or [config.ctx_tokens], steps=steps,
                   dense_contexts=_token_list(dense_contexts),
                   transformers=[c.strip() for c in transformers_caches.split(",")] if transformers_caches else [],
                   transformers_contexts=_token_list(transformers_contexts) or None,

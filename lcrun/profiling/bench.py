@@ -131,7 +131,8 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
     dense or topk, per context) and why (``attention_reason``); ``log`` gets that as one line."""
     from lcrun.api import LLM, TrainedWindowWarning
     _free()
-    cfg = dataclasses.replace(config, ctx=context + steps + 8)
+    prompt_len = max(1, context)  # context 0: decode after one token (llama-bench's depth 0)
+    cfg = dataclasses.replace(config, ctx=prompt_len + steps + 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainedWindowWarning)  # logged below as one line
         llm = LLM(config=cfg, progress=False)
@@ -140,7 +141,7 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
         if llm.attention_warning:
             log(f"{context} tokens: warning: {llm.attention_warning}")
     try:
-        prompt = random_prompt(llm.model_config.vocab_size, context, config.seed)
+        prompt = random_prompt(llm.model_config.vocab_size, prompt_len, config.seed)
         _sync()
         t0 = time.perf_counter()
         logits = llm.generator.prefill(prompt, _prefill_progress(f"{llm.attention} {context}", context))
@@ -156,10 +157,11 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
         row: dict[str, Any] = {
             "impl": "lcrun", "attention": llm.attention, "attention_reason": llm.attention_reason,
             "attention_requested": config.attention, "context": context, "prefill_s": prefill_s,
-            "prefill_tok_s": context / prefill_s, "decode_ms": warm_median(times),
+            "prefill_tok_s": prompt_len / prefill_s, "decode_ms": warm_median(times),
             "decode_ms_late": late_median(times), "decode_ms_steps": times,
             "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
-            "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes(),
+            "weight_bytes": llm.model.weight_bytes(), "weight_format": llm.model.weight_format(),
+            "kv_cache_bytes": llm.cache.memory_bytes(),
             "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
         if hasattr(llm.cache, "report"):
             row["tiers"] = llm.cache.report()
@@ -304,7 +306,7 @@ def resolved_attention(config: LcrunConfig, context: int, steps: int) -> str:
     from lcrun.api import plan_run, resolve_device, resolve_dtype
     from lcrun.runtime.loading import open_model
     try:
-        cfg = dataclasses.replace(config, ctx=context + steps + 8).resolve()
+        cfg = dataclasses.replace(config, ctx=max(1, context) + steps + 8).resolve()
         device = resolve_device(cfg.device)
         model_cfg, source = open_model(cfg.model)
         return plan_run(cfg, model_cfg, device, resolve_dtype(cfg.dtype, device), source=source).attention
@@ -367,13 +369,19 @@ def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
 
 def format_rows(rows: list[dict]) -> str:
     """The sweep as a plain-text table."""
-    lines = [f"{'impl':24} {'context':>8} {'prefill tok/s':>14} {'decode ms':>10} {'tok/s':>8} {'peak GiB':>9}"]
+    lines = [f"{'impl':24} {'context':>8} {'prefill tok/s':>14} {'decode ms':>10} {'tok/s':>8} {'peak GiB':>9} "
+             f"{'predicted ms':>13} {'error':>6}"]
     for r in rows:
         impl = r["impl"] + (f" {r['attention']}" if r["impl"] == "lcrun" else "")
         if "error" in r:
             lines.append(f"{impl:24} {r['context']:>8}  {r['error']}")
             continue
+        impl += f" {r['weight_format']}" if r["impl"] == "lcrun" else ""
         peak = f"{r['peak_gpu_bytes'] / 2**30:9.2f}" if r.get("peak_gpu_bytes") else f"{'-':>9}"
+        # the planner's prediction for the row (GPU runs), and how far the measurement is from it
+        predicted = (r.get("plan") or {}).get("predicted_decode_ms")
+        pred = f"{predicted:>13.2f} {(predicted - r['decode_ms']) / r['decode_ms']:>+6.0%}" if predicted else \
+            f"{'-':>13} {'-':>6}"
         lines.append(f"{impl:24} {r['context']:>8} {r['prefill_tok_s']:>14,.0f} {r['decode_ms']:>10.2f} "
-                     f"{1e3 / r['decode_ms']:>8.1f} {peak}")
+                     f"{1e3 / r['decode_ms']:>8.1f} {peak} {pred}")
     return "\n".join(lines)

@@ -26,7 +26,8 @@ from lcrun.kernels.triton_support import interpreting, jit, tl, triton
 @jit
 def _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, FMT: tl.constexpr):
     """Weights of pairs i of rows ``row`` (row: (BN, 1) int64, i: (1, BP) int32, mask like both):
-    returns (w_lo, w_hi) fp32 (BN, BP), elements e = 32(i//16) + i%16 and e + 16."""
+    returns (w_lo, w_hi) fp32 (BN, BP), elements e = 32(i//16) + i%16 and e + 16. Row strides
+    are derived from K (planes are contiguous rows)."""
     e = (i // 16) * 32 + (i % 16)
     g = i // 16  # 32-element group of both
     if FMT == 0:  # Q8_0
@@ -82,7 +83,8 @@ def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, PAIRS_PER_SPLIT,
         x_hi = tl.load(x + e + 16, mask=i_ok, other=0.0).to(tl.float32)
         w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, row_ok & i_ok, K, FMT)
         acc += w_lo * x_lo + w_hi * x_hi
-    tl.store(out + split * N + row, tl.sum(acc, axis=1)[:, None], mask=row_ok)
+    # out: (splits, N) fp32 partials, or with one split the result in its own dtype
+    tl.store(out + split * N + row, tl.sum(acc, axis=1)[:, None].to(out.dtype.element_ty), mask=row_ok)
 
 
 @jit
@@ -130,11 +132,10 @@ def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int] | None =
     sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     block_n, block_p, splits = config or gemv_config(n, k, sm)
     pairs = triton.cdiv(triton.cdiv(k // 2, splits), block_p) * block_p
-    partial = torch.empty((splits, n), dtype=torch.float32, device=x.device)
+    out = torch.empty((splits, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     _qgemv_kernel[(triton.cdiv(n, block_n), splits)](
-        x, *_plane_args(w), partial, n, k, pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p)
-    out = partial[0] if splits == 1 else partial.sum(0)
-    return out.to(x.dtype)[None]
+        x, *_plane_args(w), out, n, k, pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p)
+    return out if splits == 1 else out.sum(0, keepdim=True).to(x.dtype)
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
