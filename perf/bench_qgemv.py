@@ -64,12 +64,13 @@ def bench_shape(fmt: str, n: int, k: int, dev: torch.device, calls: int, sweep: 
     sm = torch.cuda.get_device_properties(dev).multi_processor_count
     default = gemv_config(n, k, sm)
     configs = [default]
-    if sweep:
-        for bn in (4, 8, 16, 32):
-            for bp in (64, 128, 256):
-                for splits in sorted({1, default[2], 2 * default[2], max(1, default[2] // 2), 4, 8}):
-                    if (k // 2) // splits >= bp:
-                        configs.append((bn, bp, splits))
+    if sweep:  # each (BLOCK_N, BLOCK_P, warps) compiles once per format; splits are runtime
+        for bn in (8, 16, 32):
+            for bp in (128, 256, 512):
+                for warps in (4, 8):
+                    for splits in sorted({1, 2, 4, 8, default[2]}):
+                        if (k // 2) // splits >= bp:
+                            configs.append((bn, bp, splits, warps))
     rows = []
     for cfg in dict.fromkeys(configs):
         ms = timed(lambda i: qgemv(x, ws[i % copies], cfg), calls)

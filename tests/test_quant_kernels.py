@@ -74,7 +74,7 @@ def test_gemv_matches_gguf_matmul(fmt, n):
     expected = x.cpu() @ reference(fmt, raw, n, k).T
     torch.testing.assert_close(qgemv(x, w).cpu(), expected, rtol=1e-4, atol=1e-4)
     # split-K sums the same products in another order
-    torch.testing.assert_close(qgemv(x, w, config=(4, 64, 3)).cpu(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(qgemv(x, w, config=(4, 64, 3, 4)).cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_triton

@@ -8,7 +8,7 @@ import torch
 
 from lcrun.kernels.quant.formats import planes_nbytes
 from lcrun.kernels.quant.linear import SCRATCH_BYTES
-from lcrun.kernels.quant.quantize import WEIGHT_FORMATS
+from lcrun.kernels.quant.quantize import WEIGHT_FORMATS, check_shape
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.weight_source import WeightSource
 
@@ -55,6 +55,8 @@ def weight_footprint(cfg: ModelConfig, dtype: torch.dtype, weights: str,
         kind = fmt if fmt is not None else (source.block_format(name) if source is not None and weights == "auto"
                                             else None)
         size = n * k * dtype_bytes
+        if fmt is not None:  # refused here, before anything is allocated, not at load
+            check_shape(fmt, f"{cfg.name or 'the model'}: {name}", n, k)
         if kind is not None:
             size = planes_nbytes(kind, n, k)
             total += size - n * k * dtype_bytes

@@ -16,6 +16,8 @@ Imported on first use (lcrun.kernels.quant.linear), so the interpreter-or-GPU mo
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lcrun.kernels.quant.formats import FORMATS
@@ -73,7 +75,9 @@ def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, PAIRS_PER_SPLIT,
     split = tl.program_id(1)
     row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
     row_ok = row < N
-    acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    # reduced every iteration: a (BLOCK_N,) accumulator leaves registers for large tiles, and
+    # large tiles keep more bytes in flight per program (a memory-bound kernel wants that)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     p0 = split * PAIRS_PER_SPLIT
     for off in range(0, PAIRS_PER_SPLIT, BLOCK_P):
         i = (p0 + off + tl.arange(0, BLOCK_P))[None, :]
@@ -82,9 +86,9 @@ def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, PAIRS_PER_SPLIT,
         x_lo = tl.load(x + e, mask=i_ok, other=0.0).to(tl.float32)
         x_hi = tl.load(x + e + 16, mask=i_ok, other=0.0).to(tl.float32)
         w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, row_ok & i_ok, K, FMT)
-        acc += w_lo * x_lo + w_hi * x_hi
+        acc += tl.sum(w_lo * x_lo + w_hi * x_hi, axis=1)
     # out: (splits, N) fp32 partials, or with one split the result in its own dtype
-    tl.store(out + split * N + row, tl.sum(acc, axis=1)[:, None].to(out.dtype.element_ty), mask=row_ok)
+    tl.store(out + split * N + row, acc[:, None].to(out.dtype.element_ty), mask=row_ok)
 
 
 @jit
@@ -106,35 +110,38 @@ def _plane_args(w: QuantWeight) -> list[torch.Tensor]:
     return [w.planes.get(p, w.planes["qs"]) for p in ("qs", "d", "m", "sc", "mn", "qh")]
 
 
-def gemv_config(n: int, k: int, sm_count: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_P, splits) for a decode GEMV: rows per program, pairs per iteration and
-    split-K factor, aiming at >= 4 programs per SM so the loads keep the memory system full."""
+@functools.cache
+def gemv_config(n: int, k: int, sm_count: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_P, splits, num_warps) for a decode GEMV: rows per program, pairs per
+    iteration, split-K factor and warps, aiming at >= 4 programs per SM so the loads keep the
+    memory system full. Not yet tuned on a GPU: perf/bench_qgemv.py sweeps the alternatives."""
     if interpreting():  # few, large programs: the interpreter pays per program
-        return 16, 128, 1
-    block_n, block_p = 8, 128
+        return 16, 128, 1, 4
+    block_n, block_p = 16, 256
     programs = triton.cdiv(n, block_n)
     pairs = k // 2
     splits = 1
     while programs * splits < 4 * sm_count and pairs // (2 * splits) >= 4 * block_p:
         splits *= 2
-    return block_n, block_p, splits
+    return block_n, block_p, splits, 4
 
 
-def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x (1, K) or (K,) fp32/fp16/bf16, contiguous; w (N, K) on x's device. Returns x @ W^T as
-    (1, N) in x's dtype (accumulated in fp32). ``config``: (BLOCK_N, BLOCK_P, splits) to override
-    gemv_config (benchmarks sweep it); splits must divide K/2 into multiples of BLOCK_P."""
+    (1, N) in x's dtype (accumulated in fp32). ``config``: (BLOCK_N, BLOCK_P, splits, num_warps)
+    to override gemv_config (benchmarks sweep it)."""
     n, k = w.shape
     if x.numel() != k or x.dim() > 2:
         raise ValueError(f"qgemv wants x of K={k} elements as (1, K) or (K,), got {tuple(x.shape)}")
     assert x.device == w.device, (x.device, w.device)
     x = x.reshape(-1).contiguous()
     sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    block_n, block_p, splits = config or gemv_config(n, k, sm)
+    block_n, block_p, splits, warps = config or gemv_config(n, k, sm)
     pairs = triton.cdiv(triton.cdiv(k // 2, splits), block_p) * block_p
     out = torch.empty((splits, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     _qgemv_kernel[(triton.cdiv(n, block_n), splits)](
-        x, *_plane_args(w), out, n, k, pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p)
+        x, *_plane_args(w), out, n, k, pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p,
+        num_warps=warps)
     return out if splits == 1 else out.sum(0, keepdim=True).to(x.dtype)
 
 
