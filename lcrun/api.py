@@ -141,7 +141,8 @@ def plan_run(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, 
     ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU (weights held as a GPU run holds them)
     and its plan on a CPU; ``gpu``: lcrun plan --gpu's profile (planner_hardware)."""
     from lcrun.planner import choose_attention
-    weights = config.weights if what_if else weights_mode(config.weights, device)
+    on_gpu = device.type == "cuda" or gpu is not None or (what_if and config.gpu_mem is not None)
+    weights = weights_mode(config.weights, torch.device("cuda" if on_gpu else "cpu"))  # as that run loads them
     return choose_attention(planner_model(config, model_cfg, dtype, weights, source), config.ctx_tokens,
                             planner_hardware(config, device, what_if=what_if, gpu=gpu), attention=config.attention,
                             positions=config.positions, cpu_plan=cpu_plan, page_size=config.page_size,

@@ -9,6 +9,7 @@ from lcrun.cli import main, plan_choice
 from lcrun.config import LcrunConfig
 from lcrun.errors import ConfigError
 from lcrun.planner.gpus import GPU_PROFILES, gpu_profile
+from lcrun.runtime.demo import demo_model_path
 
 EIGHT_B = "synthetic:llama-3.1-8b"
 
@@ -63,3 +64,12 @@ def test_plan_cli_shows_format_and_explains_ms_per_token():
 def test_weights_setting_is_checked():
     with pytest.raises(ConfigError, match="--weights must be one of auto, bf16, q8_0, q4_0, q4_k"):
         LcrunConfig(weights="q3_k").resolve()
+
+
+@pytest.mark.skipif(demo_model_path() is None, reason="demo model not installed")
+def test_plan_holds_the_demo_as_the_run_would():
+    """A GPU (here a profile) keeps the file's Q4_1 blocks; a CPU run dequantizes them (auto)."""
+    gpu = plan_choice(LcrunConfig(ctx="4k"), "rtx4090").plan.model
+    assert gpu.weight_format == "Q4_1" and gpu.weight_bytes < 100 << 20
+    cpu = plan_choice(LcrunConfig(ctx="4k", device="cpu")).plan.model
+    assert cpu.weight_format == "float32" and cpu.weight_bytes > 500 << 20
