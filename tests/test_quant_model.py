@@ -111,3 +111,32 @@ def test_footprint_of_8b():
     assert bf16.nbytes == cfg.num_parameters() * 2
     # 4.5 bits per weight for the matrices, bf16 norms
     assert q4.nbytes == pytest.approx(cfg.num_parameters() * 4.5 / 8, rel=1e-3)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_gguf_blocks_kept_match_dequantized(tmp_path, qtype):
+    """A tiny Llama GGUF (q/k rows permuted as llama.cpp writes them) in each block type: the
+    blocks get_blocks keeps dequantize to exactly what get returns, and the model run from the
+    blocks gives the dense model's logits."""
+    from gguf import GGMLQuantizationType
+
+    from lcrun.runtime.loader_gguf import GGUFSource
+    from tests.test_gguf_loader import write_tiny
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_tiny(path, qtype=GGMLQuantizationType[qtype])
+    src = GGUFSource(path)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+                 "model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        assert src.block_format(name) == qtype
+        torch.testing.assert_close(src.get_blocks(name).dequantize_reference(), src.get(name, torch.float32),
+                                   rtol=0, atol=0)
+    assert src.block_format("model.norm.weight") is None and src.get_blocks("model.norm.weight") is None
+    blocks = load_model(src, torch.device("cpu"), torch.float32, progress=False, weights="auto")
+    dense = load_model(src, torch.device("cpu"), torch.float32, progress=False, weights="bf16")
+    assert blocks.weight_format() == qtype
+    ids = torch.arange(1, 9) % blocks.cfg.vocab_size
+    assert _rel_err(_logits_of(blocks, ids), _logits_of(dense, ids)) <= 1e-5
+
+
+def _logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.forward(ids, DenseCache(model.cfg, 16, "cpu", torch.float32), all_logits=True)
