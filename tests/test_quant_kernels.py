@@ -129,3 +129,24 @@ def test_quantize_rounds_as_gguf_and_refuses_what_it_cannot():
     torch.testing.assert_close(w.dequantize_reference(), torch.from_numpy(expected.reshape(6, 64)))
     with pytest.raises(ConfigError, match="not whole Q4_0 blocks"):
         quantize(torch.randn(2, 48), "Q4_0", "x")
+
+
+@needs_triton
+@pytest.mark.parametrize("t", [1, 3])
+def test_linear_over_mixed_formats(t):
+    """Q4_K_M-style fused q/k/v: Q4_K rows over Q6_K rows, one matmul per format, plus a slice
+    across the boundary (the next layer's query rows for prefetch)."""
+    from lcrun.kernels.quant.linear import linear
+    from lcrun.kernels.quant.weight import row_slice
+    k = 256
+    parts = [("Q4_K", 12), ("Q4_K", 4), ("Q6_K", 4)]
+    raws = [gguf_blocks(fmt, n, k, seed=i) for i, (fmt, n) in enumerate(parts)]
+    fused = cat_rows([QuantWeight.from_gguf(fmt, raw, n, k).to(DEVICE) for (fmt, n), raw in zip(parts, raws)])
+    assert isinstance(fused, RowConcat) and fused.shape == (20, k)
+    dense = torch.cat([reference(fmt, raw, n, k) for (fmt, n), raw in zip(parts, raws)])
+    x = torch.randn(t, k, generator=torch.Generator().manual_seed(0))
+    for backend in ("triton", "torch"):
+        torch.testing.assert_close(linear(x.to(DEVICE), fused, backend=backend).cpu(), x @ dense.T, rtol=1e-4, atol=1e-4)
+        part = row_slice(fused, 10, 18)
+        torch.testing.assert_close(linear(x.to(DEVICE), part, backend=backend).cpu(), x @ dense[10:18].T,
+                                   rtol=1e-4, atol=1e-4)
