@@ -3,13 +3,14 @@
 #   bash perf/device_quant.sh OUT tests     # GPU tests of the quantized kernels and model (~1-2 min)
 #   bash perf/device_quant.sh OUT gemv      # GEMV GB/s on the 8B shapes vs the measured copy bandwidth
 #   bash perf/device_quant.sh OUT bench     # lcrun bench 8B q4_0 then bf16, --gpu-mem 24GiB, 0/32K/128K/256K
+#   bash perf/device_quant.sh OUT quality   # demo model: perplexity, top-1 agreement of bf16/auto(Q4_1)/q8_0/q4_0
 #   bash perf/device_quant.sh OUT llamacpp PEERS_DIR   # llama.cpp build + Q4_0 GGUF + llama-bench, same
 #                                           # depths (../shared/device/llamacpp.sh; ~5-9 min build; keep the
 #                                           # machine warm between stages)
 # Every stage writes JSON and a log under OUT. Run from the repo root.
 set -u -o pipefail
-out=${1:?usage: bash perf/device_quant.sh OUT tests|gemv|bench|llamacpp [PEERS_DIR]}
-stage=${2:?stage: tests|gemv|bench|llamacpp}
+out=${1:?usage: bash perf/device_quant.sh OUT tests|gemv|bench|quality|llamacpp [PEERS_DIR]}
+stage=${2:?stage: tests|gemv|bench|quality|llamacpp}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:.
 log="$out/device_quant-$stage.log"
@@ -27,6 +28,9 @@ case $stage in
       echo "${cmd[*]}" | tee -a "$log"
       timeout 280 "${cmd[@]}" 2>&1 | grep -v -i warn | tail -14 | tee -a "$log"
     done ;;
+  quality)
+    timeout 560 python3 perf/quant_quality.py --device cuda --model "$LCRUN_DEMO_MODEL" --modes bf16,auto,q8_0,q4_0 \
+      --tokens 4096 --out "$out/quant-quality-h200.json" 2>&1 | tee -a "$log" ;;
   llamacpp)
     peers=${3:?usage: bash perf/device_quant.sh OUT llamacpp PEERS_DIR}
     sh_=$peers/../device/llamacpp.sh
