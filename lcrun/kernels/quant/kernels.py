@@ -26,18 +26,19 @@ from lcrun.kernels.triton_support import interpreting, jit, tl, triton
 
 
 @jit
-def _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, FMT: tl.constexpr):
+def _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, QS_STRIDE, FMT: tl.constexpr):
     """Weights of pairs i of rows ``row`` (row: (BN, 1) int64, i: (1, BP) int32, mask like both):
-    returns (w_lo, w_hi) fp32 (BN, BP), elements e = 32(i//16) + i%16 and e + 16. Row strides
-    are derived from K (planes are contiguous rows)."""
+    returns (w_lo, w_hi) fp32 (BN, BP), elements e = 32(i//16) + i%16 and e + 16. QS_STRIDE is
+    the ``qs`` row stride (K/2 or K, passed so Triton sees its divisibility by 16 and vectorizes the
+    quant loads); the small planes' strides are derived from K (planes are contiguous rows)."""
     e = (i // 16) * 32 + (i % 16)
     g = i // 16  # 32-element group of both
     if FMT == 0:  # Q8_0
-        q_lo = tl.load(qs + row * K + e, mask=mask, other=0).to(tl.float32)
-        q_hi = tl.load(qs + row * K + e + 16, mask=mask, other=0).to(tl.float32)
+        q_lo = tl.load(qs + row * QS_STRIDE + e, mask=mask, other=0).to(tl.float32)
+        q_hi = tl.load(qs + row * QS_STRIDE + e + 16, mask=mask, other=0).to(tl.float32)
         s = tl.load(d + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
         return s * q_lo, s * q_hi
-    byte = tl.load(qs + row * (K // 2) + i, mask=mask, other=0).to(tl.int32)
+    byte = tl.load(qs + row * QS_STRIDE + i, mask=mask, other=0).to(tl.int32)
     q_lo = byte & 15
     q_hi = byte >> 4
     if FMT == 1:  # Q4_0
@@ -69,7 +70,7 @@ def _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, FMT: tl.constexpr):
 
 
 @jit
-def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, PAIRS_PER_SPLIT,
+def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, PAIRS_PER_SPLIT,
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,19 +86,19 @@ def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, PAIRS_PER_SPLIT,
         e = (i // 16) * 32 + (i % 16)
         x_lo = tl.load(x + e, mask=i_ok, other=0.0).to(tl.float32)
         x_hi = tl.load(x + e + 16, mask=i_ok, other=0.0).to(tl.float32)
-        w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, row_ok & i_ok, K, FMT)
+        w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, row_ok & i_ok, K, QS_STRIDE, FMT)
         acc += tl.sum(w_lo * x_lo + w_hi * x_hi, axis=1)
     # out: (splits, N) fp32 partials, or with one split the result in its own dtype
     tl.store(out + split * N + row, acc[:, None].to(out.dtype.element_ty), mask=row_ok)
 
 
 @jit
-def _dequant_kernel(qs, d, m, sc, mn, qh, out, N, K,
+def _dequant_kernel(qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE,
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
     row = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
     i = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
     mask = (row < N) & (i < K // 2)
-    w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, FMT)
+    w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, QS_STRIDE, FMT)
     e = (i // 16) * 32 + (i % 16)
     tl.store(out + row * K + e, w_lo.to(out.dtype.element_ty), mask=mask)
     tl.store(out + row * K + e + 16, w_hi.to(out.dtype.element_ty), mask=mask)
@@ -108,6 +109,10 @@ def _plane_args(w: QuantWeight) -> list[torch.Tensor]:
     for t in w.planes.values():
         assert t.stride(-1) == 1 and t.stride(0) == t.shape[1], "quantized planes must be contiguous rows"
     return [w.planes.get(p, w.planes["qs"]) for p in ("qs", "d", "m", "sc", "mn", "qh")]
+
+
+def _qs_stride(w: QuantWeight) -> int:
+    return w.planes["qs"].stride(0)
 
 
 @functools.cache
@@ -140,7 +145,7 @@ def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int, int] | N
     pairs = triton.cdiv(triton.cdiv(k // 2, splits), block_p) * block_p
     out = torch.empty((splits, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     _qgemv_kernel[(triton.cdiv(n, block_n), splits)](
-        x, *_plane_args(w), out, n, k, pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p,
+        x, *_plane_args(w), out, n, k, _qs_stride(w), pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p,
         num_warps=warps)
     return out if splits == 1 else out.sum(0, keepdim=True).to(x.dtype)
 
@@ -153,5 +158,5 @@ def dequantize(w: QuantWeight, dtype: torch.dtype, out: torch.Tensor | None = No
     assert out.shape == (n, k) and out.is_contiguous() and out.dtype == dtype
     block_n, block_p = (16, 128) if interpreting() else (16, 64)
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k // 2, block_p))](
-        *_plane_args(w), out, n, k, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p)
+        *_plane_args(w), out, n, k, _qs_stride(w), FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p)
     return out
