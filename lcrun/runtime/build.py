@@ -18,7 +18,9 @@ from lcrun.runtime.weight_source import WeightSource
 
 
 def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype, progress: bool = True,
-               weights: str = "auto") -> LlamaModel:
+               weights: str = "bf16") -> LlamaModel:
+    """``weights``: as the module says; harnesses that pass none get dense weights (LLM passes
+    the run's --weights, lcrun.runtime.weight_footprint.weights_mode)."""
     cfg = source.config
     available = set(source.names())
     fmt = WEIGHT_FORMATS.get(weights)
