@@ -234,16 +234,17 @@ def bench_transformers(config: LcrunConfig, context: int, steps: int, cache_kind
             ref = transformers.AutoModelForCausalLM.from_config(
                 _hf_config(cfg), dtype=resolve_dtype(config.dtype, device), attn_implementation="sdpa").eval()
         cache = transformers.DynamicCache(config=ref.config, offloading=cache_kind == "offloaded")
-        ids = torch.tensor([random_prompt(cfg.vocab_size, context, config.seed)], device=device)
+        prompt_len = max(1, context)  # as bench_lcrun: context 0 is a one-token prompt
+        ids = torch.tensor([random_prompt(cfg.vocab_size, prompt_len, config.seed)], device=device)
         chunk = config.prefill_chunk
-        progress = _prefill_progress(f"transformers-{cache_kind} {context}", context)
+        progress = _prefill_progress(f"transformers-{cache_kind} {context}", prompt_len)
         _sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            for s in range(0, context, chunk):  # chunked, as lcrun, so the prefill's activations fit
+            for s in range(0, prompt_len, chunk):  # chunked, as lcrun, so the prefill's activations fit
                 out = ref(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                done = min(context, s + chunk)
-                progress(done, context)
+                done = min(prompt_len, s + chunk)
+                progress(done, prompt_len)
         _sync()
         prefill_s = time.perf_counter() - t0
         state = {"token": out.logits[:, -1:].argmax(-1)}
@@ -254,7 +255,7 @@ def bench_transformers(config: LcrunConfig, context: int, steps: int, cache_kind
             state["token"] = o.logits[:, -1:].argmax(-1)
 
         times = time_steps(step, steps)
-        row.update(prefill_s=prefill_s, prefill_tok_s=context / prefill_s, decode_ms=warm_median(times),
+        row.update(prefill_s=prefill_s, prefill_tok_s=prompt_len / prefill_s, decode_ms=warm_median(times),
                    decode_ms_steps=times, peak_gpu_bytes=_peak())
         return row
     except torch.cuda.OutOfMemoryError as exc:
