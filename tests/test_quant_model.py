@@ -140,3 +140,19 @@ def test_gguf_blocks_kept_match_dequantized(tmp_path, qtype):
 
 def _logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     return model.forward(ids, DenseCache(model.cfg, 16, "cpu", torch.float32), all_logits=True)
+
+
+def test_bench_q4_0_at_context_0(tmp_path):
+    """lcrun bench --weights q4_0 --contexts 0 (llama-bench's depth 0): a row in Q4_0."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lcrun.cli import main
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", "--model", "synthetic:tiny", "--weights", "q4_0", "--contexts", "0",
+                                    "--steps", "2", "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "predicted ms" in res.output and "Q4_0" in res.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["context"] == 0 and row["weight_format"] == "Q4_0" and row["decode_ms"] > 0
