@@ -141,6 +141,7 @@ def plan_run(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, 
     ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU (weights held as a GPU run holds them)
     and its plan on a CPU; ``gpu``: lcrun plan --gpu's profile (planner_hardware)."""
     from lcrun.planner import choose_attention
+    check_weights(config, source)
     on_gpu = device.type == "cuda" or gpu is not None or (what_if and config.gpu_mem is not None)
     weights = weights_mode(config.weights, torch.device("cuda" if on_gpu else "cpu"))  # as that run loads them
     return choose_attention(planner_model(config, model_cfg, dtype, weights, source), config.ctx_tokens,
@@ -292,7 +293,6 @@ class LLM:
         model_cfg, source = open_model(self.model_spec)
         # Before allocating anything: --attention resolved and, on a GPU, the plan for it (which
         # says what is short when the context does not fit the caps).
-        check_weights(config, source)
         choice = plan_run(config, model_cfg, self.device, self.dtype, source=source)
         self.attention_choice = choice
         self.attention: str = choice.attention            # "dense" or "topk"

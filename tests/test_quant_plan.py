@@ -73,3 +73,11 @@ def test_plan_holds_the_demo_as_the_run_would():
     assert gpu.weight_format == "Q4_1" and gpu.weight_bytes < 100 << 20
     cpu = plan_choice(LcrunConfig(ctx="4k", device="cpu")).plan.model
     assert cpu.weight_format == "float32" and cpu.weight_bytes > 500 << 20
+
+
+def test_plan_refuses_q4_k_of_a_file(tmp_path):
+    """gguf has no Q4_K quantizer: lcrun plan says so for a file, as a run would, before loading."""
+    from tests.test_gguf_loader import write_tiny
+    write_tiny(tmp_path / "t.gguf")
+    with pytest.raises(ConfigError, match="no Q4_K quantizer"):
+        plan_choice(LcrunConfig(model=str(tmp_path / "t.gguf"), ctx="1k", weights="q4_k"), "rtx4090")

@@ -131,6 +131,11 @@ def gemv_config(n: int, k: int, sm_count: int) -> tuple[int, int, int, int]:
     return block_n, block_p, splits, 4
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x (1, K) or (K,) fp32/fp16/bf16, contiguous; w (N, K) on x's device. Returns x @ W^T as
     (1, N) in x's dtype (accumulated in fp32). ``config``: (BLOCK_N, BLOCK_P, splits, num_warps)
@@ -140,8 +145,7 @@ def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int, int] | N
         raise ValueError(f"qgemv wants x of K={k} elements as (1, K) or (K,), got {tuple(x.shape)}")
     assert x.device == w.device, (x.device, w.device)
     x = x.reshape(-1).contiguous()
-    sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    block_n, block_p, splits, warps = config or gemv_config(n, k, sm)
+    block_n, block_p, splits, warps = config or gemv_config(n, k, _sm_count(x.device))
     pairs = triton.cdiv(triton.cdiv(k // 2, splits), block_p) * block_p
     out = torch.empty((splits, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     _qgemv_kernel[(triton.cdiv(n, block_n), splits)](
