@@ -26,80 +26,89 @@ from lcrun.kernels.triton_support import interpreting, jit, tl, triton
 
 
 @jit
-def _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, QS_STRIDE, FMT: tl.constexpr):
-    """Weights of pairs i of rows ``row`` (row: (BN, 1) int64, i: (1, BP) int32, mask like both):
-    returns (w_lo, w_hi) fp32 (BN, BP), elements e = 32(i//16) + i%16 and e + 16. QS_STRIDE is
-    the ``qs`` row stride (K/2 or K, passed so Triton sees its divisibility by 16 and vectorizes the
-    quant loads); the small planes' strides are derived from K (planes are contiguous rows)."""
-    e = (i // 16) * 32 + (i % 16)
-    g = i // 16  # 32-element group of both
+def _dequant_pairs(qs, d, m, sc, mn, qh, row, grp, j, mask, K, QS_STRIDE, FMT: tl.constexpr):
+    """Weights of rows ``row`` (BN, 1, 1) int64 in 32-element groups ``grp`` (1, G, 1), pair j
+    (1, 1, 16) of each: returns (w_lo, w_hi) fp32 (BN, G, 16), elements e = 32 grp + j and e + 16
+    (pair i = 16 grp + j is byte i of ``qs``). ``mask`` (BN, G, 1): valid rows and groups. Scales
+    are loaded once per group (shape (BN, G, 1)), not once per element. QS_STRIDE is the ``qs`` row
+    stride (passed so Triton sees its divisibility by 16); the small planes' strides derive from K."""
+    e = grp * 32 + j
+    # one return at the end: every branch below is resolved at compile time (FMT is constexpr)
     if FMT == 0:  # Q8_0
-        q_lo = tl.load(qs + row * QS_STRIDE + e, mask=mask, other=0).to(tl.float32)
-        q_hi = tl.load(qs + row * QS_STRIDE + e + 16, mask=mask, other=0).to(tl.float32)
-        s = tl.load(d + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
-        return s * q_lo, s * q_hi
-    byte = tl.load(qs + row * QS_STRIDE + i, mask=mask, other=0).to(tl.int32)
-    q_lo = byte & 15
-    q_hi = byte >> 4
-    if FMT == 1:  # Q4_0
-        s = tl.load(d + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
-        return s * (q_lo - 8).to(tl.float32), s * (q_hi - 8).to(tl.float32)
-    if FMT == 2:  # Q4_1
-        s = tl.load(d + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(m + row * (K // 32) + g, mask=mask, other=0.0).to(tl.float32)
-        return s * q_lo.to(tl.float32) + o, s * q_hi.to(tl.float32) + o
-    sb = e // 256
-    ds = tl.load(d + row * (K // 256) + sb, mask=mask, other=0.0).to(tl.float32)
-    if FMT == 5:  # Q6_K: 2 high bits per element, int8 scale per 16 elements
-        h_lo = tl.load(qh + row * (K // 4) + e // 4, mask=mask, other=0).to(tl.int32)
-        h_hi = tl.load(qh + row * (K // 4) + (e + 16) // 4, mask=mask, other=0).to(tl.int32)
-        q_lo = q_lo | (((h_lo >> (2 * (e % 4))) & 3) << 4)
-        q_hi = q_hi | (((h_hi >> (2 * (e % 4))) & 3) << 4)
-        s_lo = tl.load(sc + row * (K // 16) + e // 16, mask=mask, other=0).to(tl.float32)
-        s_hi = tl.load(sc + row * (K // 16) + e // 16 + 1, mask=mask, other=0).to(tl.float32)
-        return (ds * s_lo) * (q_lo - 32).to(tl.float32), (ds * s_hi) * (q_hi - 32).to(tl.float32)
-    if FMT == 4:  # Q5_K: one high bit per element
-        h_lo = tl.load(qh + row * (K // 8) + e // 8, mask=mask, other=0).to(tl.int32)
-        h_hi = tl.load(qh + row * (K // 8) + (e + 16) // 8, mask=mask, other=0).to(tl.int32)
-        q_lo = q_lo | (((h_lo >> (e % 8)) & 1) << 4)
-        q_hi = q_hi | (((h_hi >> (e % 8)) & 1) << 4)
-    dm = tl.load(m + row * (K // 256) + sb, mask=mask, other=0.0).to(tl.float32)
-    s = ds * tl.load(sc + row * (K // 32) + g, mask=mask, other=0).to(tl.float32)
-    o = dm * tl.load(mn + row * (K // 32) + g, mask=mask, other=0).to(tl.float32)
-    return s * q_lo.to(tl.float32) - o, s * q_hi.to(tl.float32) - o
+        s = tl.load(d + row * (K // 32) + grp, mask=mask, other=0.0).to(tl.float32)
+        w_lo = s * tl.load(qs + row * QS_STRIDE + e, mask=mask, other=0).to(tl.float32)
+        w_hi = s * tl.load(qs + row * QS_STRIDE + e + 16, mask=mask, other=0).to(tl.float32)
+    else:
+        byte = tl.load(qs + row * QS_STRIDE + grp * 16 + j, mask=mask, other=0).to(tl.int32)
+        q_lo = byte & 15
+        q_hi = byte >> 4
+        if FMT == 1:  # Q4_0
+            s = tl.load(d + row * (K // 32) + grp, mask=mask, other=0.0).to(tl.float32)
+            w_lo = s * (q_lo - 8).to(tl.float32)
+            w_hi = s * (q_hi - 8).to(tl.float32)
+        elif FMT == 2:  # Q4_1
+            s = tl.load(d + row * (K // 32) + grp, mask=mask, other=0.0).to(tl.float32)
+            o = tl.load(m + row * (K // 32) + grp, mask=mask, other=0.0).to(tl.float32)
+            w_lo = s * q_lo.to(tl.float32) + o
+            w_hi = s * q_hi.to(tl.float32) + o
+        elif FMT == 5:  # Q6_K: 2 high bits per element, int8 scale per 16 elements
+            ds = tl.load(d + row * (K // 256) + grp // 8, mask=mask, other=0.0).to(tl.float32)
+            h_lo = tl.load(qh + row * (K // 4) + e // 4, mask=mask, other=0).to(tl.int32)
+            h_hi = tl.load(qh + row * (K // 4) + (e + 16) // 4, mask=mask, other=0).to(tl.int32)
+            q_lo = q_lo | (((h_lo >> (2 * (e % 4))) & 3) << 4)
+            q_hi = q_hi | (((h_hi >> (2 * (e % 4))) & 3) << 4)
+            s_lo = tl.load(sc + row * (K // 16) + 2 * grp, mask=mask, other=0).to(tl.float32)
+            s_hi = tl.load(sc + row * (K // 16) + 2 * grp + 1, mask=mask, other=0).to(tl.float32)
+            w_lo = (ds * s_lo) * (q_lo - 32).to(tl.float32)
+            w_hi = (ds * s_hi) * (q_hi - 32).to(tl.float32)
+        else:  # Q4_K (3), Q5_K (4)
+            if FMT == 4:  # one high bit per element
+                h_lo = tl.load(qh + row * (K // 8) + e // 8, mask=mask, other=0).to(tl.int32)
+                h_hi = tl.load(qh + row * (K // 8) + (e + 16) // 8, mask=mask, other=0).to(tl.int32)
+                q_lo = q_lo | (((h_lo >> (e % 8)) & 1) << 4)
+                q_hi = q_hi | (((h_hi >> (e % 8)) & 1) << 4)
+            ds = tl.load(d + row * (K // 256) + grp // 8, mask=mask, other=0.0).to(tl.float32)
+            dm = tl.load(m + row * (K // 256) + grp // 8, mask=mask, other=0.0).to(tl.float32)
+            s = ds * tl.load(sc + row * (K // 32) + grp, mask=mask, other=0).to(tl.float32)
+            o = dm * tl.load(mn + row * (K // 32) + grp, mask=mask, other=0).to(tl.float32)
+            w_lo = s * q_lo.to(tl.float32) - o
+            w_hi = s * q_hi.to(tl.float32) - o
+    return w_lo, w_hi
 
 
 @jit
 def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, PAIRS_PER_SPLIT,
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid_n = tl.program_id(0)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
-    row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
+    row = rows.to(tl.int64)[:, None, None]
     row_ok = row < N
+    j = tl.arange(0, 16)[None, None, :]
     # reduced every iteration: a (BLOCK_N,) accumulator leaves registers for large tiles, and
     # large tiles keep more bytes in flight per program (a memory-bound kernel wants that)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     p0 = split * PAIRS_PER_SPLIT
     for off in range(0, PAIRS_PER_SPLIT, BLOCK_P):
-        i = (p0 + off + tl.arange(0, BLOCK_P))[None, :]
-        i_ok = i < K // 2
-        e = (i // 16) * 32 + (i % 16)
-        x_lo = tl.load(x + e, mask=i_ok, other=0.0).to(tl.float32)
-        x_hi = tl.load(x + e + 16, mask=i_ok, other=0.0).to(tl.float32)
-        w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, row_ok & i_ok, K, QS_STRIDE, FMT)
-        acc += tl.sum(w_lo * x_lo + w_hi * x_hi, axis=1)
+        grp = ((p0 + off) // 16 + tl.arange(0, BLOCK_P // 16))[None, :, None]
+        grp_ok = grp < K // 32
+        e = grp * 32 + j
+        x_lo = tl.load(x + e, mask=grp_ok, other=0.0).to(tl.float32)
+        x_hi = tl.load(x + e + 16, mask=grp_ok, other=0.0).to(tl.float32)
+        w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, grp, j, row_ok & grp_ok, K, QS_STRIDE, FMT)
+        acc += tl.sum(tl.sum(w_lo * x_lo + w_hi * x_hi, axis=2), axis=1)
     # out: (splits, N) fp32 partials, or with one split the result in its own dtype
-    tl.store(out + split * N + row, acc[:, None].to(out.dtype.element_ty), mask=row_ok)
+    tl.store(out + split * N + rows, acc.to(out.dtype.element_ty), mask=rows < N)
 
 
 @jit
 def _dequant_kernel(qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE,
                     FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    row = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None]
-    i = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
-    mask = (row < N) & (i < K // 2)
-    w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, i, mask, K, QS_STRIDE, FMT)
-    e = (i // 16) * 32 + (i % 16)
+    row = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None, None]
+    grp = (tl.program_id(1) * (BLOCK_P // 16) + tl.arange(0, BLOCK_P // 16))[None, :, None]
+    j = tl.arange(0, 16)[None, None, :]
+    mask = (row < N) & (grp < K // 32)
+    w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, grp, j, mask, K, QS_STRIDE, FMT)
+    e = grp * 32 + j
     tl.store(out + row * K + e, w_lo.to(out.dtype.element_ty), mask=mask)
     tl.store(out + row * K + e + 16, w_hi.to(out.dtype.element_ty), mask=mask)
 
