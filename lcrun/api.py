@@ -20,13 +20,14 @@ from lcrun.runtime.build import load_model, random_model
 from lcrun.runtime.chat_template import render_chat
 from lcrun.runtime.generate import GenerationStats, Generator, ProgressFn
 from lcrun.runtime.kv_cache import AttentionCache, DenseCache
-from lcrun.runtime.loading import default_model, open_source
+from lcrun.runtime.loading import default_model, open_model
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.positions import PositionRule
 from lcrun.runtime.sampling import SamplingParams
 from lcrun.runtime.stop_text import StopText
-from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
+from lcrun.runtime.weight_footprint import weight_footprint, weights_mode
+from lcrun.runtime.weight_source import WeightSource
 from lcrun.units import format_bytes, short_dtype
 
 if TYPE_CHECKING:
@@ -74,21 +75,36 @@ def cpu_ignored_settings(config: LcrunConfig) -> str | None:
             f"pages offloaded from it): ignored")
 
 
-def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> "ModelSpec":
-    """The planner's view of the model: its shape, trained window and bytes in ``dtype``."""
+def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtype, weights: str,
+                  source: WeightSource | None = None) -> "ModelSpec":
+    """The planner's view of the model: its shape, trained window, and its weights' format and
+    bytes as ``weights`` (a weights_mode value) loads them from ``source`` (None: synthetic)."""
     from lcrun.planner import ModelSpec
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
+    elem = dtype.itemsize
+    footprint = weight_footprint(model_cfg, dtype, weights, source)
+    return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=footprint.nbytes, weight_format=footprint.label,
+                               weight_read_bytes=footprint.read_bytes, weight_scratch_bytes=footprint.scratch_bytes,
                                kv_dtype_bytes=elem, name=model_cfg.name, dtype=short_dtype(str(dtype)),
                                offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
 
 
-def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool = False) -> "Hardware":
-    """The machine the plan is for. On CUDA: this GPU, capped at --gpu-mem or, unset, its total
-    memory, with its calibration (the GPU links measured once if none are stored). On the CPU:
-    host memory; with ``what_if`` (lcrun plan) and --gpu-mem, a GPU of --gpu-mem instead, and a
-    host of --host-mem even where that is more than this machine has."""
+def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool = False,
+                     gpu: str | None = None) -> "Hardware":
+    """The machine the plan is for. ``gpu`` (lcrun plan --gpu): a built-in GPU profile
+    (lcrun.planner.gpus), capped at --gpu-mem. On CUDA: this GPU, capped at --gpu-mem or, unset,
+    its total memory, with its calibration (the GPU links measured once if none are stored). On the
+    CPU: host memory; with ``what_if`` (lcrun plan) and --gpu-mem, a GPU of --gpu-mem instead. A
+    what-if plan takes a host of --host-mem even where that is more than this machine has."""
     from lcrun.planner import detect_hardware
+    if gpu is not None:
+        from lcrun.planner.gpus import gpu_profile
+        from lcrun.planner.hardware import profile_hardware
+        host, note = _what_if_host(config)
+        hw = profile_hardware(gpu_profile(gpu), gpu_mem=config.gpu_mem, host_mem=config.host_mem,
+                              kv_dir=config.kv_dir, **host)
+        if note:
+            hw.notes.append(note)
+        return hw
     if device.type == "cuda":
         from lcrun.offload.calibrate import gpu_calibration
         props = torch.cuda.get_device_properties(device)
@@ -96,15 +112,7 @@ def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool
                                kv_dir=config.kv_dir, calibration=gpu_calibration(device, props.name))
     if not (what_if and config.gpu_mem is not None):
         return detect_hardware(None, None, gpu_mem=config.gpu_mem, host_mem=config.host_mem, kv_dir=config.kv_dir)
-    host: dict[str, int] = {}
-    note = None
-    if config.host_mem is not None:
-        import psutil
-        vm, cap = psutil.virtual_memory(), config.host_mem_bytes
-        if cap > vm.total:  # planning another machine: take --host-mem as its memory
-            host = dict(host_total_bytes=cap, host_available_bytes=cap)
-            note = (f"planned for a host with --host-mem {format_bytes(cap)} (this machine has "
-                    f"{format_bytes(vm.total)})")
+    host, note = _what_if_host(config)
     hw = detect_hardware("GPU of --gpu-mem (no GPU on this machine)", config.gpu_mem_bytes, gpu_mem=config.gpu_mem,
                          host_mem=config.host_mem, kv_dir=config.kv_dir, **host)
     if note:
@@ -112,19 +120,38 @@ def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool
     return hw
 
 
+def _what_if_host(config: LcrunConfig) -> tuple[dict[str, int], str | None]:
+    """Host memory of a planned machine: --host-mem as its memory where that is more than this
+    machine has (detect_hardware's overrides, and a note saying so)."""
+    if config.host_mem is None:
+        return {}, None
+    import psutil
+    vm, cap = psutil.virtual_memory(), config.host_mem_bytes
+    if cap <= vm.total:
+        return {}, None
+    return (dict(host_total_bytes=cap, host_available_bytes=cap),
+            f"planned for a host with --host-mem {format_bytes(cap)} (this machine has {format_bytes(vm.total)})")
+
+
 def plan_run(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype, *,
-             what_if: bool = False, cpu_plan: bool = False) -> "AttentionChoice":
+             source: WeightSource | None = None, what_if: bool = False, cpu_plan: bool = False,
+             gpu: str | None = None) -> "AttentionChoice":
     """The one place a run's plan is made (lcrun plan, run, chat, bench and LLM): --attention
     resolved (auto: see lcrun.planner.choose) and, on a GPU, the plan for it, from the same inputs
-    (prefill chunk, calibration, page size, budget, KV dtype, positions). ``config`` must be
-    resolved. ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU and its plan on a CPU, which
-    has the CPU run's page size (no plan chooses one there: make_cache)."""
+    (prefill chunk, calibration, page size, budget, KV dtype, positions, the weights' format and
+    bytes read from ``source``, None for synthetic models). ``config`` must be resolved.
+    ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU (weights held as a GPU run holds them)
+    and its plan on a CPU, which has the CPU run's page size (no plan chooses one there:
+    make_cache); ``gpu``: lcrun plan --gpu's profile (planner_hardware)."""
     from lcrun.planner import choose_attention
-    hw = planner_hardware(config, device, what_if=what_if)
+    check_weights(config, source)
+    on_gpu = device.type == "cuda" or gpu is not None or (what_if and config.gpu_mem is not None)
+    weights = weights_mode(config.weights, torch.device("cuda" if on_gpu else "cpu"))  # as that run loads them
+    hw = planner_hardware(config, device, what_if=what_if, gpu=gpu)
     pages: dict[str, Any] = dict(page_size=config.page_size)
     if not hw.on_gpu and config.page_size is None:
         pages = dict(page_size=config.unplanned_page_size(), page_size_reason="the CPU run's (--page-size to change)")
-    return choose_attention(planner_model(config, model_cfg, dtype), config.ctx_tokens, hw,
+    return choose_attention(planner_model(config, model_cfg, dtype, weights, source), config.ctx_tokens, hw,
                             attention=config.attention, positions=config.positions, cpu_plan=cpu_plan,
                             budget_tokens=config.budget, sink_tokens=config.sink_tokens,
                             window_tokens=config.window_tokens, prefill_chunk=config.prefill_chunk, **pages)
@@ -160,6 +187,15 @@ def check_host_memory(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.
         raise CapacityError(f"on the CPU the weights ({format_bytes(weights)}) and the KV cache for {ctx:,} tokens "
                             f"({format_bytes(kv)}) need {format_bytes(weights + kv)}, more than {where}: "
                             "lower --ctx or run on a GPU")
+
+
+def check_weights(config: LcrunConfig, source: WeightSource | None) -> None:
+    """Refuse, before loading, --weights a file cannot be loaded with: a format the gguf package
+    cannot quantize (its K-quants only dequantize), asked of a file (synthetic models are made in it)."""
+    from lcrun.kernels.quant.quantize import WEIGHT_FORMATS, check_quantizable
+    fmt = WEIGHT_FORMATS.get(config.weights)
+    if fmt is not None and source is not None:
+        check_quantizable(fmt, source.path)
 
 
 def resolve_positions(config: LcrunConfig, model_cfg: ModelConfig) -> PositionRule:
@@ -258,18 +294,12 @@ class LLM:
             total = torch.cuda.get_device_properties(self.device).total_memory
             cap = config.gpu_mem_bytes
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0, self.device)
-        spec = config.model or default_model()
-        self.model_spec = spec
+        self.model_spec = config.model or default_model()
         self.tokenizer: TextTokenizer | None = None
-        source = None
-        if is_synthetic(spec):
-            model_cfg = synthetic_config(spec)
-        else:
-            source = open_source(spec)
-            model_cfg = source.config
+        model_cfg, source = open_model(self.model_spec)
         # Before allocating anything: --attention resolved and, on a GPU, the plan for it (which
         # says what is short when the context does not fit the caps).
-        choice = plan_run(config, model_cfg, self.device, self.dtype)
+        choice = plan_run(config, model_cfg, self.device, self.dtype, source=source)
         self.attention_choice = choice
         self.attention: str = choice.attention            # "dense" or "topk"
         self.attention_reason: str = choice.reason
@@ -284,11 +314,13 @@ class LLM:
             check_host_memory(config, model_cfg, self.dtype, self.positions)
         try:
             if source is None:
-                self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)
+                self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed,
+                                          weights=weights_mode(config.weights, self.device))
             else:
                 self.tokenizer = source.tokenizer()
                 self.model = load_model(source, self.device, self.dtype,
-                                        progress=progress_bar("loading", "layer") if progress else None)
+                                        progress=progress_bar("loading", "layer") if progress else None,
+                                        weights=weights_mode(config.weights, self.device))
             self.cache = make_cache(config, self.model.cfg, self.device, self.dtype,
                                     self.plan if config.attention == "topk" else None)
         except torch.cuda.OutOfMemoryError as exc:

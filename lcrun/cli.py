@@ -13,6 +13,7 @@ import click
 
 from lcrun.config import DEFAULT_MAX_NEW_TOKENS, LcrunConfig
 from lcrun.errors import ContextOverflowError, LcrunError
+from lcrun.planner.gpus import GPU_PROFILES
 
 
 def config_options(func: Callable | None = None, *, exclude: tuple[str, ...] = ()) -> Callable:
@@ -326,35 +327,36 @@ def _prefill_bar():
     return progress_bar("prefill", "tok", min_total=PREFILL_BAR_MIN_TOKENS)
 
 
-def plan_choice(config: LcrunConfig):
+def plan_choice(config: LcrunConfig, gpu: str | None = None):
     """What `lcrun run` would do with ``config``, without loading weights: the resolved attention and
-    its plan, through the same api.plan_run that LLM calls. On this machine's GPU; a CPU-only
-    machine plans for a GPU of --gpu-mem when given, else for the CPU."""
+    its plan, through the same api.plan_run that LLM calls. On the GPU of the built-in profile
+    ``gpu`` if given, else this machine's GPU; a CPU-only machine plans for a GPU of --gpu-mem when
+    given, else for the CPU."""
     import torch
 
     from lcrun.api import plan_run, resolve_device, resolve_dtype
-    from lcrun.runtime.loading import default_model, open_source
-    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
+    from lcrun.runtime.loading import open_model
 
-    spec = config.model or default_model()
-    model_cfg = synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
+    model_cfg, source = open_model(config.model)
     device = resolve_device(config.device)
-    on_gpu = device.type == "cuda" or config.gpu_mem is not None
+    on_gpu = device.type == "cuda" or config.gpu_mem is not None or gpu is not None
     dtype = resolve_dtype(config.dtype, torch.device("cuda") if on_gpu else device)
-    return plan_run(config, model_cfg, device, dtype, what_if=True, cpu_plan=True)
+    return plan_run(config, model_cfg, device, dtype, source=source, what_if=True, cpu_plan=True, gpu=gpu)
 
 
 @main.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--gpu", default=None, type=click.Choice(list(GPU_PROFILES), case_sensitive=False),
+              help="Plan for this GPU (built-in profile: memory, memory bandwidth, PCIe link) instead of this machine's.")
 @handle_errors
-def plan(config: LcrunConfig, as_json: bool) -> None:
+def plan(config: LcrunConfig, as_json: bool, gpu: str | None) -> None:
     """Show where weights and the KV cache would live, and the predicted decode speed."""
     import json
 
     from lcrun.planner import format_plan
 
-    choice = plan_choice(config)
+    choice = plan_choice(config, gpu)
     show_attention(choice)
     if as_json:
         click.echo(json.dumps({**choice.plan.to_dict(), **choice.to_dict()}, indent=2))
@@ -379,15 +381,17 @@ def calibrate(device: str, kv_dir: str | None) -> None:
     click.echo(f"saved to {calibration_path()}")
 
 
-def _token_list(value: str | None) -> list[int]:
+def _token_list(value: str | None, zero: bool = False) -> list[int]:
+    """Token counts 'a,b,c'; ``zero``: '0' allowed too."""
     from lcrun.units import parse_tokens
-    return [parse_tokens(v) for v in value.split(",") if v.strip()] if value else []
+    items = [v.strip() for v in value.split(",") if v.strip()] if value else []
+    return [0 if zero and v == "0" else parse_tokens(v) for v in items]
 
 
 @main.command()
 @config_options
 @click.option("--contexts", default=None, help="Comma-separated context lengths to sweep, e.g. 32k,128k,512k "
-              "(default: --ctx). Each prefills that many random tokens.")
+              "(default: --ctx). Each prefills that many random tokens (0: one token, as llama-bench's depth 0).")
 @click.option("--steps", type=int, default=32, show_default=True,
               help="Decode steps timed per context (at least 2: the first, cold one is not counted).")
 @click.option("--dense-contexts", default=None, help="Also run lcrun with --attention dense at these contexts.")
@@ -420,7 +424,7 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
         config = dataclasses.replace(config, model=default_model())
     if not dense_cap and not dense_contexts:
         warn("--no-dense-cap applies to the --dense-contexts rows, and none were asked for: ignored")
-    sweep = Sweep(contexts=_token_list(contexts) or [config.ctx_tokens], steps=steps,
+    sweep = Sweep(contexts=_token_list(contexts, zero=True) or [config.ctx_tokens], steps=steps,
                   dense_contexts=_token_list(dense_contexts), dense_capped=dense_cap,
                   transformers=[c.strip() for c in transformers_caches.split(",")] if transformers_caches else [],
                   transformers_contexts=_token_list(transformers_contexts) or None,

@@ -30,6 +30,10 @@ class LcrunConfig:
     device: str = _opt("auto", "cuda, cpu, or auto (cuda when available).", choices=["auto", "cuda", "cpu"])
     dtype: str = _opt("auto", "Compute dtype: bfloat16, float16, float32, or auto (bf16 on GPU, fp32 on CPU).",
                       choices=["auto", "bfloat16", "float16", "float32"])
+    weights: str = _opt("auto", "How weight matrices are held: auto (as the file stores them: a GGUF's Q8_0/Q4_0/Q4_1/"
+                        "Q4_K/Q5_K/Q6_K blocks stay quantized on the GPU; on the CPU, dequantized), bf16 (dequantized "
+                        "to the compute dtype), or q8_0/q4_0/q4_k (every matrix quantized on load; synthetic:NAME: "
+                        "random weights in that format).", choices=["auto", "bf16", "q8_0", "q4_0", "q4_k"])
     prefill_chunk: int = _opt(2048, "Tokens per prefill chunk.")
     attention: str = _opt("auto", "dense: attend to every cached token; topk: attend to the top-scoring KV pages; "
                           "auto: dense while the whole KV cache fits beside the weights and the plan predicts it no "

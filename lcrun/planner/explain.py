@@ -43,7 +43,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"{dev}: cap {format_bytes(p.device_cap_bytes)}{total} ({cap_src})")
     for item, size in p.gpu_breakdown.items():
         detail = ""
-        if item == "workspace":
+        if item == "weights":
+            detail = m.weight_format
+        elif item == "workspace":
             detail = f"prefill chunk {p.prefill_chunk} ({'auto' if p.prefill_chunk_auto else 'given'})"
         elif item == "KV pages":
             detail = f"all {p.total_pages:,} pages"
@@ -110,6 +112,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(_line("total", _ms(p.decode_s_per_token),
                        f"{p.decode_tokens_per_s:.1f} tokens/s; full overlap: {_ms(p.decode_s_overlapped)}"))
     lines.append(f"  {'bottleneck':<{_W}} {p.bottleneck}")
+    lines.append("  (predicted ms/token: one decode step with the context full, each term its bytes over its "
+                 "link's speed, summed as if nothing overlapped; kernel launches and compute are not counted, "
+                 "so a run is slower by those and faster where transfers overlap)")
 
     speeds = []
     for name, label in (("gpu_mem_bytes_per_s", "HBM" if p.device == "cuda" else "DRAM"),

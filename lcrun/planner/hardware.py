@@ -16,9 +16,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from lcrun.planner.gpus import GpuProfile
 
 from lcrun.errors import ConfigError
 from lcrun.units import format_bytes, parse_bytes
@@ -194,6 +197,17 @@ class Hardware:
         d["sources"] = {name: self.source(name) for name in (*BANDWIDTH_FIELDS, "gpu_cap_bytes", "host_cap_bytes")}
         d["on_gpu"] = self.on_gpu
         return d
+
+
+def profile_hardware(profile: "GpuProfile", gpu_mem: str | int | None = None, host_mem: str | int | None = None,
+                     kv_dir: str | os.PathLike | None = None, **host: int) -> Hardware:
+    """A machine with the GPU of a built-in profile (lcrun.planner.gpus): its memory and link
+    speeds instead of this machine's GPU (disk and host memory are this machine's, or ``host``)."""
+    hw = detect_hardware(profile.name, profile.memory_bytes, gpu_mem=gpu_mem, host_mem=host_mem, kv_dir=kv_dir,
+                         calibration=None, **host)
+    hw.gpu_mem_bytes_per_s, hw.h2d_bytes_per_s = profile.read_bytes_per_s, profile.h2d_bytes_per_s
+    hw.sources.update(gpu_mem_bytes_per_s=f"{profile.key} profile", h2d_bytes_per_s=f"{profile.key} profile")
+    return hw
 
 
 def detect_hardware(gpu_name: str | None, gpu_total_bytes: int | None, gpu_mem: str | int | None = None,

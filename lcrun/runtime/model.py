@@ -1,7 +1,9 @@
 """One torch implementation of Llama-family decoders (Llama 2/3.x, Mistral, Qwen2, SmolLM2).
 
 Batch size 1. q/k/v and gate/up projections are fused into one matmul each: decode is bound by
-streaming weights, and one larger GEMV beats three small launches. Attention goes through the
+streaming weights, and one larger GEMV beats three small launches. Weight matrices are dense
+tensors or quantized (lcrun.kernels.quant: GGUF blocks kept on the device); ``linear`` and
+``embedding`` dispatch on which. Attention goes through the
 cache object (``lcrun.runtime.kv_cache``), so dense, paged and tiered caches share this code.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from lcrun.kernels.fused_norm import rms_norm
+from lcrun.kernels.quant.linear import embedding, linear
+from lcrun.kernels.quant.weight import QuantWeight, Weight, row_slice, weight_format, weight_nbytes
 from lcrun.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
@@ -21,18 +25,18 @@ from lcrun.runtime.model_config import ModelConfig
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor   # (hidden,)
-    wqkv: torch.Tensor        # ((Hq + 2 Hkv) * D, hidden)
+    wqkv: Weight              # ((Hq + 2 Hkv) * D, hidden)
     bqkv: torch.Tensor | None
-    wo: torch.Tensor          # (hidden, Hq * D)
+    wo: Weight                # (hidden, Hq * D)
     bo: torch.Tensor | None
     mlp_norm: torch.Tensor    # (hidden,)
-    w_gate_up: torch.Tensor   # (2 * inter, hidden)
-    w_down: torch.Tensor      # (hidden, inter)
+    w_gate_up: Weight         # (2 * inter, hidden)
+    w_down: Weight            # (hidden, inter)
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor | QuantWeight, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: Weight):
         self.cfg = cfg
         self.embed = embed
         self.layers = layers
@@ -41,11 +45,18 @@ class LlamaModel:
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.final_norm.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The compute dtype (the norms are kept in it, whatever the matrices' format)."""
+        return self.final_norm.dtype
+
+    def weight_format(self) -> str:
+        """The layers' matrices' format: a dtype (bfloat16), a GGUF type (Q4_0) or several (Q4_K+Q6_K)."""
+        kinds = {f for lw in self.layers for w in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)
+                 for f in weight_format(w).split("+")}
+        return "+".join(sorted(kinds))
 
     def weight_bytes(self) -> int:
         tensors = [self.embed, self.final_norm]
@@ -53,7 +64,7 @@ class LlamaModel:
             tensors.append(self.lm_head)
         for lw in self.layers:
             tensors += [t for t in vars(lw).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(weight_nbytes(t) for t in tensors)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: AttentionCache, all_logits: bool = False,
@@ -66,14 +77,14 @@ class LlamaModel:
         if positions is None:
             positions = torch.arange(cache.length, cache.length + t, device=self.device)
         cache.begin_forward(positions)
-        x, delta = F.embedding(input_ids, self.embed), None
+        x, delta = embedding(input_ids, self.embed, self.dtype), None
         for i, lw in enumerate(self.layers):
             x, delta = self._layer(i, lw, x, cache, delta)
         cache.end_forward()
         if not all_logits:
             x, delta = x[-1:], None if delta is None else delta[-1:]
         with named_range("lm_head"):
-            return F.linear(self._add_norm(x, delta, self.final_norm)[0], self.lm_head).float()
+            return linear(self._add_norm(x, delta, self.final_norm)[0], self.lm_head).float()
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +100,7 @@ class LlamaModel:
         rows = cfg.num_heads * cfg.head_dim
         h = rms_norm(x, nxt.attn_norm, cfg.rms_eps)
         bias = None if nxt.bqkv is None else nxt.bqkv[:rows]
-        return F.linear(h, nxt.wqkv[:rows], bias).view(1, cfg.num_heads, cfg.head_dim)
+        return linear(h, row_slice(nxt.wqkv, 0, rows), bias).view(1, cfg.num_heads, cfg.head_dim)
 
     def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, cache: AttentionCache,
                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,16 +111,16 @@ class LlamaModel:
         # Named ranges split a profiled step (lcrun profile); without a profiler they are no-ops.
         with named_range("dense"):
             h, x = self._add_norm(x, delta, lw.attn_norm)
-            q, k, v = F.linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
+            q, k, v = linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
         if t == 1 and cache.wants_lookahead(i):
             nxt, s = self.layers[i + 1], x
             cache.lookahead(i, lambda: self._predict_query(nxt, s))
         with named_range("attention"):
             attn = cache.attend(i, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))
         with named_range("dense"):
-            h, x = self._add_norm(x, F.linear(attn.reshape(t, hq * d), lw.wo, lw.bo), lw.mlp_norm)
-            gate, up = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
-            return x, F.linear(F.silu(gate) * up, lw.w_down)
+            h, x = self._add_norm(x, linear(attn.reshape(t, hq * d), lw.wo, lw.bo), lw.mlp_norm)
+            gate, up = linear(h, lw.w_gate_up).chunk(2, dim=-1)
+            return x, linear(F.silu(gate) * up, lw.w_down)
 
     @torch.inference_mode()
     def forward_layerwise(self, input_ids: torch.Tensor, cache, chunk: int,
@@ -130,7 +141,7 @@ class LlamaModel:
             x = torch.empty((t, cfg.hidden_size), dtype=self.dtype, pin_memory=self.device.type == "cuda")
         on_host = x.device != self.device
         for c0 in range(0, t, chunk):
-            x[c0:c0 + chunk].copy_(F.embedding(input_ids[c0:c0 + chunk], self.embed), non_blocking=on_host)
+            x[c0:c0 + chunk].copy_(embedding(input_ids[c0:c0 + chunk], self.embed, self.dtype), non_blocking=on_host)
         n_layers = len(self.layers)
         for i, lw in enumerate(self.layers):
             for c0 in range(0, t, chunk):
@@ -143,4 +154,4 @@ class LlamaModel:
             torch.cuda.current_stream(self.device).synchronize()  # the last chunk's copy has landed
         last = x[-1:].to(self.device).clone()  # the buffer may be page-cache memory, reused once decode starts
         cache.end_forward()
-        return F.linear(rms_norm(last, self.final_norm, cfg.rms_eps), self.lm_head).float()
+        return linear(rms_norm(last, self.final_norm, cfg.rms_eps), self.lm_head).float()

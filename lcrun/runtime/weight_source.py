@@ -5,6 +5,7 @@ from typing import Protocol
 
 import torch
 
+from lcrun.kernels.quant.weight import QuantWeight
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.tokenizer import TextTokenizer
 
@@ -23,5 +24,15 @@ class WeightSource(Protocol):
     def names(self) -> list[str]: ...
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def block_format(self, name: str) -> str | None:
+        """The block format (lcrun.kernels.quant.formats.FORMATS) ``get_blocks`` returns ``name`` in,
+        or None when it is stored dense."""
+        ...
+
+    def get_blocks(self, name: str) -> QuantWeight | None:
+        """The matrix ``name`` in the quantized blocks it is stored in, on the CPU, or None when
+        the source stores it dense (then ``get`` it)."""
+        ...
 
     def tokenizer(self) -> TextTokenizer | None: ...
