@@ -148,7 +148,16 @@ def _open_stream(live, max_tokens: int):
     return http, cm
 
 
-def test_full_queue_gets_503_and_a_disconnect_cancels(live):
+def test_full_queue_gets_503_and_a_disconnect_cancels(live, llm, monkeypatch):
+    # The long stream holds the GPU until the gate opens (it could otherwise end early, at an end token).
+    gate, stream = threading.Event(), llm.stream_text_ids
+
+    def gated(*args, **kwargs):
+        for i, piece in enumerate(stream(*args, **kwargs)):
+            if i:
+                gate.wait(WAIT_S)
+            yield piece
+    monkeypatch.setattr(llm, "stream_text_ids", gated)
     before = live.wait_for("an idle server", idle)
     http, cm = _open_stream(live, max_tokens=400)
     live.wait_for("the stream to run", lambda s: s["running"] is not None)
@@ -161,6 +170,7 @@ def test_full_queue_gets_503_and_a_disconnect_cancels(live):
     assert err.value.status_code == 503 and err.value.response.headers["retry-after"].isdigit()
     cm.__exit__(None, None, None)  # the client leaves mid-stream
     http.close()
+    gate.set()
     queued.join(WAIT_S)
     after = live.wait_for("the cancel", lambda s: s["cancelled"] == before["cancelled"] + 1 and idle(s))
     assert after["rejected"] == before["rejected"] + 1

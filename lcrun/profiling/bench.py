@@ -433,7 +433,7 @@ def format_rows(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{impl:24} {r['context']:>8}  {r['error']}")
             continue
-        impl += f" {r['weight_format']}" if r["impl"] == "lcrun" else ""
+        impl += f" {r['weight_format']}" if r["impl"] == "lcrun" and r.get("weight_format") else ""
         peak = f"{r['peak_gpu_bytes'] / 2**30:9.2f}" if r.get("peak_gpu_bytes") else f"{'-':>9}"
         spread = f"{r['decode_ms_p10']:.2f}-{r['decode_ms_p90']:.2f}"
         # the planner's prediction for the row (GPU runs), and how far the measurement is from it
