@@ -36,7 +36,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def client(self, key: str = KEY, **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **{"timeout": WAIT_S, **kw})
 
     def stats(self) -> dict:
         return httpx.get(self.url + "/stats", headers={"Authorization": f"Bearer {KEY}"}).json()
@@ -149,14 +149,17 @@ def _open_stream(live, max_tokens: int):
 
 
 def test_full_queue_gets_503_and_a_disconnect_cancels(live, llm, monkeypatch):
-    # The long stream holds the GPU until the gate opens (it could otherwise end early, at an end token).
-    gate, stream = threading.Event(), llm.stream_text_ids
+    # The long stream holds the GPU after its first piece until the gate opens (it could otherwise
+    # end early, at an end token); the requests after it run freely.
+    gate, stream, calls = threading.Event(), llm.stream_text_ids, []
 
     def gated(*args, **kwargs):
+        calls.append(1)
+        first = len(calls) == 1
         for i, piece in enumerate(stream(*args, **kwargs)):
-            if i:
-                gate.wait(WAIT_S)
             yield piece
+            if first and i == 0:
+                gate.wait(WAIT_S)
     monkeypatch.setattr(llm, "stream_text_ids", gated)
     before = live.wait_for("an idle server", idle)
     http, cm = _open_stream(live, max_tokens=400)
