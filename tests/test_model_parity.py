@@ -24,6 +24,9 @@ CONFIGS = {
                                               tie_word_embeddings=True),
     "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=8, rope_theta=1e4,
                                                   sliding_window=None),
+    # head_dim 48 != hidden / heads = 16: Qwen 3 sets it apart
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=48, rope_theta=1e6,
+                                              tie_word_embeddings=False, attention_bias=False),
     "llama_gqa8_hd64": lambda: transformers.LlamaConfig(
         **{**SMALL, "hidden_size": 512, "num_attention_heads": 8}, num_key_value_heads=1),
 }

@@ -195,7 +195,7 @@ def _hf_config(cfg):
               rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
               max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config}
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
     if cfg.arch not in classes:
         raise ConfigError(f"no transformers baseline for architecture {cfg.arch!r}")
     return classes[cfg.arch](**kw)

@@ -52,6 +52,8 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
             mlp_norm=put(get(p + "post_attention_layernorm.weight")),
             w_gate_up=put(torch.cat([gate, up])),
             w_down=put(get(p + "mlp.down_proj.weight")),
+            q_norm=put(get(p + "self_attn.q_norm.weight", required=cfg.qk_norm)),
+            k_norm=put(get(p + "self_attn.k_norm.weight", required=cfg.qk_norm)),
         ))
     if progress is not None:
         progress(cfg.num_layers, cfg.num_layers)
@@ -88,7 +90,8 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
             attn_norm=ones(h), wqkv=rand(qkv_rows, h),
             bqkv=rand(qkv_rows) if cfg.attention_bias else None,
             wo=rand(h, cfg.num_heads * d), bo=None, mlp_norm=ones(h),
-            w_gate_up=rand(2 * inter, h), w_down=rand(h, inter))
+            w_gate_up=rand(2 * inter, h), w_down=rand(h, inter),
+            q_norm=ones(d) if cfg.qk_norm else None, k_norm=ones(d) if cfg.qk_norm else None)
         for _ in range(cfg.num_layers)
     ]
     embed = rand(cfg.vocab_size, h)

@@ -35,6 +35,8 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp's converter reorders q/k rows of these archs for its interleaved rope (Qwen2 it leaves alone)
@@ -61,7 +63,7 @@ _QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
 
 
 class GGUFSource:
-    """``GGUFSource(path)``: a WeightSource over one llama.cpp GGUF file (Llama, Mistral, Qwen2)."""
+    """``GGUFSource(path)``: a WeightSource over one llama.cpp GGUF file (Llama, Mistral, Qwen2/3)."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
@@ -224,6 +226,7 @@ class GGUFSource:
                 max_position_embeddings=int(self._meta(f"{arch}.context_length", 4096)),
                 tie_word_embeddings="output.weight" not in self._raw,
                 attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in self._raw,
+                qk_norm="blk.0.attn_q_norm.weight" in self._raw,
                 bos_token_id=None if bos is None else int(bos),
                 eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
                 name=str(self._meta("general.name", "")),

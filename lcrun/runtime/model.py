@@ -1,4 +1,4 @@
-"""One torch implementation of Llama-family decoders (Llama 2/3.x, Mistral, Qwen2, SmolLM2).
+"""One torch implementation of Llama-family decoders (Llama 2/3.x, Mistral, Qwen2/3, SmolLM2).
 
 Batch size 1. q/k/v and gate/up projections are fused into one matmul each: decode is bound by
 streaming weights, and one larger GEMV beats three small launches. Attention goes through the
@@ -28,6 +28,8 @@ class LayerWeights:
     mlp_norm: torch.Tensor    # (hidden,)
     w_gate_up: torch.Tensor   # (2 * inter, hidden)
     w_down: torch.Tensor      # (hidden, inter)
+    q_norm: torch.Tensor | None = None  # (D,) per-head RMSNorm of q before RoPE (cfg.qk_norm)
+    k_norm: torch.Tensor | None = None  # (D,) same for k
 
 
 class LlamaModel:
@@ -89,25 +91,40 @@ class LlamaModel:
         rows = cfg.num_heads * cfg.head_dim
         h = rms_norm(x, nxt.attn_norm, cfg.rms_eps)
         bias = None if nxt.bqkv is None else nxt.bqkv[:rows]
-        return F.linear(h, nxt.wqkv[:rows], bias).view(1, cfg.num_heads, cfg.head_dim)
+        q = F.linear(h, nxt.wqkv[:rows], bias).view(1, cfg.num_heads, cfg.head_dim)
+        return q if nxt.q_norm is None else self._head_norm(q, nxt.q_norm)
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim of x (T, H, D) with weight (D,): Qwen 3 / Gemma 3 QK-norm."""
+        t, h, d = x.shape
+        return rms_norm(x.reshape(t * h, d), weight, self.cfg.rms_eps).view(t, h, d)
+
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (T, Hq, D), k and v (T, Hkv, D), pre-RoPE, from the normed input h (T, hidden)."""
+        cfg, t = self.cfg, h.shape[0]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = F.linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
+        q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+        if lw.q_norm is not None:
+            q, k = self._head_norm(q, lw.q_norm), self._head_norm(k, lw.k_norm)
+        return q, k, v
 
     def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, cache: AttentionCache,
                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input is x + delta (x if delta is None); returns (x', delta') whose sum is
         its output. Each residual add is left to the norm after it, which fuses it (one launch)."""
-        cfg, t = self.cfg, x.shape[0]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        t = x.shape[0]
         # Named ranges split a profiled step (lcrun profile); without a profiler they are no-ops.
         with named_range("dense"):
             h, x = self._add_norm(x, delta, lw.attn_norm)
-            q, k, v = F.linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
+            q, k, v = self._qkv(lw, h)
         if t == 1 and cache.wants_lookahead(i):
             nxt, s = self.layers[i + 1], x
             cache.lookahead(i, lambda: self._predict_query(nxt, s))
         with named_range("attention"):
-            attn = cache.attend(i, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))
+            attn = cache.attend(i, q, k, v)
         with named_range("dense"):
-            h, x = self._add_norm(x, F.linear(attn.reshape(t, hq * d), lw.wo, lw.bo), lw.mlp_norm)
+            h, x = self._add_norm(x, F.linear(attn.reshape(t, -1), lw.wo, lw.bo), lw.mlp_norm)
             gate, up = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
             return x, F.linear(F.silu(gate) * up, lw.w_down)
 

@@ -7,12 +7,14 @@ from typing import Any
 from lcrun.errors import ModelLoadError, UnsupportedModelError
 
 # model_type -> whether q/k/v projections carry a bias by default
-SUPPORTED_ARCHS = {"llama": False, "mistral": False, "qwen2": True}
+SUPPORTED_ARCHS = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False}
 HF_ARCH_TO_TYPE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
+QK_NORM_ARCHS = {"qwen3"}  # RMSNorm over each head's q and k before RoPE
 SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
@@ -33,6 +35,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen 3, Gemma 3)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
@@ -58,7 +61,7 @@ class ModelConfig:
     def num_parameters(self) -> int:
         h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * h * i + 2 * h
+        per_layer = attn + 3 * h * i + 2 * h + (2 * d if self.qk_norm else 0)
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
 
@@ -107,6 +110,7 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", SUPPORTED_ARCHS[arch])),
+                qk_norm=arch in QK_NORM_ARCHS,
                 sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),

@@ -25,6 +25,10 @@ SYNTHETIC_SPECS: dict[str, dict] = {
     "qwen2.5-7b": dict(arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_eps=1e-6,
                        rope_theta=1000000.0, max_position_embeddings=32768, attention_bias=True),
+    # Qwen/Qwen3-8B config.json
+    "qwen3-8b": dict(arch="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_eps=1e-6,
+                     rope_theta=1000000.0, max_position_embeddings=40960, qk_norm=True),
     "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_eps=1e-5,
                          rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
