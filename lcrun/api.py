@@ -187,6 +187,15 @@ def _nvme_slots(plan, kv_dir: str) -> int:
 
 def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                plan=None) -> AttentionCache:
+    """The run's cache for --attention; a model with sliding-window layers (Gemma 3) keeps those in
+    a ring of their window on the device and gives the run's cache its global layers only."""
+    from lcrun.runtime.layer_kind_cache import with_local_ring
+    return with_local_ring(model_cfg, config.ctx_tokens, device, dtype,
+                           lambda cfg: _run_cache(config, cfg, device, dtype, plan))
+
+
+def _run_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+               plan=None) -> AttentionCache:
     positions = resolve_positions(config, model_cfg)
     if config.attention == "dense":
         return DenseCache(model_cfg, config.ctx_tokens, device, dtype)

@@ -30,6 +30,11 @@ class LayerWeights:
     w_down: torch.Tensor      # (hidden, inter)
     q_norm: torch.Tensor | None = None  # (D,) per-head RMSNorm of q before RoPE (cfg.qk_norm)
     k_norm: torch.Tensor | None = None  # (D,) same for k
+    # Gemma 3 (lcrun.runtime.model_gemma): norms of the attention and MLP outputs before each
+    # residual add; mlp_norm is then its pre-feedforward norm. Norm weights are multiplicative
+    # everywhere: Gemma's (1 + w) is folded in when loading.
+    post_attn_norm: torch.Tensor | None = None  # (hidden,)
+    post_mlp_norm: torch.Tensor | None = None   # (hidden,)
 
 
 class LlamaModel:
@@ -68,14 +73,22 @@ class LlamaModel:
         if positions is None:
             positions = torch.arange(cache.length, cache.length + t, device=self.device)
         cache.begin_forward(positions)
-        x, delta = F.embedding(input_ids, self.embed), None
+        x, delta = self._embed(input_ids), None
         for i, lw in enumerate(self.layers):
             x, delta = self._layer(i, lw, x, cache, delta)
         cache.end_forward()
         if not all_logits:
             x, delta = x[-1:], None if delta is None else delta[-1:]
         with named_range("lm_head"):
-            return F.linear(self._add_norm(x, delta, self.final_norm)[0], self.lm_head).float()
+            return self._logits(self._add_norm(x, delta, self.final_norm)[0])
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids -> (T, hidden) input of layer 0."""
+        return F.embedding(input_ids, self.embed)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states (T, hidden) -> fp32 logits (T, vocab)."""
+        return F.linear(h, self.lm_head).float()
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +106,12 @@ class LlamaModel:
         bias = None if nxt.bqkv is None else nxt.bqkv[:rows]
         q = F.linear(h, nxt.wqkv[:rows], bias).view(1, cfg.num_heads, cfg.head_dim)
         return q if nxt.q_norm is None else self._head_norm(q, nxt.q_norm)
+
+    def _lookahead(self, i: int, x: torch.Tensor, cache: AttentionCache) -> None:
+        """Offer a decode step's cache the next layer's predicted query; x: this layer's input."""
+        if x.shape[0] == 1 and cache.wants_lookahead(i):
+            nxt = self.layers[i + 1]
+            cache.lookahead(i, lambda: self._predict_query(nxt, x))
 
     def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm over the last dim of x (T, H, D) with weight (D,): Qwen 3 / Gemma 3 QK-norm."""
@@ -118,9 +137,7 @@ class LlamaModel:
         with named_range("dense"):
             h, x = self._add_norm(x, delta, lw.attn_norm)
             q, k, v = self._qkv(lw, h)
-        if t == 1 and cache.wants_lookahead(i):
-            nxt, s = self.layers[i + 1], x
-            cache.lookahead(i, lambda: self._predict_query(nxt, s))
+        self._lookahead(i, x, cache)
         with named_range("attention"):
             attn = cache.attend(i, q, k, v)
         with named_range("dense"):
@@ -147,7 +164,7 @@ class LlamaModel:
             x = torch.empty((t, cfg.hidden_size), dtype=self.dtype, pin_memory=self.device.type == "cuda")
         on_host = x.device != self.device
         for c0 in range(0, t, chunk):
-            x[c0:c0 + chunk].copy_(F.embedding(input_ids[c0:c0 + chunk], self.embed), non_blocking=on_host)
+            x[c0:c0 + chunk].copy_(self._embed(input_ids[c0:c0 + chunk]), non_blocking=on_host)
         n_layers = len(self.layers)
         for i, lw in enumerate(self.layers):
             for c0 in range(0, t, chunk):
@@ -160,4 +177,4 @@ class LlamaModel:
             torch.cuda.current_stream(self.device).synchronize()  # the last chunk's copy has landed
         last = x[-1:].to(self.device).clone()  # the buffer may be page-cache memory, reused once decode starts
         cache.end_forward()
-        return F.linear(rms_norm(last, self.final_norm, cfg.rms_eps), self.lm_head).float()
+        return self._logits(rms_norm(last, self.final_norm, cfg.rms_eps))

@@ -1,0 +1,127 @@
+"""Gemma 3 beyond tests/test_model_parity.py (which runs it as every architecture): prefill chunks
+and decode steps across ring wraps against transformers' Gemma3ForCausalLM (fp32, CPU); the ring
+alone against a plain sliding-window reference; the layer-kind cache's bookkeeping."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcrun.runtime.build import load_model
+from lcrun.runtime.kv_cache import DenseCache
+from lcrun.runtime.layer_kind_cache import with_local_ring
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.ring_cache import RingCache
+
+WINDOW = 16
+
+
+def dense_cache(cfg: ModelConfig, capacity: int):
+    return with_local_ring(cfg, capacity, "cpu", torch.float32, lambda c: DenseCache(c, capacity, "cpu", torch.float32))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=7, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, final_logit_softcapping=30.0,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        attn_implementation="eager")
+    ref = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 0 (Gemma's weights are w in 1 + w) so a wrong norm shows
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) - 0.5)
+    folder = tmp_path_factory.mktemp("gemma3")
+    ref.save_pretrained(folder, safe_serialization=True)
+    from lcrun.runtime.loader_hf import HFFolderSource
+    ours = load_model(HFFolderSource(folder), torch.device("cpu"), torch.float32)
+    return ref, ours
+
+
+def test_config_reads_the_layer_pattern_and_ropes(pair):
+    _, ours = pair
+    cfg = ours.cfg
+    assert cfg.arch == "gemma3" and cfg.qk_norm and cfg.sliding_window == WINDOW
+    assert cfg.global_layers == [5] and cfg.local_layers == [0, 1, 2, 3, 4, 6]
+    assert cfg.local_rope_theta == 1e4 and cfg.rope_theta == 1e6
+    assert cfg.rope_scaling["rope_type"] == "linear" and cfg.rope_scaling["factor"] == 8.0
+    assert cfg.query_pre_attn_scalar == 24 and cfg.final_logit_softcapping == 30.0
+
+
+def test_logits_match_transformers_past_the_window(pair):
+    ref, ours = pair
+    ids = torch.randint(0, ours.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0].float()
+    cache = dense_cache(ours.cfg, 64)
+    # chunks shorter and longer than the window, then one-token decode steps past a ring wrap
+    pieces = [ours.forward(ids[a:b], cache, all_logits=True) for a, b in ((0, 9), (9, 30), (30, 33))]
+    pieces += [ours.forward(ids[i:i + 1], cache, all_logits=True) for i in range(33, 40)]
+    got = torch.cat(pieces)
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-3
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-3
+
+
+def _ring_cfg(window: int) -> ModelConfig:
+    return ModelConfig(arch="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=window)
+
+
+def _window_reference(q, k, v, cfg, window):
+    """Plain sliding-window attention over a whole sequence: q (T, Hq, D) k/v (T, Hkv, D) post-RoPE."""
+    t = q.shape[0]
+    kk, vv = (x.repeat_interleave(cfg.gqa_group, 1).transpose(0, 1) for x in (k, v))
+    i = torch.arange(t)
+    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1)
+
+
+@pytest.mark.parametrize("chunks", [(5,) * 8, (23, 1, 1, 15), (1,) * 40, (40,)])
+def test_ring_equals_sliding_window_reference(chunks):
+    window, n = 7, sum(chunks)
+    cfg = _ring_cfg(window)
+    g = torch.Generator().manual_seed(len(chunks))
+    q, k, v = (torch.randn(n, h, 8, generator=g) for h in (4, 2, 2))
+    ring = RingCache(cfg, 64, window, "cpu", torch.float32)
+    outs, at = [], 0
+    for c in chunks:
+        ring.begin_forward(torch.arange(at, at + c))
+        outs.append(torch.stack([ring.attend(layer, q[at:at + c], k[at:at + c], v[at:at + c]) for layer in (0, 1)]))
+        ring.end_forward()
+        at += c
+    cos, sin = ring.rotary.cos_sin(torch.arange(n), torch.float32)
+    rq, rk = ring.rotary.apply(q, cos, sin), ring.rotary.apply(k, cos, sin)
+    expected = _window_reference(rq, rk, v, cfg, window)
+    got = torch.cat(outs, dim=1)
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected, atol=1e-5, rtol=1e-5)
+    assert ring.memory_bytes() == 2 * 2 * 2 * window * 8 * 4  # layers, k+v, heads, window, D, fp32
+
+
+def test_ring_truncate_keeps_what_it_can():
+    ring = RingCache(_ring_cfg(4), 64, 4, "cpu", torch.float32)
+    ring.length = 3
+    ring.truncate(1)
+    assert ring.length == 1  # nothing wrapped yet: every earlier token is still there
+    ring.length = 10
+    ring.truncate(9)
+    assert ring.length == 9  # the last token only: its slot held a token outside the window
+    ring.truncate(5)
+    assert ring.length == 0  # tokens 2..4 were overwritten: start again
+
+
+def test_layer_kind_cache_routes_and_counts(pair):
+    _, ours = pair
+    cache = dense_cache(ours.cfg, 64)
+    assert cache.local.k.shape[0] == 6 and cache.global_.k.shape[0] == 1
+    assert cache.local.k.shape[2] == WINDOW
+    ours.forward(torch.arange(20), cache)
+    assert cache.length == cache.local.length == cache.global_.length == 20
+    cache.truncate(10)  # the ring wrapped: it forgets everything, the dense cache follows
+    assert cache.length == cache.local.length == cache.global_.length == 0
