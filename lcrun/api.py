@@ -80,7 +80,8 @@ def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     elem = torch.tensor([], dtype=dtype).element_size()
     return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
                                kv_dtype_bytes=elem, name=model_cfg.name or str(config.model or default_model()),
-                               offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
+                               offload_kv_dtype_bytes=config.offload_kv_dtype_bytes,
+                               kv_layers=len(model_cfg.global_layers), local_kv_bytes=model_cfg.local_kv_bytes(elem))
 
 
 def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool = False) -> "Hardware":
@@ -142,11 +143,11 @@ def check_host_memory(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.
     import psutil
     elem = torch.tensor([], dtype=dtype).element_size()
     ctx = config.ctx_tokens
-    kv = model_cfg.kv_bytes_per_token(elem) * ctx
+    kv = model_cfg.kv_bytes_per_token(elem) * ctx + model_cfg.local_kv_bytes(elem)
     if config.attention == "topk":  # min and max per page and KV head; a second set when positions may move
         pages = -(-ctx // (config.page_size or DEFAULT_PAGE_SIZE))
         sets = 2 if positions.may_move else 1
-        kv += 2 * sets * model_cfg.num_layers * model_cfg.num_kv_heads * pages * model_cfg.head_dim * elem
+        kv += 2 * sets * len(model_cfg.global_layers) * model_cfg.num_kv_heads * pages * model_cfg.head_dim * elem
     weights = model_cfg.num_parameters() * elem
     cap = config.host_mem_bytes
     room = cap if cap is not None else psutil.virtual_memory().available
