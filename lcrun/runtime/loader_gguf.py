@@ -16,6 +16,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lcrun.errors import ModelLoadError, UnsupportedModelError
+from lcrun.runtime.chat_template import GEMMA3_CHAT_TEMPLATE, GEMMA3_END_OF_TURN
 from lcrun.runtime.model_config import GEMMA3_LOCAL_EVERY, GLOBAL, LOCAL, SUPPORTED_ARCHS, ModelConfig
 from lcrun.runtime.rope import rope_inv_freq
 from lcrun.runtime.tokenizer import TextTokenizer
@@ -157,7 +158,13 @@ class GGUFSource:
                 single=single, pair=pair,
                 special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(pre + post)])
         stop = {ids[k] for k in ("eos", "eot") if k in ids}
-        return TextTokenizer(tok, self._meta("tokenizer.chat_template", None), bos, eos, stop, self.path)
+        template = self._meta("tokenizer.chat_template", None)
+        if self.arch == "gemma3":  # its GGUFs carry no template or end-of-turn id: Gemma's own
+            template = template or GEMMA3_CHAT_TEMPLATE
+            end_of_turn = tok.token_to_id(GEMMA3_END_OF_TURN)
+            if end_of_turn is not None:
+                stop.add(end_of_turn)
+        return TextTokenizer(tok, template, bos, eos, stop, self.path)
 
     # -- internals -------------------------------------------------------------------------------
 
