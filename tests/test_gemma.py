@@ -104,6 +104,24 @@ def test_ring_equals_sliding_window_reference(chunks):
     assert ring.memory_bytes() == 2 * 2 * 2 * window * 8 * 4  # layers, k+v, heads, window, D, fp32
 
 
+def test_ring_layer_major_prefill_equals_reference():
+    """Beside a tiered global cache, a prompt runs layer-major: layer 0 takes every chunk, then layer 1."""
+    window, n, chunk = 7, 30, 8
+    cfg = _ring_cfg(window)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(n, h, 8, generator=g) for h in (4, 2, 2))
+    ring = RingCache(cfg, 64, window, "cpu", torch.float32)
+    ring.begin_layerwise(torch.arange(n))
+    got = [torch.cat([ring.attend(layer, q[a:a + chunk], k[a:a + chunk], v[a:a + chunk]) for a in range(0, n, chunk)])
+           for layer in (0, 1)]
+    ring.end_forward()
+    assert ring.length == n
+    cos, sin = ring.rotary.cos_sin(torch.arange(n), torch.float32)
+    expected = _window_reference(ring.rotary.apply(q, cos, sin), ring.rotary.apply(k, cos, sin), v, cfg, window)
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_ring_truncate_keeps_what_it_can():
     ring = RingCache(_ring_cfg(4), 64, 4, "cpu", torch.float32)
     ring.length = 3
