@@ -180,3 +180,29 @@ def test_270m_gguf_tokenizer_has_gemmas_template_and_end_of_turn():
     assert tok.chat_template == GEMMA3_CHAT_TEMPLATE  # the file has none
     assert tok.stop_ids == {1, tok.token_id("<end_of_turn>")}
     assert tok.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]  # as transformers' GGUF tokenizer
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_image_text_checkpoint_runs_its_text_model(pair, tmp_path, prefix):
+    """Gemma 3 4B/12B/27B folders: config in text_config (defaults left out), the text model's
+    tensors under a prefix beside the vision tower's (transformers 4 and 5 layouts)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lcrun.runtime.loader_hf import HFFolderSource
+    ref, ours = pair
+    # fields equal to transformers' defaults left out, as Google's config.json files do
+    text = {k: v for k, v in ref.config.to_dict().items() if k not in ("rms_norm_eps", "hidden_activation")}
+    assert ref.config.rms_norm_eps == 1e-6
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text,
+                                                      "vision_config": {"model_type": "siglip_vision_model"}}))
+    tensors = {prefix + k[len("model."):]: v.contiguous() for k, v in ref.state_dict().items() if k.startswith("model.")}
+    tensors["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    src = HFFolderSource(tmp_path)
+    assert src.config.rms_eps == 1e-6 and src.config.layer_types == ours.cfg.layer_types
+    assert not any(n.startswith("vision") for n in src.names())
+    wide = load_model(src, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(wide.layers[6].post_mlp_norm, ours.layers[6].post_mlp_norm, rtol=0, atol=0)
+    torch.testing.assert_close(wide.embed, ours.embed, rtol=0, atol=0)

@@ -18,6 +18,11 @@ HF_ARCH_TO_TYPE = {
 }
 HF_MODEL_TYPES = {"gemma3_text": "gemma3"}  # config.json model_type -> arch, where they differ
 QK_NORM_ARCHS = {"qwen3", "gemma3"}  # RMSNorm over each head's q and k before RoPE
+# transformers' Gemma3TextConfig defaults (the 4B's values)
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                            rms_norm_eps=1e-6, max_position_embeddings=131072, query_pre_attn_scalar=256,
+                            sliding_window=4096, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                            hidden_activation="gelu_pytorch_tanh")
 LOCAL, GLOBAL = "sliding_attention", "full_attention"  # layer kinds (HF layer_types spelling)
 GEMMA3_LOCAL_EVERY = 6  # Gemma 3: every 6th layer is global, the 5 before it local (sliding window)
 SUPPORTED_ROPE = ("default", "linear", "llama3")
@@ -116,11 +121,15 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Build from the dict of an HF config.json; ``source`` names the file in errors."""
         if isinstance(cfg.get("text_config"), dict):
-            raise UnsupportedModelError(
-                f"{source}: a multimodal checkpoint ({cfg.get('model_type')}); lcrun runs text-only folders "
-                "(e.g. Gemma 3 270M/1B, or a GGUF of the larger Gemma 3 models)")
+            if cfg.get("model_type") != "gemma3":
+                raise UnsupportedModelError(f"{source}: a multimodal checkpoint ({cfg.get('model_type')}) is not "
+                                            "supported; lcrun runs text models (and Gemma 3's text part)")
+            # Gemma 3 4B/12B/27B are image-text checkpoints: lcrun runs their text model
+            cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
         arch = cfg.get("model_type")
         arch = HF_MODEL_TYPES.get(arch, arch)
+        if arch == "gemma3":  # Gemma's config.json files leave out what equals transformers' defaults
+            cfg = {**GEMMA3_TEXT_DEFAULTS, **cfg}
         if arch is None:
             archs = cfg.get("architectures") or []
             arch = next((HF_ARCH_TO_TYPE[a] for a in archs if a in HF_ARCH_TO_TYPE), None)
