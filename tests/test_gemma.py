@@ -82,13 +82,15 @@ def _window_reference(q, k, v, cfg, window):
     return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask).transpose(0, 1)
 
 
-@pytest.mark.parametrize("chunks", [(5,) * 8, (23, 1, 1, 15), (1,) * 40, (40,)])
-def test_ring_equals_sliding_window_reference(chunks):
-    window, n = 7, sum(chunks)
+@pytest.mark.parametrize("chunks,window,paged", [((5,) * 8, 7, False), ((23, 1, 1, 15), 7, False),
+                                                ((1,) * 40, 7, False), ((40,), 7, False),
+                                                ((50,) + (1,) * 40, 64, True)])  # the GPU's decode, wrapped
+def test_ring_equals_sliding_window_reference(chunks, window, paged):
+    n = sum(chunks)
     cfg = _ring_cfg(window)
     g = torch.Generator().manual_seed(len(chunks))
     q, k, v = (torch.randn(n, h, 8, generator=g) for h in (4, 2, 2))
-    ring = RingCache(cfg, 64, window, "cpu", torch.float32)
+    ring = RingCache(cfg, 128, window, "cpu", torch.float32, paged=paged)
     outs, at = [], 0
     for c in chunks:
         ring.begin_forward(torch.arange(at, at + c))
@@ -102,6 +104,8 @@ def test_ring_equals_sliding_window_reference(chunks):
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected, atol=1e-5, rtol=1e-5)
     assert ring.memory_bytes() == 2 * 2 * 2 * window * 8 * 4  # layers, k+v, heads, window, D, fp32
+    with pytest.raises(ValueError, match="whole pages"):
+        RingCache(cfg, 128, 40, "cpu", torch.float32, paged=True)
 
 
 def test_ring_layer_major_prefill_equals_reference():

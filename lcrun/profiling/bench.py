@@ -26,6 +26,7 @@ import torch
 from lcrun.config import LcrunConfig
 from lcrun.errors import ConfigError, LcrunError
 from lcrun.profiling.meta import run_metadata
+from lcrun.runtime.layer_kind_cache import context_cache
 
 WARMUP_STEPS = 3
 TRANSFORMERS_CACHES = ("dense", "offloaded")
@@ -161,8 +162,9 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
             "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
             "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes(),
             "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
-        if hasattr(llm.cache, "report"):
-            row["tiers"] = llm.cache.report()
+        paged = context_cache(llm.cache)  # Gemma: the global layers' cache has the tiers
+        if hasattr(paged, "report"):
+            row["tiers"] = paged.report()
         if trace:
             row.update(_trace_steps(step, trace))
         return row

@@ -15,6 +15,17 @@ from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.ring_cache import RingCache
 
 
+def context_cache(cache: AttentionCache) -> AttentionCache:
+    """The cache holding the context-long KV (pages, tiers, counters): a LayerKindCache's global
+    layers' cache, else ``cache`` itself. For reports that count pages."""
+    return cache.global_ if isinstance(cache, LayerKindCache) else cache
+
+
+def fixed_kv_bytes(cache: AttentionCache) -> int:
+    """KV bytes a decode step reads whatever the context: a LayerKindCache's local rings, else 0."""
+    return cache.local.memory_bytes() if isinstance(cache, LayerKindCache) else 0
+
+
 def with_local_ring(cfg: ModelConfig, capacity: int, device, dtype: torch.dtype,
                     make_global: Callable[[ModelConfig], AttentionCache]) -> AttentionCache:
     """make_global(cfg) for a model without sliding-window layers; otherwise a LayerKindCache of

@@ -21,9 +21,11 @@ from lcrun.runtime.rope import Rotary
 class RingCache(AttentionCache):
     graph_safe_decode = True
 
-    def __init__(self, cfg: ModelConfig, capacity: int, window: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, capacity: int, window: int, device, dtype, paged: bool | None = None):
         """cfg: the local layers' view (ModelConfig.local_view: their count and rope);
-        capacity: the run's context (positions go that far); window: tokens each query sees."""
+        capacity: the run's context (positions go that far); window: tokens each query sees;
+        paged: decode with the flash-decoding kernel over pages of the ring (needs a window of
+        whole DenseCache.DECODE_PAGE pages); None: on CUDA where the window allows."""
         super().__init__(cfg, capacity, device, dtype)
         if window < 1:
             raise ValueError(f"a sliding window of {window} tokens")
@@ -32,8 +34,10 @@ class RingCache(AttentionCache):
         shape = (cfg.num_layers, cfg.num_kv_heads, window, cfg.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=dtype)
-        # The flash-decoding kernel reads whole pages; other windows decode with torch.
-        paged = self.device.type == "cuda" and window % DenseCache.DECODE_PAGE == 0
+        whole_pages = window % DenseCache.DECODE_PAGE == 0
+        if paged and not whole_pages:
+            raise ValueError(f"a window of {window} tokens is not whole pages of {DenseCache.DECODE_PAGE}")
+        paged = (self.device.type == "cuda" and whole_pages) if paged is None else paged
         self._pages = PagedDecode(cfg.num_kv_heads, window // DenseCache.DECODE_PAGE, self.device) if paged else None
         self._slots = torch.arange(window, device=self.device)
         self._done = [0] * cfg.num_layers  # tokens of this forward each layer has taken (layer-major prefill)
