@@ -210,3 +210,24 @@ def test_image_text_checkpoint_runs_its_text_model(pair, tmp_path, prefix):
     wide = load_model(src, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(wide.layers[6].post_mlp_norm, ours.layers[6].post_mlp_norm, rtol=0, atol=0)
     torch.testing.assert_close(wide.embed, ours.embed, rtol=0, atol=0)
+
+
+def test_global_layers_in_the_paged_topk_cache(pair):
+    """make_cache as a run builds it: --attention topk gives the global layers a paged cache (a
+    budget covering the context: it equals dense) beside the local rings."""
+    from lcrun.api import make_cache
+    from lcrun.config import LcrunConfig
+    from lcrun.runtime.layer_kind_cache import LayerKindCache
+    from lcrun.runtime.paged_cache import PagedTopKCache
+    ref, ours = pair
+    config = LcrunConfig(ctx=96, attention="topk", budget=96, page_size=16, sink_tokens=16, window_tokens=32,
+                         positions="true", device="cpu").resolve()
+    cache = make_cache(config, ours.cfg, torch.device("cpu"), torch.float32)
+    assert isinstance(cache, LayerKindCache) and isinstance(cache.global_, PagedTopKCache)
+    assert cache.global_.cfg.num_layers == 1 and cache.local.window == WINDOW
+    ids = torch.randint(0, ours.cfg.vocab_size, (60,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0].float()
+    got = torch.cat([ours.forward(ids[:50], cache, all_logits=True)]
+                    + [ours.forward(ids[i:i + 1], cache, all_logits=True) for i in range(50, 60)])
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-3
