@@ -231,3 +231,13 @@ def test_global_layers_in_the_paged_topk_cache(pair):
     got = torch.cat([ours.forward(ids[:50], cache, all_logits=True)]
                     + [ours.forward(ids[i:i + 1], cache, all_logits=True) for i in range(50, 60)])
     assert ((got - expected).norm() / expected.norm()).item() <= 1e-3
+
+
+def test_bench_baseline_config_is_the_same_gemma(pair):
+    """lcrun bench's transformers baseline builds Gemma 3 from lcrun's config: same layers, ropes, scale."""
+    from lcrun.profiling.bench import _hf_config
+    ref, ours = pair
+    got = _hf_config(ours.cfg)
+    for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "final_logit_softcapping", "head_dim"):
+        assert getattr(got, key) == getattr(ref.config, key), key
+    assert got.rope_parameters == ref.config.rope_parameters

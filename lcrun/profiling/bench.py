@@ -197,7 +197,15 @@ def _hf_config(cfg):
               rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
               max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "gemma3": transformers.Gemma3TextConfig}
+    if cfg.arch == "gemma3":  # one rope per layer kind, the layer pattern, the query scale
+        del kw["rope_theta"], kw["rope_scaling"]
+        kw.update(layer_types=cfg.layer_types, sliding_window=cfg.sliding_window,
+                  query_pre_attn_scalar=int(cfg.query_pre_attn_scalar), final_logit_softcapping=cfg.final_logit_softcapping,
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                      **(cfg.rope_scaling or {})},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}})
     if cfg.arch not in classes:
         raise ConfigError(f"no transformers baseline for architecture {cfg.arch!r}")
     return classes[cfg.arch](**kw)
