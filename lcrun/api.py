@@ -13,21 +13,22 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from lcrun.config import DEFAULT_PAGE_SIZE, LcrunConfig
+from lcrun.config import LcrunConfig
 from lcrun.errors import CapacityError, ConfigError, LcrunError
 from lcrun.progress import progress_bar
 from lcrun.runtime.build import load_model, random_model
 from lcrun.runtime.chat_template import render_chat
 from lcrun.runtime.generate import GenerationStats, Generator, ProgressFn
 from lcrun.runtime.kv_cache import AttentionCache, DenseCache
-from lcrun.runtime.loading import default_model, open_source
+from lcrun.runtime.loading import default_model, open_model
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.positions import PositionRule
 from lcrun.runtime.sampling import SamplingParams
 from lcrun.runtime.stop_text import StopText
-from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.tokenizer import StreamDecoder, TextTokenizer
-from lcrun.units import format_bytes
+from lcrun.runtime.weight_footprint import weight_footprint, weights_mode
+from lcrun.runtime.weight_source import WeightSource
+from lcrun.units import format_bytes, short_dtype
 
 if TYPE_CHECKING:
     from lcrun.planner import AttentionChoice, Hardware, ModelSpec
@@ -74,22 +75,37 @@ def cpu_ignored_settings(config: LcrunConfig) -> str | None:
             f"pages offloaded from it): ignored")
 
 
-def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> "ModelSpec":
-    """The planner's view of the model: its shape, trained window and bytes in ``dtype``."""
+def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtype, weights: str,
+                  source: WeightSource | None = None) -> "ModelSpec":
+    """The planner's view of the model: its shape, trained window, and its weights' format and
+    bytes as ``weights`` (a weights_mode value) loads them from ``source`` (None: synthetic)."""
     from lcrun.planner import ModelSpec
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=model_cfg.num_parameters() * elem,
-                               kv_dtype_bytes=elem, name=model_cfg.name or str(config.model or default_model()),
+    elem = dtype.itemsize
+    footprint = weight_footprint(model_cfg, dtype, weights, source)
+    return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=footprint.nbytes, weight_format=footprint.label,
+                               weight_read_bytes=footprint.read_bytes, weight_scratch_bytes=footprint.scratch_bytes,
+                               kv_dtype_bytes=elem, name=model_cfg.name, dtype=short_dtype(str(dtype)),
                                offload_kv_dtype_bytes=config.offload_kv_dtype_bytes,
                                kv_layers=len(model_cfg.global_layers), local_kv_bytes=model_cfg.local_kv_bytes(elem))
 
 
-def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool = False) -> "Hardware":
-    """The machine the plan is for. On CUDA: this GPU, capped at --gpu-mem or, unset, its total
-    memory, with its calibration (the GPU links measured once if none are stored). On the CPU:
-    host memory; with ``what_if`` (lcrun plan) and --gpu-mem, a GPU of --gpu-mem instead, and a
-    host of --host-mem even where that is more than this machine has."""
+def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool = False,
+                     gpu: str | None = None) -> "Hardware":
+    """The machine the plan is for. ``gpu`` (lcrun plan --gpu): a built-in GPU profile
+    (lcrun.planner.gpus), capped at --gpu-mem. On CUDA: this GPU, capped at --gpu-mem or, unset,
+    its total memory, with its calibration (the GPU links measured once if none are stored). On the
+    CPU: host memory; with ``what_if`` (lcrun plan) and --gpu-mem, a GPU of --gpu-mem instead. A
+    what-if plan takes a host of --host-mem even where that is more than this machine has."""
     from lcrun.planner import detect_hardware
+    if gpu is not None:
+        from lcrun.planner.gpus import gpu_profile
+        from lcrun.planner.hardware import profile_hardware
+        host, note = _what_if_host(config)
+        hw = profile_hardware(gpu_profile(gpu), gpu_mem=config.gpu_mem, host_mem=config.host_mem,
+                              kv_dir=config.kv_dir, **host)
+        if note:
+            hw.notes.append(note)
+        return hw
     if device.type == "cuda":
         from lcrun.offload.calibrate import gpu_calibration
         props = torch.cuda.get_device_properties(device)
@@ -97,15 +113,7 @@ def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool
                                kv_dir=config.kv_dir, calibration=gpu_calibration(device, props.name))
     if not (what_if and config.gpu_mem is not None):
         return detect_hardware(None, None, gpu_mem=config.gpu_mem, host_mem=config.host_mem, kv_dir=config.kv_dir)
-    host: dict[str, int] = {}
-    note = None
-    if config.host_mem is not None:
-        import psutil
-        vm, cap = psutil.virtual_memory(), config.host_mem_bytes
-        if cap > vm.total:  # planning another machine: take --host-mem as its memory
-            host = dict(host_total_bytes=cap, host_available_bytes=cap)
-            note = (f"planned for a host with --host-mem {format_bytes(cap)} (this machine has "
-                    f"{format_bytes(vm.total)})")
+    host, note = _what_if_host(config)
     hw = detect_hardware("GPU of --gpu-mem (no GPU on this machine)", config.gpu_mem_bytes, gpu_mem=config.gpu_mem,
                          host_mem=config.host_mem, kv_dir=config.kv_dir, **host)
     if note:
@@ -113,18 +121,41 @@ def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool
     return hw
 
 
+def _what_if_host(config: LcrunConfig) -> tuple[dict[str, int], str | None]:
+    """Host memory of a planned machine: --host-mem as its memory where that is more than this
+    machine has (detect_hardware's overrides, and a note saying so)."""
+    if config.host_mem is None:
+        return {}, None
+    import psutil
+    vm, cap = psutil.virtual_memory(), config.host_mem_bytes
+    if cap <= vm.total:
+        return {}, None
+    return (dict(host_total_bytes=cap, host_available_bytes=cap),
+            f"planned for a host with --host-mem {format_bytes(cap)} (this machine has {format_bytes(vm.total)})")
+
+
 def plan_run(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype, *,
-             what_if: bool = False, cpu_plan: bool = False) -> "AttentionChoice":
+             source: WeightSource | None = None, what_if: bool = False, cpu_plan: bool = False,
+             gpu: str | None = None) -> "AttentionChoice":
     """The one place a run's plan is made (lcrun plan, run, chat, bench and LLM): --attention
     resolved (auto: see lcrun.planner.choose) and, on a GPU, the plan for it, from the same inputs
-    (prefill chunk, calibration, page size, budget, KV dtype, positions). ``config`` must be
-    resolved. ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU and its plan on a CPU."""
+    (prefill chunk, calibration, page size, budget, KV dtype, positions, the weights' format and
+    bytes read from ``source``, None for synthetic models). ``config`` must be resolved.
+    ``what_if``/``cpu_plan``: lcrun plan's hypothetical GPU (weights held as a GPU run holds them)
+    and its plan on a CPU, which has the CPU run's page size (no plan chooses one there:
+    make_cache); ``gpu``: lcrun plan --gpu's profile (planner_hardware)."""
     from lcrun.planner import choose_attention
-    return choose_attention(planner_model(config, model_cfg, dtype), config.ctx_tokens,
-                            planner_hardware(config, device, what_if=what_if), attention=config.attention,
-                            positions=config.positions, cpu_plan=cpu_plan, page_size=config.page_size,
+    check_weights(config, source)
+    on_gpu = device.type == "cuda" or gpu is not None or (what_if and config.gpu_mem is not None)
+    weights = weights_mode(config.weights, torch.device("cuda" if on_gpu else "cpu"))  # as that run loads them
+    hw = planner_hardware(config, device, what_if=what_if, gpu=gpu)
+    pages: dict[str, Any] = dict(page_size=config.page_size)
+    if not hw.on_gpu and config.page_size is None:
+        pages = dict(page_size=config.unplanned_page_size(), page_size_reason="the CPU run's (--page-size to change)")
+    return choose_attention(planner_model(config, model_cfg, dtype, weights, source), config.ctx_tokens, hw,
+                            attention=config.attention, positions=config.positions, cpu_plan=cpu_plan,
                             budget_tokens=config.budget, sink_tokens=config.sink_tokens,
-                            window_tokens=config.window_tokens, prefill_chunk=config.prefill_chunk)
+                            window_tokens=config.window_tokens, prefill_chunk=config.prefill_chunk, **pages)
 
 
 def build_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device,
@@ -145,7 +176,7 @@ def check_host_memory(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.
     ctx = config.ctx_tokens
     kv = model_cfg.kv_bytes_per_token(elem) * ctx + model_cfg.local_kv_bytes(elem)
     if config.attention == "topk":  # min and max per page and KV head; a second set when positions may move
-        pages = -(-ctx // (config.page_size or DEFAULT_PAGE_SIZE))
+        pages = -(-ctx // config.unplanned_page_size())
         sets = 2 if positions.may_move else 1
         kv += 2 * sets * len(model_cfg.global_layers) * model_cfg.num_kv_heads * pages * model_cfg.head_dim * elem
     weights = model_cfg.num_parameters() * elem
@@ -157,6 +188,15 @@ def check_host_memory(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.
         raise CapacityError(f"on the CPU the weights ({format_bytes(weights)}) and the KV cache for {ctx:,} tokens "
                             f"({format_bytes(kv)}) need {format_bytes(weights + kv)}, more than {where}: "
                             "lower --ctx or run on a GPU")
+
+
+def check_weights(config: LcrunConfig, source: WeightSource | None) -> None:
+    """Refuse, before loading, --weights a file cannot be loaded with: a format the gguf package
+    cannot quantize (its K-quants only dequantize), asked of a file (synthetic models are made in it)."""
+    from lcrun.kernels.quant.quantize import WEIGHT_FORMATS, check_quantizable
+    fmt = WEIGHT_FORMATS.get(config.weights)
+    if fmt is not None and source is not None:
+        check_quantizable(fmt, source.path)
 
 
 def resolve_positions(config: LcrunConfig, model_cfg: ModelConfig) -> PositionRule:
@@ -229,7 +269,7 @@ def _run_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device
                                kv_dtype=torch.float8_e4m3fn if config.kv_dtype == "fp8" else None, **tiers)
     from lcrun.runtime.paged_cache import PagedTopKCache
     # The plan's page size (the one its memory accounting used) when there is a plan.
-    page_size = plan.page_size if plan is not None else config.page_size or DEFAULT_PAGE_SIZE
+    page_size = plan.page_size if plan is not None else config.unplanned_page_size()
     # Hierarchical selection (chunk abstracts) for long caches, flat below (auto_chunk_pages).
     return PagedTopKCache(model_cfg, config.ctx_tokens, device, dtype, page_size=page_size,
                           budget=config.budget, sink_tokens=config.sink_tokens,
@@ -241,16 +281,16 @@ class LLM:
     """A loaded model with its KV cache, ready to generate. Settings are LcrunConfig's fields.
 
     ``attention`` ("dense" or "topk") and ``attention_reason`` say what --attention resolved to and
-    why; ``config`` is the settings with that resolved value (the config passed in is not changed
-    beyond its own resolve()); ``plan`` is the memory plan on a GPU (None on the CPU)."""
+    why; ``config`` is the settings with that resolved value (a copy: configs are immutable);
+    ``plan`` is the memory plan on a GPU (None on the CPU)."""
 
     def __init__(self, model: str | None = None, *, config: LcrunConfig | None = None, progress: bool = True,
-                 **settings: Any):
+                 context: str | None = None, **settings: Any):
+        """context: a saved context (LLM.save_context, --save-context) to load once the model is."""
         if config is None:
             config = LcrunConfig.from_kwargs(model=model, **settings)
         elif model is not None or settings:
             raise ConfigError("pass either config= or model/settings, not both")
-        config.resolve()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.settings_warning: str | None = None  # settings this device does not use, one line
@@ -264,18 +304,12 @@ class LLM:
             total = torch.cuda.get_device_properties(self.device).total_memory
             cap = config.gpu_mem_bytes
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if cap else 1.0, self.device)
-        spec = config.model or default_model()
-        self.model_spec = spec
+        self.model_spec = config.model or default_model()
         self.tokenizer: TextTokenizer | None = None
-        source = None
-        if is_synthetic(spec):
-            model_cfg = synthetic_config(spec)
-        else:
-            source = open_source(spec)
-            model_cfg = source.config
+        model_cfg, source = open_model(self.model_spec)
         # Before allocating anything: --attention resolved and, on a GPU, the plan for it (which
         # says what is short when the context does not fit the caps).
-        choice = plan_run(config, model_cfg, self.device, self.dtype)
+        choice = plan_run(config, model_cfg, self.device, self.dtype, source=source)
         self.attention_choice = choice
         self.attention: str = choice.attention            # "dense" or "topk"
         self.attention_reason: str = choice.reason
@@ -290,11 +324,13 @@ class LLM:
             check_host_memory(config, model_cfg, self.dtype, self.positions)
         try:
             if source is None:
-                self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed)
+                self.model = random_model(model_cfg, self.device, self.dtype, seed=config.seed,
+                                          weights=weights_mode(config.weights, self.device))
             else:
                 self.tokenizer = source.tokenizer()
                 self.model = load_model(source, self.device, self.dtype,
-                                        progress=progress_bar("loading", "layer") if progress else None)
+                                        progress=progress_bar("loading", "layer") if progress else None,
+                                        weights=weights_mode(config.weights, self.device))
             self.cache = make_cache(config, self.model.cfg, self.device, self.dtype,
                                     self.plan if config.attention == "topk" else None)
         except torch.cuda.OutOfMemoryError as exc:
@@ -303,6 +339,9 @@ class LLM:
         self.generator = Generator(self.model, self.cache, config.prefill_chunk)
         self.model_config: ModelConfig = self.model.cfg
         self.closed = False
+        self.context_header: dict[str, Any] | None = None  # the last saved context loaded
+        if context is not None:
+            self.load_context(context)
 
     def close(self) -> None:
         """Release the weights and the KV cache: GPU memory, pinned host pools and the KV folder
@@ -345,6 +384,10 @@ class LLM:
     def _stream_ids(self, prompt_ids: list[int], progress: ProgressFn | None, params: SamplingParams) -> Iterator[int]:
         if len(prompt_ids) == 0:
             raise LcrunError("the prompt is empty: give some text to continue")
+        vocab = self.model_config.vocab_size
+        bad = next((i for i in prompt_ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise LcrunError(f"token id {bad} is outside {self.model_spec}'s vocabulary of {vocab} (0 to {vocab - 1})")
         stop = self.tokenizer.stop_ids if self.tokenizer else set()
         return self._live_generator().stream(list(prompt_ids), params, stop, progress)
 
@@ -389,6 +432,29 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
         return "".join(self.chat_stream(messages, **sampling))
+
+    def stream_text_ids(self, prompt_ids: list[int], progress: ProgressFn | None = None,
+                        **sampling: Any) -> Iterator[str]:
+        """The text that follows ``prompt_ids`` (already encoded, e.g. by encode_chat), as it forms."""
+        return self._stream_text(list(prompt_ids), progress, sampling)
+
+    # -- saved contexts (lcrun.runtime.context_file) -----------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        from lcrun.runtime.context_file import model_fingerprint
+        return model_fingerprint(self.model_spec, self.model_config, self.config.seed)
+
+    def save_context(self, path: str, meta: dict[str, Any] | None = None) -> int:
+        """Save the tokens now in the cache and their KV (the last prompt and reply) to ``path``,
+        atomically; ``meta`` (JSON) is kept with them, e.g. the conversation. Returns the bytes written."""
+        from lcrun.runtime.context_file import save_context
+        return save_context(path, self._live_generator(), self._fingerprint(), meta)
+
+    def load_context(self, path: str) -> dict[str, Any]:
+        """Restore a saved context: the next prompt that starts with its tokens prefills only the
+        rest. Returns its header (``meta``: what the saver kept with it)."""
+        from lcrun.runtime.context_file import load_context
+        self.context_header = load_context(path, self._live_generator(), self._fingerprint())
+        return self.context_header
 
     @property
     def last_stats(self) -> GenerationStats:

@@ -13,13 +13,18 @@ import click
 
 from lcrun.config import DEFAULT_MAX_NEW_TOKENS, LcrunConfig
 from lcrun.errors import ContextOverflowError, LcrunError
+from lcrun.planner.gpus import GPU_PROFILES
 
 
-def config_options(func: Callable) -> Callable:
-    """Add one click option per LcrunConfig field; the command receives ``config=LcrunConfig``."""
-    fields = LcrunConfig.cli_fields()
+def config_options(func: Callable | None = None, *, exclude: tuple[str, ...] = ()) -> Callable:
+    """Add one click option per LcrunConfig field but ``exclude`` (fields the command sets itself);
+    the command receives ``config=LcrunConfig``."""
+    if func is None:
+        return functools.partial(config_options, exclude=exclude)
+    fields = [f for f in LcrunConfig.cli_fields() if f.name not in exclude]
 
     @functools.wraps(func)
+    @handle_errors  # a bad setting fails as the config is made: one line, as any other error
     def wrapper(**kwargs: Any):
         settings = {f.name: kwargs.pop(f.name) for f in fields}
         settings = {k: v for k, v in settings.items() if v is not None or k == "model"}
@@ -132,19 +137,18 @@ def _positions_line(llm) -> str:
 def _need_text_model(config: LcrunConfig, command: str) -> None:
     """run and chat take text: a synthetic model (random weights, no tokenizer) is refused before loading."""
     from lcrun.runtime.synthetic import is_synthetic
-    config.resolve()  # bad settings first
     if config.model is not None and is_synthetic(config.model):
-        raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot use it: "
-                         f"measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
+        ids = "give token ids with --prompt-ids, or " if command == "run" else ""
+        raise LcrunError(f"{config.model} has random weights and no tokenizer, so `lcrun {command}` cannot take "
+                         f"text: {ids}measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
 
 
 def load_llm(config: LcrunConfig):
-    config.resolve()
     from lcrun.api import LLM, IgnoredSettingWarning, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
     if config.model is None:
-        config.model = default_model()
+        config = dataclasses.replace(config, model=default_model())
         info(f"no --model given: using the built-in demo model {config.model}")
     info(f"context: {config.ctx_tokens} tokens ({config.ctx})")
     with warnings.catch_warnings():
@@ -154,7 +158,7 @@ def load_llm(config: LcrunConfig):
     if llm.settings_warning:
         warn(llm.settings_warning)
     show_attention(llm.attention_choice)
-    info(f"loaded {llm.model_config.arch} model, {llm.model_config.num_layers} layers, on {llm.device} "
+    info(f"loaded {llm.model_config.name}, {llm.model_config.num_layers} layers, on {llm.device} "
          f"({str(llm.dtype).replace('torch.', '')})")
     info(_positions_line(llm))
     return llm
@@ -253,20 +257,33 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path), default=None,
               help="Read the prompt from this file (- reads standard input).")
+@click.option("--prompt-ids", default=None, metavar="IDS",
+              help="Token ids, separated by commas or spaces, fed as they are (no chat template); the reply is "
+                   "printed as ids. For models without a tokenizer (synthetic:NAME).")
 @click.option("--chat/--raw", "use_chat", default=True, show_default=True,
               help="Wrap the prompt in the chat template, or complete it as raw text.")
 @handle_errors
-def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, use_chat: bool, **sampling_kw: Any) -> None:
+def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, prompt_ids: str | None, use_chat: bool,
+        **sampling_kw: Any) -> None:
     """Answer one prompt and exit."""
-    if (prompt is None) == (prompt_file is None):
-        raise click.UsageError("give exactly one of --prompt or --prompt-file")
+    if sum(p is not None for p in (prompt, prompt_file, prompt_ids)) != 1:
+        raise click.UsageError("give exactly one of --prompt, --prompt-file or --prompt-ids")
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file)
+    ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     sampling = _sampling(**sampling_kw)
-    _need_text_model(config, "run")
+    if ids is None:
+        _need_text_model(config, "run")
+    elif sampling["stop"]:
+        raise LcrunError("--stop strings apply to text; with --prompt-ids the reply is token ids: leave --stop out")
     llm = load_llm(config)
-    pieces = (llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
-              if use_chat else llm.stream(prompt, progress=_prefill_bar(), **sampling))
+    if ids is not None:
+        tokens = llm.stream_ids(ids, progress=_prefill_bar(), **sampling)
+        pieces = (f"{' ' if n else ''}{token}" for n, token in enumerate(tokens))
+    elif use_chat:
+        pieces = llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
+    else:
+        pieces = llm.stream(prompt, progress=_prefill_bar(), **sampling)
     for piece in pieces:
         click.echo(piece, nl=False)
         sys.stdout.flush()
@@ -282,6 +299,16 @@ def _note_cut(stats, max_new_tokens: int) -> None:
     """One line on stderr when a reply ended at the token limit rather than where the model stopped."""
     if stats.finish_reason == "length":
         info(f"(reply cut at --max-new-tokens {max_new_tokens}: raise it for a longer reply)")
+
+
+def _parse_ids(text: str) -> list[int]:
+    """--prompt-ids: whole numbers separated by commas and/or spaces (the vocabulary is checked by LLM)."""
+    words = text.replace(",", " ").split()
+    bad = next((w for w in words if not w.isdigit()), None)
+    if bad is not None or not words:
+        raise LcrunError(f"--prompt-ids takes token ids (whole numbers from 0) separated by commas or spaces, got "
+                         f"{bad if bad is not None else 'none'!r}")
+    return [int(w) for w in words]
 
 
 def _read_prompt(path: Path) -> str:
@@ -300,36 +327,36 @@ def _prefill_bar():
     return progress_bar("prefill", "tok", min_total=PREFILL_BAR_MIN_TOKENS)
 
 
-def plan_choice(config: LcrunConfig):
+def plan_choice(config: LcrunConfig, gpu: str | None = None):
     """What `lcrun run` would do with ``config``, without loading weights: the resolved attention and
-    its plan, through the same api.plan_run that LLM calls. On this machine's GPU; a CPU-only
-    machine plans for a GPU of --gpu-mem when given, else for the CPU."""
+    its plan, through the same api.plan_run that LLM calls. On the GPU of the built-in profile
+    ``gpu`` if given, else this machine's GPU; a CPU-only machine plans for a GPU of --gpu-mem when
+    given, else for the CPU."""
     import torch
 
     from lcrun.api import plan_run, resolve_device, resolve_dtype
-    from lcrun.runtime.loading import default_model, open_source
-    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
+    from lcrun.runtime.loading import open_model
 
-    config.resolve()
-    spec = config.model or default_model()
-    model_cfg = synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
+    model_cfg, source = open_model(config.model)
     device = resolve_device(config.device)
-    on_gpu = device.type == "cuda" or config.gpu_mem is not None
+    on_gpu = device.type == "cuda" or config.gpu_mem is not None or gpu is not None
     dtype = resolve_dtype(config.dtype, torch.device("cuda") if on_gpu else device)
-    return plan_run(config, model_cfg, device, dtype, what_if=True, cpu_plan=True)
+    return plan_run(config, model_cfg, device, dtype, source=source, what_if=True, cpu_plan=True, gpu=gpu)
 
 
 @main.command()
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--gpu", default=None, type=click.Choice(list(GPU_PROFILES), case_sensitive=False),
+              help="Plan for this GPU (built-in profile: memory, memory bandwidth, PCIe link) instead of this machine's.")
 @handle_errors
-def plan(config: LcrunConfig, as_json: bool) -> None:
+def plan(config: LcrunConfig, as_json: bool, gpu: str | None) -> None:
     """Show where weights and the KV cache would live, and the predicted decode speed."""
     import json
 
     from lcrun.planner import format_plan
 
-    choice = plan_choice(config)
+    choice = plan_choice(config, gpu)
     show_attention(choice)
     if as_json:
         click.echo(json.dumps({**choice.plan.to_dict(), **choice.to_dict()}, indent=2))
@@ -354,19 +381,27 @@ def calibrate(device: str, kv_dir: str | None) -> None:
     click.echo(f"saved to {calibration_path()}")
 
 
-def _token_list(value: str | None) -> list[int]:
+def _token_list(value: str | None, zero: bool = False) -> list[int]:
+    """Token counts 'a,b,c'; ``zero``: '0' allowed too."""
     from lcrun.units import parse_tokens
-    return [parse_tokens(v) for v in value.split(",") if v.strip()] if value else []
+    items = [v.strip() for v in value.split(",") if v.strip()] if value else []
+    return [0 if zero and v == "0" else parse_tokens(v) for v in items]
 
 
 @main.command()
 @config_options
 @click.option("--contexts", default=None, help="Comma-separated context lengths to sweep, e.g. 32k,128k,512k "
-              "(default: --ctx). Each prefills that many random tokens.")
-@click.option("--steps", type=int, default=32, show_default=True, help="Decode steps timed per context.")
+              "(default: --ctx). Each prefills that many random tokens (0: one token, as llama-bench's depth 0).")
+@click.option("--steps", type=int, default=32, show_default=True,
+              help="Decode steps timed per context (at least 2: the first, cold one is not counted).")
 @click.option("--dense-contexts", default=None, help="Also run lcrun with --attention dense at these contexts.")
+@click.option("--dense-cap/--no-dense-cap", default=True, show_default=True,
+              help="Hold the --dense-contexts rows to --gpu-mem as well (--no-dense-cap: the dense reference with "
+              "the whole GPU).")
 @click.option("--transformers", "transformers_caches", default=None,
-              help="Also run transformers' Llama on the same shape: dense (its GPU cache), offloaded, or both.")
+              help="Also run transformers' Llama on the same shape, comma-separated: dense (its dynamic GPU cache, "
+              "eager), static (its static cache with a torch.compile'd CUDA-graph decode; GPU only), offloaded "
+              "(GPU only).")
 @click.option("--transformers-contexts", default=None, help="Contexts for transformers (default: --contexts).")
 @click.option("--transformers-steps", type=int, default=None, help="Decode steps for transformers (default: --steps).")
 @click.option("--transformers-cap/--no-transformers-cap", default=True, show_default=True,
@@ -375,7 +410,7 @@ def _token_list(value: str | None) -> list[int]:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: bench-GPU-DATE.json here).")
 @handle_errors
-def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts: str | None,
+def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts: str | None, dense_cap: bool,
           transformers_caches: str | None, transformers_contexts: str | None, transformers_steps: int | None,
           transformers_cap: bool, trace: str | None, out: Path | None) -> None:
     """Prefill tokens/s and decode ms/token over context lengths (JSON), optionally beside transformers."""
@@ -384,12 +419,13 @@ def bench(config: LcrunConfig, contexts: str | None, steps: int, dense_contexts:
     from lcrun.profiling.bench import Sweep, format_rows, run_sweep
     from lcrun.profiling.meta import gpu_slug
 
-    config.resolve()
     if config.model is None:
         from lcrun.runtime.loading import default_model
-        config.model = default_model()
-    sweep = Sweep(contexts=_token_list(contexts) or [config.ctx_tokens], steps=steps,
-                  dense_contexts=_token_list(dense_contexts),
+        config = dataclasses.replace(config, model=default_model())
+    if not dense_cap and not dense_contexts:
+        warn("--no-dense-cap applies to the --dense-contexts rows, and none were asked for: ignored")
+    sweep = Sweep(contexts=_token_list(contexts, zero=True) or [config.ctx_tokens], steps=steps,
+                  dense_contexts=_token_list(dense_contexts), dense_capped=dense_cap,
                   transformers=[c.strip() for c in transformers_caches.split(",")] if transformers_caches else [],
                   transformers_contexts=_token_list(transformers_contexts) or None,
                   transformers_steps=transformers_steps, transformers_capped=transformers_cap, trace=trace)
@@ -429,7 +465,6 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
     from lcrun.profiling.report import check_dependencies, write_report
 
     check_dependencies()
-    config.resolve()
     opts = ProfileOptions(prompt_tokens=prompt_tokens or 0, steps=steps, timed_steps=timed_steps)
     if prompt_file is None and prompt_tokens is None:
         opts.prompt_tokens = config.ctx_tokens - opts.decode_tokens() - 1
@@ -450,24 +485,115 @@ def profile_cmd(config: LcrunConfig, prompt_tokens: int | None, prompt_file: Pat
     click.echo(f"wrote {html}, {js.name} and {data['trace']} in {out_dir}")
 
 
-@main.command("eval", context_settings=dict(ignore_unknown_options=True, allow_extra_args=True),
-              add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@handle_errors
-def eval_cmd(args: tuple[str, ...]) -> None:
-    """Long-context quality: passkey / needle tasks by length and depth, dense vs top-k, and the
-    teacher-forced fidelity test (perf/eval_longctx.py; `lcrun eval --help` lists its options)."""
-    import lcrun
-    root = Path(lcrun.__file__).resolve().parent.parent
-    if not (root / "perf" / "eval_longctx.py").is_file():
-        raise LcrunError(f"lcrun eval runs from a source checkout: {root / 'perf' / 'eval_longctx.py'} is missing")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from perf.eval_longctx import main as eval_main
+GRID_OPTIONS = ("tasks", "lengths", "modes", "trials", "fidelity_lengths", "fidelity_steps")
+
+
+def _read_json(path: Path) -> Any:
+    import json
     try:
-        sys.exit(eval_main(list(args)))
-    except ValueError as exc:  # a bad task, length or mode name
-        raise LcrunError(str(exc)) from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LcrunError(f"{path}: cannot read it as JSON ({exc})") from None
+
+
+def _names(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+@main.command("eval")
+@config_options(exclude=("ctx", "attention", "positions"))  # set per cell by --lengths and --modes
+@click.option("--tasks", default="passkey", show_default=True,
+              help="Comma-separated tasks: passkey, niah_single, niah_multikey, niah_multivalue. Empty: the "
+              "fidelity test alone.")
+@click.option("--lengths", default="1k,4k", show_default=True, help="Comma-separated prompt lengths in tokens "
+              "(4096, 4k, 7.3k, 1M; k = 1024).")
+@click.option("--modes", default="dense,topk", show_default=True,
+              help="Comma-separated attention modes: auto (as `lcrun run` picks), dense, topk, or topk:true / "
+              "topk:window (top-k with those --positions).")
+@click.option("--trials", type=int, default=20, show_default=True,
+              help="Prompts per task, length and mode, the needle's depth swept from 0 to 100%.")
+@click.option("--fidelity-lengths", default=None, help="Also compare each non-dense mode's next-token "
+              "logits with dense attention's on a fixed text, at these lengths (teacher-forced).")
+@click.option("--fidelity-steps", type=int, default=512, show_default=True,
+              help="Decode steps compared per fidelity length.")
+@click.option("--time-limit", type=float, default=None,
+              help="Seconds; measurements not started by then are skipped and listed in the JSON.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file to write (default: eval-DATE.json here).")
+@click.option("--suite", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run the measurements listed in this JSON file instead of the --tasks x --lengths x --modes "
+              "grid (format: lcrun.eval.Suite.from_json).")
+@click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Print this results file as a markdown table and exit.")
+@handle_errors
+def eval_cmd(config: LcrunConfig, tasks: str, lengths: str, modes: str, trials: int, fidelity_lengths: str | None,
+             fidelity_steps: int, time_limit: float | None, out: Path | None, suite: Path | None,
+             table: Path | None) -> None:
+    """Long-context quality: passkey and needle-in-a-haystack accuracy by length and depth, dense
+    against top-k, and optionally the teacher-forced fidelity of top-k decoding (JSON)."""
+    import datetime
+
+    from lcrun.eval import Evaluator, Suite, markdown_table, run_eval
+
+    if table is not None:
+        try:
+            click.echo(markdown_table(_read_json(table)))
+        except (KeyError, TypeError) as exc:
+            raise LcrunError(f"{table} is not an `lcrun eval` results file (no {exc})") from None
+        return
+    if suite is not None:
+        source = click.get_current_context().get_parameter_source
+        grid = [f"--{n.replace('_', '-')}" for n in GRID_OPTIONS if source(n) != click.core.ParameterSource.DEFAULT]
+        if grid:
+            raise click.UsageError(f"--suite lists every measurement: drop {', '.join(grid)}")
+        plan = Suite.from_json(_read_json(suite))
+    else:
+        plan = Suite.grid(_names(tasks), _names(lengths), _names(modes), trials, _names(fidelity_lengths),
+                          fidelity_steps)
+    if not plan.cells and not plan.fidelity:
+        raise click.UsageError("nothing to measure: give --tasks and --lengths, or --fidelity-lengths")
+    plan.check()
+    if config.model is None:
+        from lcrun.runtime.loading import default_model
+        config = dataclasses.replace(config, model=default_model())
+        info(f"no --model given: using the built-in demo model {config.model}")
+    out = out or Path(f"eval-{datetime.date.today()}.json")
+    run_eval(Evaluator(config, log=info), plan, out, time_limit, log=info)
+    info(f"wrote {out}")
+
+
+@main.command()
+@config_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="LCRUN_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' (or set LCRUN_API_KEY).")
+@click.option("--max-queue", type=int, default=8, show_default=True,
+              help="Requests that may wait while one generates; past it the answer is 503 with Retry-After.")
+@click.option("--max-body", default="32MiB", show_default=True, help="Largest request body.")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True,
+              help="Most tokens per reply for requests that give no max_tokens.")
+@handle_errors
+def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_queue: int, max_body: str,
+          max_new_tokens: int) -> None:
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import uvicorn
+
+    from lcrun.serve import ServeSettings, create_app
+    from lcrun.units import parse_bytes
+
+    if not 0 <= port <= 65535:
+        raise LcrunError(f"--port must be 0 to 65535, got {port}")
+    settings = ServeSettings(api_key=api_key or None, max_queue=max_queue,
+                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens)
+    _need_text_model(config, "serve")
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
+    llm = load_llm(config)
+    settings.model_name = Path(str(llm.model_spec)).name
+    info(f"serving {settings.model_name} on http://{host}:{port}/v1 (Ctrl+C stops)")
+    uvicorn.run(create_app(llm, settings), host=host, port=port, log_level="warning")
 
 
 @main.command()

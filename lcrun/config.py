@@ -2,6 +2,8 @@
 
 Each field's metadata carries its CLI help; ``lcrun.cli`` turns the fields into click
 options, ``lcrun.LLM`` takes them as keyword arguments, and reports print ``to_header()``.
+A config is validated when it is made and never changes after (a variant is
+``dataclasses.replace(config, ...)``, validated in turn), so no caller resolves it again.
 """
 from __future__ import annotations
 
@@ -21,13 +23,17 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
-@dataclass
+@dataclass(frozen=True)
 class LcrunConfig:
     model: str | None = _opt(None, "Model: an HF folder, a .gguf file, or synthetic:NAME. Default: the built-in demo model.")
     ctx: str | int = _opt("8k", "Context length in tokens (4096, 32k, 128K, 1M; k = 1024).")
     device: str = _opt("auto", "cuda, cpu, or auto (cuda when available).", choices=["auto", "cuda", "cpu"])
     dtype: str = _opt("auto", "Compute dtype: bfloat16, float16, float32, or auto (bf16 on GPU, fp32 on CPU).",
                       choices=["auto", "bfloat16", "float16", "float32"])
+    weights: str = _opt("auto", "How weight matrices are held: auto (as the file stores them: a GGUF's Q8_0/Q4_0/Q4_1/"
+                        "Q4_K/Q5_K/Q6_K blocks stay quantized on the GPU; on the CPU, dequantized), bf16 (dequantized "
+                        "to the compute dtype), or q8_0/q4_0/q4_k (every matrix quantized on load; synthetic:NAME: "
+                        "random weights in that format).", choices=["auto", "bf16", "q8_0", "q4_0", "q4_k"])
     prefill_chunk: int = _opt(2048, "Tokens per prefill chunk.")
     attention: str = _opt("auto", "dense: attend to every cached token; topk: attend to the top-scoring KV pages; "
                           "auto: dense while the whole KV cache fits beside the weights and the plan predicts it no "
@@ -60,12 +66,16 @@ class LcrunConfig:
     kv_dir: str | None = _opt(None, "Folder for KV pages spilled to disk (NVMe).")
     seed: int = _opt(0, "Random seed for sampling and synthetic weights.")
 
-    # Resolved values, filled by resolve().
-    ctx_tokens: int = field(default=0, metadata={"cli": False})
+    # Derived from ctx when the config is made.
+    ctx_tokens: int = field(init=False, metadata={"cli": False})
 
-    def resolve(self) -> "LcrunConfig":
-        """Validate and normalise; returns self for chaining."""
-        self.ctx_tokens = parse_tokens(self.ctx)
+    def unplanned_page_size(self) -> int:
+        """The KV page size where no plan chooses one (a CPU run): --page-size, else DEFAULT_PAGE_SIZE."""
+        return self.page_size or DEFAULT_PAGE_SIZE
+
+    def __post_init__(self) -> None:
+        """Validate every setting, and derive ctx_tokens (a ConfigError names the flag at fault)."""
+        object.__setattr__(self, "ctx_tokens", parse_tokens(self.ctx))
         for f in dataclasses.fields(self):  # the Python API gets the CLI's choices checked too
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices is not None and value is not None and value not in choices:
@@ -79,7 +89,7 @@ class LcrunConfig:
             raise ConfigError("--positions window needs --attention topk (dense attention attends to every "
                               "token, so there is no window to place them in)")
         if self.attention in ("topk", "auto"):  # auto may pick top-k: its settings must make sense
-            if self.budget < self.sink_tokens + self.window_tokens + (self.page_size or DEFAULT_PAGE_SIZE):
+            if self.budget < self.sink_tokens + self.window_tokens + self.unplanned_page_size():
                 raise ConfigError(
                     f"--budget {self.budget} leaves no room for selected pages after {self.sink_tokens} sink and "
                     f"{self.window_tokens} window tokens: raise --budget or lower --sink-tokens/--window-tokens")
@@ -87,7 +97,6 @@ class LcrunConfig:
             value = getattr(self, name)
             if value is not None:
                 parse_bytes(value)
-        return self
 
     @property
     def offload_kv_dtype_bytes(self) -> int | None:
@@ -112,7 +121,7 @@ class LcrunConfig:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**kwargs).resolve()
+        return cls(**kwargs)
 
     def to_header(self) -> dict[str, Any]:
         """The settings as a flat dict, for report and benchmark headers."""

@@ -47,6 +47,23 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_count(n: float) -> str:
+    """A count for people: 134515008 -> 135M, 8030261248 -> 8.0B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}" if n < 10 * size else f"{n / size:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def short_dtype(name: str) -> str:
+    """bfloat16 or torch.bfloat16 -> bf16: a dtype as plans and model names show it."""
+    name = name.removeprefix("torch.")
+    return _SHORT_DTYPES.get(name, name)
+
+
 def env_number(name: str, default: float, minimum: float = 0.0) -> float:
     """The number in environment variable ``name`` (``default`` when unset or empty); a value that
     is not a number >= ``minimum`` is a ConfigError naming the variable."""

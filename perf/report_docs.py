@@ -204,10 +204,12 @@ def eval_section(name: str, doc: dict) -> str:
 
 
 def settings_line(doc: dict) -> str:
+    """The settings of an eval run that recorded no command line (unset ones: lcrun's defaults)."""
     s = doc["settings"]
-    return (f"{doc['model']}, budget {s['budget']}, page {s['page_size']}, {s['sink_tokens']} sinks, "
-            f"{s['window_tokens']}-token window, far positions {s.get('far_positions', '?')}, {s['dtype']}, "
-            f"group score {s.get('group_score', 'max')}")
+    shown = {"budget": "budget", "page_size": "page", "sink_tokens": "sinks", "window_tokens": "window",
+             "far_positions": "far positions", "dtype": "dtype", "group_score": "group score", "gpu_mem": "--gpu-mem"}
+    parts = [f"{label} {s[key]}" for key, label in shown.items() if s.get(key) is not None]
+    return ", ".join([doc["model"]] + (parts or ["default settings"]))
 
 
 def quality(docs: dict[str, dict]) -> str:

@@ -5,6 +5,11 @@ import os
 import shutil
 import subprocess
 
+# One torch thread (set before torch loads; subprocesses inherit it): the suite's tensors are small,
+# and at 2 threads every op pays an OpenMP hand-off that, on the shared 2-core machine under load,
+# took ~60 ms (a 3x300 decode attention: 0.07 ms on one thread, 63 ms on two).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 if os.environ.get("TRITON_INTERPRET") is None and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 elif os.environ.get("TRITON_INTERPRET") is None:

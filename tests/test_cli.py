@@ -17,6 +17,7 @@ def _run(args, stdin=None):
     return CliRunner().invoke(main, args, input=stdin, catch_exceptions=False)
 
 
+@pytest.mark.slow
 @needs_demo
 def test_chat_answers_from_stdin_lines():
     res = _run(["chat", "--max-new-tokens", "24", "--ctx", "2k"],
@@ -31,6 +32,7 @@ def test_chat_answers_from_stdin_lines():
     assert "Berlin" in res.stdout
 
 
+@pytest.mark.slow
 @needs_demo
 def test_run_raw_prompt():
     res = _run(["run", "--raw", "--prompt", "The capital of France is", "--max-new-tokens", "5"])
@@ -38,6 +40,7 @@ def test_run_raw_prompt():
     assert "Paris" in res.stdout
 
 
+@pytest.mark.slow
 @needs_demo
 def test_prompt_longer_than_ctx_is_an_error_not_a_truncation(tmp_path):
     prompt = tmp_path / "long.txt"
@@ -48,6 +51,7 @@ def test_prompt_longer_than_ctx_is_an_error_not_a_truncation(tmp_path):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.slow
 @needs_demo
 def test_chat_conversation_that_outgrows_ctx_keeps_session():
     long_line = "tell me more " * 100

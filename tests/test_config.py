@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lcrun.config import LcrunConfig
@@ -60,3 +62,13 @@ def test_attention_defaults_to_auto_and_its_settings_are_checked():
     LcrunConfig.from_kwargs(attention="dense", budget=256, sink_tokens=64, window_tokens=512)
     with pytest.raises(ConfigError, match="--positions window needs --attention topk"):
         LcrunConfig.from_kwargs(attention="dense", positions="window")
+
+
+def test_a_config_is_validated_once_made_and_never_changes():
+    cfg = LcrunConfig(ctx="2k")
+    assert cfg.ctx_tokens == 2048
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.ctx = "4k"
+    assert dataclasses.replace(cfg, ctx="4k").ctx_tokens == 4096 and cfg.ctx_tokens == 2048
+    with pytest.raises(ConfigError, match="--budget 256 leaves no room"):
+        dataclasses.replace(cfg, attention="topk", budget=256, window_tokens=512)

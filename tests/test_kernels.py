@@ -377,7 +377,8 @@ def test_topk_ranks_small_and_large_survivor_sets(hot_groups):
     assert torch.equal(idx.cpu().long(), torch.topk(scores, k, dim=1).indices)
 
 
-@pytest.mark.parametrize("hkv", [1, 2, 8])
+# One head (every length) and eight (the per-head indexing): a two-head case saw nothing more.
+@pytest.mark.parametrize("hkv", [1, 8])
 @pytest.mark.parametrize("P,S,W,B,max_pages", [
     (32, 64, 512, 2048, 600), (16, 32, 64, 256, 90), (16, 0, 0, 64, 300), (32, 40, 70, 142, 2100),
 ])
@@ -390,7 +391,7 @@ def test_fused_selection_matches_select_with_plan(hkv, P, S, W, B, max_pages):
     capacity = max_pages * P
     lengths = [1, P - 1, B - 3, B + 1, B + P + 3, capacity // 3 + 5, capacity - 7, capacity]
     # Fewer lengths with more heads: the interpreter runs the programs one by one.
-    for seq_len in {1: lengths, 2: lengths[::2]}.get(hkv, lengths[1::4]):
+    for seq_len in lengths if hkv == 1 else lengths[1::4]:
         n = i32(seq_len)
         plan = plan_selection(n, max_pages, P, S, W, B, bounds_fn=selection_bounds)
         scores = torch.randn(hkv, max_pages, generator=gen).to(DEVICE)

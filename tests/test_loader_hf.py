@@ -138,3 +138,11 @@ def test_corrupt_tokenizer(folder):
     (folder / "tokenizer.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="tokenizer.json: not a readable tokenizer"):
         HFFolderSource(folder).tokenizer()
+
+
+def test_folder_is_named_as_passed_with_its_stored_dtype(tmp_path):
+    folder = tmp_path / "My-Model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**CONFIG, "torch_dtype": "bfloat16", "_name_or_path": "x/y"}))
+    save_file(_tensors(CONFIG), str(folder / "model.safetensors"))
+    assert open_source(str(folder)).config.name == "My-Model (llama, 9.8K params, bf16 safetensors)"

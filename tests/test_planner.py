@@ -69,7 +69,7 @@ def expected_misses(plan) -> float:
 
 def test_a_rtx4090_128k_spills_to_host():
     hw = machine(24 * GiB, 64 * GiB, 60 * GiB)
-    assert hw.host_cap_bytes == 30 * GiB  # 50% of the 60 GiB available
+    assert hw.host_cap_bytes == 44 * GiB  # the 60 GiB available less a quarter of the 64 GiB machine
     p = make_plan(LLAMA_8B, "128k", hw)
 
     # KV: 131072 tokens * 32 layers * 8 heads * 128 dims * 2 (K,V) * 2 bytes
@@ -278,6 +278,17 @@ def test_short_context_and_cpu_only():
     pc = make_plan(LLAMA_3B, "32k", cpu)
     assert pc.device == "cpu" and pc.all_on_gpu
     assert pc.decode_terms[0].bytes_per_s == 40e9  # DRAM default
+
+
+@pytest.mark.parametrize("attention", ["topk", "dense"])
+def test_cpu_plan_over_host_memory_says_what_a_cpu_run_can_do(attention):
+    """A CPU run keeps the whole KV cache in host memory (no NVMe tier, --kv-dir unused there)."""
+    cpu = detect_hardware(None, None, host_total_bytes=64 * GiB, host_available_bytes=60 * GiB, calibration=None,
+                          kv_dir=None)
+    with pytest.raises(CapacityError, match=r"on the CPU the whole KV cache stays in host memory: .* Use a smaller "
+                                            r"--ctx \(about [1-9]\d*k fits\), raise --host-mem, or run on a GPU$") as exc:
+        make_plan(LLAMA_3B, "1M", cpu, attention=attention)
+    assert "--kv-dir" not in str(exc.value)
 
 
 def test_model_spec_from_dict():

@@ -143,7 +143,7 @@ def test_decode_graph_key_changes_when_the_sequence_passes_the_window():
 @pytest.mark.parametrize("positions,ctx,want", [("auto", "32", None), ("auto", "64", 48), ("true", "64", None),
                                                  ("window", "32", 0)])
 def test_the_rule_follows_the_flag_and_the_trained_window(positions, ctx, want):
-    config = LcrunConfig(ctx=ctx, attention="topk", positions=positions).resolve()
+    config = LcrunConfig(ctx=ctx, attention="topk", positions=positions)
     assert resolve_positions(config, CFG) == PositionRule(want)
 
 

@@ -34,7 +34,8 @@ def format_plan(plan: MemoryPlan) -> str:
     dev = "GPU" if p.device == "cuda" else "CPU (host memory)"
     lines: list[str] = []
     title = m.name or "model"
-    lines.append(f"Memory plan: {title}, {p.ctx_tokens:,} tokens, attention {p.attention}, "
+    held = f", {m.dtype}" if m.dtype else ""
+    lines.append(f"Memory plan: {title}, {p.ctx_tokens:,} tokens, attention {p.attention}{held}, "
                  f"on {hw.gpu_name or dev}")
 
     cap_src = _source(hw, "gpu_cap_bytes" if p.device == "cuda" else "host_cap_bytes")
@@ -42,7 +43,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"{dev}: cap {format_bytes(p.device_cap_bytes)}{total} ({cap_src})")
     for item, size in p.gpu_breakdown.items():
         detail = ""
-        if item == "workspace":
+        if item == "weights":
+            detail = m.weight_format
+        elif item == "workspace":
             detail = f"prefill chunk {p.prefill_chunk} ({'auto' if p.prefill_chunk_auto else 'given'})"
         elif item == "KV pages":
             detail = f"all {p.total_pages:,} pages"
@@ -115,6 +118,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(_line("total", _ms(p.decode_s_per_token),
                        f"{p.decode_tokens_per_s:.1f} tokens/s; full overlap: {_ms(p.decode_s_overlapped)}"))
     lines.append(f"  {'bottleneck':<{_W}} {p.bottleneck}")
+    lines.append("  (predicted ms/token: one decode step with the context full, each term its bytes over its "
+                 "link's speed, summed as if nothing overlapped; kernel launches and compute are not counted, "
+                 "so a run is slower by those and faster where transfers overlap)")
 
     speeds = []
     for name, label in (("gpu_mem_bytes_per_s", "HBM" if p.device == "cuda" else "DRAM"),

@@ -16,9 +16,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from lcrun.planner.gpus import GpuProfile
 
 from lcrun.errors import ConfigError
 from lcrun.units import format_bytes, parse_bytes
@@ -33,10 +36,15 @@ DEFAULT_DISK_WRITE_BYTES_PER_S = 1.0e9
 # CPU-only runs: "device memory" is DRAM; two-channel DDR5 streams ~60 GB/s, take less.
 DEFAULT_CPU_MEM_BYTES_PER_S = 40e9
 
-# Pinned host memory for KV pages, when --host-mem is not given: half of what is available now.
-# The rest stays for the OS, page cache, the Python process and staging weights while loading;
-# pinned pages cannot be swapped, so over-committing them stalls the whole machine.
+# Pinned host memory for KV pages, when --host-mem is not given: what is available now less a
+# reserve of a quarter of the machine's memory (at least HOST_RESERVE_MIN_BYTES), and never less
+# than half of what is available. The reserve stays for the OS, page cache, the Python process and
+# staging weights while loading; pinned pages cannot be swapped, so over-committing them stalls the
+# whole machine. A page on a disk costs far more than one in RAM (a step that selects one waits
+# for it), so a large machine lends most of its memory: 93 GiB of a 128 GiB box, 44 of 64.
 HOST_CAP_FRACTION = 0.5
+HOST_RESERVE_FRACTION = 0.25
+HOST_RESERVE_MIN_BYTES = 8 * 2 ** 30
 # CPU-only: host memory is the compute device and holds the weights too, so take more of it.
 CPU_HOST_CAP_FRACTION = 0.8
 
@@ -191,6 +199,17 @@ class Hardware:
         return d
 
 
+def profile_hardware(profile: "GpuProfile", gpu_mem: str | int | None = None, host_mem: str | int | None = None,
+                     kv_dir: str | os.PathLike | None = None, **host: int) -> Hardware:
+    """A machine with the GPU of a built-in profile (lcrun.planner.gpus): its memory and link
+    speeds instead of this machine's GPU (disk and host memory are this machine's, or ``host``)."""
+    hw = detect_hardware(profile.name, profile.memory_bytes, gpu_mem=gpu_mem, host_mem=host_mem, kv_dir=kv_dir,
+                         calibration=None, **host)
+    hw.gpu_mem_bytes_per_s, hw.h2d_bytes_per_s = profile.read_bytes_per_s, profile.h2d_bytes_per_s
+    hw.sources.update(gpu_mem_bytes_per_s=f"{profile.key} profile", h2d_bytes_per_s=f"{profile.key} profile")
+    return hw
+
+
 def detect_hardware(gpu_name: str | None, gpu_total_bytes: int | None, gpu_mem: str | int | None = None,
                     host_mem: str | int | None = None, kv_dir: str | os.PathLike | None = None, *,
                     calibration: "Calibration | None | str" = "auto",
@@ -238,10 +257,13 @@ def detect_hardware(gpu_name: str | None, gpu_total_bytes: int | None, gpu_mem: 
             notes.append(f"--host-mem {format_bytes(host_cap)} is more than is free now "
                          f"({format_bytes(host_avail)}): pinning it may push other programs into swap")
         sources["host_cap_bytes"] = "--host-mem"
+    elif on_gpu:
+        reserve = max(HOST_RESERVE_FRACTION * host_total, HOST_RESERVE_MIN_BYTES)
+        host_cap = int(max(host_avail * HOST_CAP_FRACTION, host_avail - reserve))
+        sources["host_cap_bytes"] = f"available less a reserve of {format_bytes(reserve)}"
     else:
-        fraction = HOST_CAP_FRACTION if on_gpu else CPU_HOST_CAP_FRACTION
-        host_cap = int(host_avail * fraction)
-        sources["host_cap_bytes"] = f"{fraction:.0%} of available"
+        host_cap = int(host_avail * CPU_HOST_CAP_FRACTION)
+        sources["host_cap_bytes"] = f"{CPU_HOST_CAP_FRACTION:.0%} of available"
 
     kv_dir_str, kv_free = None, None
     if kv_dir is not None:

@@ -188,6 +188,7 @@ def workspace_breakdown(model: ModelSpec, chunk: int, *, act_bytes: int = 2, str
     KV stream:      2*T*Hkv*D*2*e     tiered only: past K/V of one layer streamed from the host in
                                       T-token blocks, double-buffered, for exact prefill attention
     logits:         V*4*4             the last token's logits (bf16, fp32, probs, sort scratch)
+    dequant scratch: model.weight_scratch_bytes   quantized weights: one matrix dequantized for prefill
     """
     t, a = chunk, act_bytes
     h, hq, hkv, d = model.hidden_size, model.num_heads, model.num_kv_heads, model.head_dim
@@ -198,6 +199,7 @@ def workspace_breakdown(model: ModelSpec, chunk: int, *, act_bytes: int = 2, str
         "attention scratch": t * hq * d * 4 + 2 * t * hq * 4,
         "KV stream buffer": 2 * t * hkv * d * 2 * model.kv_dtype_bytes if stream_kv else 0,
         "logits + sampling": model.vocab_size * 4 * LOGITS_COPIES,
+        "dequant scratch": model.weight_scratch_bytes,
     }
     return out
 
@@ -272,12 +274,13 @@ def _about_tokens(n: float) -> str:
 def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_size: int | None = None,
               budget_tokens: int = 2048, sink_tokens: int = 64, window_tokens: int = 512,
               prefill_chunk: int | None = None, attention: str = "topk", positions: str = "auto",
-              hit_rate: float = DEFAULT_HIT_RATE) -> MemoryPlan:
+              hit_rate: float = DEFAULT_HIT_RATE, page_size_reason: str = "given (--page-size)") -> MemoryPlan:
     """Plan memory for ``ctx_tokens`` of ``model`` on ``hw``; raises CapacityError (what is short,
     by how much, which setting fixes it) or ConfigError (a setting lcrun cannot use).
 
     ``positions`` is the --positions setting: with top-k attention past the model's trained window
-    (and positions not 'true') every page has two abstracts (abstract_sets())."""
+    (and positions not 'true') every page has two abstracts (abstract_sets()). ``page_size_reason``:
+    why a given ``page_size`` is what it is, for the plan's page size line."""
     ctx = parse_tokens(ctx_tokens)
     if attention not in ("topk", "dense"):
         raise ConfigError(f"attention must be topk or dense, got {attention!r}")
@@ -326,7 +329,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
                                      sink_tokens=sink_tokens, window_tokens=window_tokens,
                                      abstract_sets=max(1, sets))
     else:
-        P, reason = page_size, "given (--page-size)"
+        P, reason = page_size, page_size_reason
     page_bytes = 2 * P * d * e
     # The abstracts of one page: key min and max over D channels, per set. A decode step ranks with
     # one set (true-position or page-relative), so scoring reads one set.
@@ -411,6 +414,15 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
             selected_pages_per_head=selected, top_pages_per_head=top, prefetch_depth=0, hit_rate=hit_rate,
             effective_hit_rate=1.0, miss_pages_per_token=0.0, gpu_breakdown=breakdown)
 
+    if not on_gpu:  # a CPU run keeps its whole KV cache in host memory: no tiers to spill to
+        ws_min, _ = ws_total(prefill_chunk or MIN_PREFILL_CHUNK, False)
+        room = cap - m.resident_bytes - reserve - ws_min - gpu_fixed_all
+        fit = _about_tokens(room / m.kv_bytes_per_token) if room > 0 else "0k"
+        raise CapacityError(
+            f"on the CPU the whole KV cache stays in host memory: {format_bytes(kv_total)} for {ctx} tokens, "
+            f"{format_bytes(kv_total - room)} more than the {format_bytes(cap)} cap leaves after the weights"
+            f"{' and page abstracts' if gpu_fixed_all else ''} and workspace. Use a smaller --ctx (about {fit} "
+            f"fits), raise --host-mem, or run on a GPU")
     if attention == "dense":
         ws_min, _ = ws_total(prefill_chunk or MIN_PREFILL_CHUNK, False)
         room = cap - m.resident_bytes - reserve - ws_min
@@ -530,7 +542,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
     # Prefetch depth: one layer ahead hides a transfer that takes less than a layer of compute;
     # when it takes longer, fetching two layers ahead gives it two layers of compute to hide behind.
     if on_gpu and t["h2d"] > 0:
-        per_layer_compute = (m.weight_bytes + kv_read + scoring) / L / hw.gpu_mem_bytes_per_s
+        per_layer_compute = (m.decode_weight_bytes + kv_read + scoring) / L / hw.gpu_mem_bytes_per_s
         per_layer_fetch = t["h2d"] / L / hw.h2d_bytes_per_s
         if per_layer_fetch > per_layer_compute:
             t2 = tiers(2)
@@ -592,7 +604,7 @@ def _decode_terms(hw: Hardware, m: ModelSpec, *, kv_read: float, scoring: float,
     memory, the expected misses over PCIe and, for those whose home is NVMe, off the disk."""
     mem = hw.gpu_mem_bytes_per_s
     mem_link = "HBM" if hw.on_gpu else "DRAM"
-    rows = [("weights", mem_link, m.weight_bytes, mem),
+    rows = [("weights", mem_link, m.decode_weight_bytes, mem),
             *[(name, mem_link, b, mem) for name, b in _local_windows(m).items()],
             ("KV read (all tokens)" if dense else "KV read (selected pages)", mem_link, kv_read, mem),
             ("abstract scoring", mem_link, scoring, mem),

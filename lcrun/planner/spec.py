@@ -33,6 +33,10 @@ class ModelSpec:
     """Shape and size of a decoder as far as memory planning is concerned.
 
     weight_bytes: bytes of all weights as held on the compute device (after any quantisation).
+    weight_format: how the layers' matrices are held ("bfloat16", "Q4_0", "Q4_K+Q6_K"), for display.
+    weight_read_bytes: weight bytes one decode step reads (an untied embedding table is not read,
+        only one row of it); None: weight_bytes.
+    weight_scratch_bytes: prefill scratch for one dequantized weight (quantized weights), else 0.
     kv_dtype_bytes: bytes per KV element (2 for bf16/fp16).
     offload_kv_dtype_bytes: bytes per KV element of pages in the tiered store (host pool, NVMe,
         GPU page cache) when they are stored narrower than on the GPU (1 for fp8); None: kv_dtype_bytes.
@@ -54,9 +58,13 @@ class ModelSpec:
     weight_bytes: int
     kv_dtype_bytes: int = 2
     name: str = ""
+    dtype: str = ""  # the compute dtype, for people ("fp32", "bf16"); sizes come from the byte counts
     intermediate_size: int | None = None
     offload_kv_dtype_bytes: int | None = None
     trained_window: int | None = None
+    weight_format: str = ""
+    weight_read_bytes: int | None = None
+    weight_scratch_bytes: int = 0
     kv_layers: int | None = None
     local_kv_bytes: int = 0
 
@@ -80,6 +88,10 @@ class ModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model spec: {self.num_heads} attention heads do not divide into "
                               f"{self.num_kv_heads} KV heads")
+
+    @property
+    def decode_weight_bytes(self) -> int:
+        return self.weight_bytes if self.weight_read_bytes is None else self.weight_read_bytes
 
     @property
     def mlp_size(self) -> int:
@@ -134,10 +146,11 @@ class ModelSpec:
         if missing:
             raise ConfigError(f"model spec: missing {', '.join(missing)}"
                               + (" (pass weight_bytes=...)" if "weight_bytes" in missing else ""))
-        for key in fields - {"name"}:
+        for key in fields - {"name", "dtype", "weight_format"}:
             if key in values and isinstance(values[key], float) and values[key] == int(values[key]):
                 values[key] = int(values[key])
         values["name"] = str(values.get("name", ""))
+        values["dtype"] = str(values.get("dtype", ""))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """From a torch profiler Chrome trace to a per-decode-step time split over the runtime's named ranges.
 
 Every profiled step runs inside a ``decode_step`` range; inside it the runtime marks its parts with
-``named_range`` (see ``lcrun.profiling.ranges``). The split is computed from the exported Chrome
+``named_range`` (see ``lcrun.ranges``). The split is computed from the exported Chrome
 trace (the same file the report links), so it can be re-run offline on any trace:
 
 * a range is a ``user_annotation`` span on a CPU thread; at each instant the innermost open range

@@ -4,10 +4,16 @@ its GPU cache and its offloaded cache, so ratios come from one run on one machin
 
 Each measurement prefills ``context`` random token ids (chunked, as the runtime does), then times
 single-token decode steps, each CUDA-synchronised; the reported decode time is the median over the
-steps after the first ``WARMUP_STEPS`` (Triton compilation, cuBLAS setup, CUDA-graph capture).
-``decode_ms_late`` is the median of the second half of those steps: with a tiered KV store the GPU
-page cache starts cold after prefill and fills over the first decode steps, so the two differ
-while it warms.
+steps after the first ``WARMUP_STEPS`` (Triton compilation, cuBLAS setup, CUDA-graph capture), and
+never over the first, cold step; ``decode_ms_p10``/``decode_ms_p90`` give the spread of the same
+steps. ``decode_ms_late`` is the median of the second half of those steps: with a tiered KV store
+the GPU page cache starts cold after prefill and fills over the first decode steps, so the two
+differ while it warms.
+
+Baselines: lcrun with dense attention (under the run's --gpu-mem, or uncapped with --no-dense-cap:
+the honest dense reference), and transformers' Llama with its dynamic cache (eager), its offloaded
+cache, or its static cache with a ``torch.compile``d decode step (CUDA graphs: its recommended fast
+decode; its compilation runs in untimed warm-up steps, reported as ``compile_s``).
 A context that does not fit is recorded as a row with an ``error``, and the sweep goes on.
 """
 from __future__ import annotations
@@ -29,7 +35,10 @@ from lcrun.profiling.meta import run_metadata
 from lcrun.runtime.layer_kind_cache import context_cache
 
 WARMUP_STEPS = 3
-TRANSFORMERS_CACHES = ("dense", "offloaded")
+TRANSFORMERS_CACHES = ("dense", "offloaded", "static")
+GPU_ONLY_CACHES = {"offloaded": "moves layers between GPU and host",
+                   "static": "is timed with torch.compile's CUDA graphs"}
+COMPILE_STEPS = 3  # untimed decode steps that compile and capture the static-cache decode
 Log = Callable[[str], None]
 
 
@@ -40,15 +49,16 @@ class Sweep:
     contexts: list[int]
     steps: int = 32
     dense_contexts: list[int] = field(default_factory=list)       # lcrun, --attention dense
-    transformers: list[str] = field(default_factory=list)         # "dense" and/or "offloaded"
+    dense_capped: bool = True                                     # under --gpu-mem as the swept rows are
+    transformers: list[str] = field(default_factory=list)         # of TRANSFORMERS_CACHES
     transformers_contexts: list[int] | None = None                # default: contexts
     transformers_steps: int | None = None                         # default: steps
     transformers_capped: bool = True                              # under --gpu-mem as lcrun is
     trace: str | None = None                                      # Chrome trace of 3 steps, first context
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or (self.transformers_steps is not None and self.transformers_steps < 1):
-            raise ConfigError("--steps must be at least 1")
+        if self.steps < 2 or (self.transformers_steps is not None and self.transformers_steps < 2):
+            raise ConfigError("--steps must be at least 2 (the first, cold step is never counted)")
         unknown = sorted(set(self.transformers) - set(TRANSFORMERS_CACHES))
         if unknown:
             raise ConfigError(f"--transformers takes {', '.join(TRANSFORMERS_CACHES)}; got {', '.join(unknown)}")
@@ -71,14 +81,23 @@ def _peak() -> int | None:
 
 
 def _warm_steps(ms: list[float]) -> list[float]:
-    """The steps after the warm-up ones, when there are enough to spare."""
-    return ms[WARMUP_STEPS:] if len(ms) > 2 * WARMUP_STEPS else ms
+    """The steps after the warm-up ones when there are enough to spare, else all but the first."""
+    return ms[WARMUP_STEPS:] if len(ms) > 2 * WARMUP_STEPS else ms[1:]
 
 
 def warm_median(ms: list[float]) -> float:
-    """Median step time, leaving out the warm-up steps when there are enough to spare."""
+    """Median step time, never counting the first (cold) step; see _warm_steps."""
     warm = _warm_steps(ms)
     return statistics.median(warm) if warm else float("nan")
+
+
+def step_stats(ms: list[float]) -> dict[str, Any]:
+    """A row's decode times: the warm median, its spread (10th/90th percentiles of the same warm
+    steps, interpolated) and every step as timed."""
+    warm = _warm_steps(ms)
+    p10, p90 = (statistics.quantiles(warm, n=10, method="inclusive")[i] for i in (0, 8)) if len(warm) > 1 \
+        else (warm_median(ms),) * 2
+    return {"decode_ms": warm_median(ms), "decode_ms_p10": p10, "decode_ms_p90": p90, "decode_ms_steps": ms}
 
 
 def late_median(ms: list[float]) -> float:
@@ -132,55 +151,58 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
     dense or topk, per context) and why (``attention_reason``); ``log`` gets that as one line."""
     from lcrun.api import LLM, TrainedWindowWarning
     _free()
-    cfg = dataclasses.replace(config, ctx=context + steps + 8)
+    prompt_len = max(1, context)  # context 0: decode after one token (llama-bench's depth 0)
+    cfg = dataclasses.replace(config, ctx=prompt_len + steps + 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainedWindowWarning)  # logged below as one line
         llm = LLM(config=cfg, progress=False)
+    with llm:  # closed after each measurement: a sweep does not keep earlier contexts' pools alive
+        return _measure(llm, config, context, steps, trace, log)
+
+
+def _measure(llm, config: LcrunConfig, context: int, steps: int, trace: str | None, log: Log | None) -> dict:
+    """bench_lcrun's row: ``context`` random ids prefilled into ``llm``, then ``steps`` decode steps timed."""
     if log is not None:
         log(f"{context} tokens: {llm.attention_choice.line()}")
         if llm.attention_warning:
             log(f"{context} tokens: warning: {llm.attention_warning}")
-    try:
-        prompt = random_prompt(llm.model_config.vocab_size, context, config.seed)
-        _sync()
-        t0 = time.perf_counter()
-        logits = llm.generator.prefill(prompt, _prefill_progress(f"{llm.attention} {context}", context))
-        _sync()
-        prefill_s = time.perf_counter() - t0
-        state = {"token": logits.argmax(-1, keepdim=True)}
-        stepper = llm.generator.stepper  # the CUDA-graph step the generator uses, where the cache allows
+    prompt_len = max(1, context)  # context 0: decode after one token (llama-bench's depth 0)
+    prompt = random_prompt(llm.model_config.vocab_size, prompt_len, config.seed)
+    _sync()
+    t0 = time.perf_counter()
+    logits = llm.generator.prefill(prompt, _prefill_progress(f"{llm.attention} {context}", context))
+    _sync()
+    prefill_s = time.perf_counter() - t0
+    state = {"token": logits.argmax(-1, keepdim=True)}
+    stepper = llm.generator.stepper  # the CUDA-graph step the generator uses, where the cache allows
 
-        def step() -> None:
-            state["token"] = stepper.step(state["token"]).argmax(-1, keepdim=True)
+    def step() -> None:
+        state["token"] = stepper.step(state["token"]).argmax(-1, keepdim=True)
 
-        times = time_steps(step, steps)
-        row: dict[str, Any] = {
-            "impl": "lcrun", "attention": llm.attention, "attention_reason": llm.attention_reason,
-            "attention_requested": config.attention, "context": context, "prefill_s": prefill_s,
-            "prefill_tok_s": context / prefill_s, "decode_ms": warm_median(times),
-            "decode_ms_late": late_median(times), "decode_ms_steps": times,
-            "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
-            "weight_bytes": llm.model.weight_bytes(), "kv_cache_bytes": llm.cache.memory_bytes(),
-            "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
-        paged = context_cache(llm.cache)  # Gemma: the global layers' cache has the tiers
-        if hasattr(paged, "report"):
-            row["tiers"] = paged.report()
-        if trace:
-            row.update(_trace_steps(step, trace))
-        return row
-    finally:
-        if hasattr(llm.cache, "close"):
-            llm.cache.close()
-        del llm
+    times = time_steps(step, steps)
+    row: dict[str, Any] = {
+        "impl": "lcrun", "attention": llm.attention, "attention_reason": llm.attention_reason,
+        "attention_requested": config.attention, "context": context, "prefill_s": prefill_s,
+        "prefill_tok_s": prompt_len / prefill_s, **step_stats(times), "decode_ms_late": late_median(times),
+        "peak_gpu_bytes": _peak(), "gpu_cap_bytes": config.gpu_mem_bytes,
+        "weight_bytes": llm.model.weight_bytes(), "weight_format": llm.model.weight_format(),
+        "kv_cache_bytes": llm.cache.memory_bytes(),
+        "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
+    paged = context_cache(llm.cache)  # Gemma: the global layers' cache has the tiers
+    if hasattr(paged, "report"):
+        row["tiers"] = paged.report()
+    if trace:
+        row.update(_trace_steps(step, trace))
+    return row
 
 
 def _trace_steps(step: Callable[[], None], path: str) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    from lcrun.profiling.ranges import named_range
-    from lcrun.profiling.trace import export_trace_gz, overlap_from_trace
+    from lcrun.profiling.trace import export_trace_gz, overlap_from_trace, profiling
+    from lcrun.ranges import named_range
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    with profiling(activities) as prof:
         for _ in range(3):
             with named_range("decode_step"):
                 step()
@@ -211,11 +233,11 @@ def _hf_config(cfg):
     return classes[cfg.arch](**kw)
 
 
+
+
 def _model_config(config: LcrunConfig):
-    from lcrun.runtime.loading import default_model, open_source
-    from lcrun.runtime.synthetic import is_synthetic, synthetic_config
-    spec = config.model or default_model()
-    return synthetic_config(spec) if is_synthetic(spec) else open_source(spec).config
+    from lcrun.runtime.loading import open_model
+    return open_model(config.model)[0]
 
 
 def _set_cap(device: torch.device, cap: int | None) -> None:
@@ -225,56 +247,79 @@ def _set_cap(device: torch.device, cap: int | None) -> None:
 
 
 def bench_transformers(config: LcrunConfig, context: int, steps: int, cache_kind: str, capped: bool = True) -> dict:
-    """transformers' own Llama with random weights of the same shape, SDPA, and its dynamic
-    ("dense": every layer's K/V on the GPU) or offloaded cache (layers parked in host memory)."""
+    """transformers' own Llama with random weights of the same shape, SDPA, and one of its caches:
+    "dense" (dynamic, every layer's K/V on the GPU, eager), "offloaded" (layers parked in host
+    memory) or "static" (preallocated, decode step under torch.compile with CUDA graphs)."""
     import transformers
 
     from lcrun.api import resolve_device, resolve_dtype
     device = resolve_device(config.device)
-    if cache_kind == "offloaded" and device.type != "cuda":
-        raise ConfigError("transformers' offloaded cache moves layers between GPU and host: it needs a GPU")
+    if cache_kind in GPU_ONLY_CACHES and device.type != "cuda":
+        raise ConfigError(f"transformers' {cache_kind} cache {GPU_ONLY_CACHES[cache_kind]}: it needs a GPU")
     cfg = _model_config(config)
     cap = config.gpu_mem_bytes if capped else None
     _free()
     _set_cap(device, cap)
     torch.manual_seed(config.seed)
-    done = 0
+    progress = {"done": 0}
     row: dict[str, Any] = {"impl": f"transformers-{cache_kind}", "context": context,
                            "transformers": transformers.__version__, "gpu_cap_bytes": cap}
     try:
         with torch.device(device):
             ref = transformers.AutoModelForCausalLM.from_config(
                 _hf_config(cfg), dtype=resolve_dtype(config.dtype, device), attn_implementation="sdpa").eval()
-        cache = transformers.DynamicCache(config=ref.config, offloading=cache_kind == "offloaded")
-        ids = torch.tensor([random_prompt(cfg.vocab_size, context, config.seed)], device=device)
-        chunk = config.prefill_chunk
-        progress = _prefill_progress(f"transformers-{cache_kind} {context}", context)
-        _sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for s in range(0, context, chunk):  # chunked, as lcrun, so the prefill's activations fit
-                out = ref(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                done = min(context, s + chunk)
-                progress(done, context)
-        _sync()
-        prefill_s = time.perf_counter() - t0
-        state = {"token": out.logits[:, -1:].argmax(-1)}
-
-        def step() -> None:
-            with torch.no_grad():
-                o = ref(input_ids=state["token"], past_key_values=cache, use_cache=True)
-            state["token"] = o.logits[:, -1:].argmax(-1)
-
-        times = time_steps(step, steps)
-        row.update(prefill_s=prefill_s, prefill_tok_s=context / prefill_s, decode_ms=warm_median(times),
-                   decode_ms_steps=times, peak_gpu_bytes=_peak())
+        row.update(transformers_decode(ref, cfg.vocab_size, max(1, context), steps, cache_kind, config.prefill_chunk,
+                                       config.seed, device, compiled=cache_kind == "static", progress=progress),
+                   peak_gpu_bytes=_peak())
         return row
     except torch.cuda.OutOfMemoryError as exc:
-        row.update(error=f"out of GPU memory ({str(exc).splitlines()[0]})", prefill_tokens_done=done,
+        row.update(error=f"out of GPU memory ({str(exc).splitlines()[0]})", prefill_tokens_done=progress["done"],
                    peak_gpu_bytes=_peak())
         return row
     finally:
         _set_cap(device, None)
+
+
+def transformers_decode(ref, vocab_size: int, context: int, steps: int, cache_kind: str, chunk: int, seed: int,
+                        device: torch.device, compiled: bool, progress: dict | None = None) -> dict:
+    """Prefill ``context`` random ids into ``ref`` (a transformers causal LM) in chunks, then time
+    ``steps`` greedy decode steps. cache_kind: dense/offloaded (DynamicCache) or static
+    (StaticCache, explicit cache positions); ``compiled``: the decode step under
+    torch.compile(mode="reduce-overhead"), compiled in COMPILE_STEPS untimed steps first."""
+    import transformers
+    progress = {} if progress is None else progress
+    extra = COMPILE_STEPS if compiled else 0
+    if cache_kind == "static":
+        cache = transformers.StaticCache(config=ref.config, max_cache_len=context + steps + extra + 8)
+    else:
+        cache = transformers.DynamicCache(config=ref.config, offloading=cache_kind == "offloaded")
+    ids = torch.tensor([random_prompt(vocab_size, context, seed)], device=device)
+    bar = _prefill_progress(f"transformers-{cache_kind} {context}", context)
+    _sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, context, chunk):  # chunked, as lcrun, so the prefill's activations fit
+            n = min(chunk, context - s)
+            out = ref(input_ids=ids[:, s:s + n], past_key_values=cache, use_cache=True, logits_to_keep=1,
+                      cache_position=torch.arange(s, s + n, device=device))
+            progress["done"] = s + n
+            bar(s + n, context)
+    _sync()
+    prefill_s = time.perf_counter() - t0
+    forward = torch.compile(ref.forward, mode="reduce-overhead", fullgraph=True) if compiled else ref.forward
+    state = {"token": out.logits[:, -1:].argmax(-1), "pos": context}
+
+    def step() -> None:
+        with torch.no_grad():
+            o = forward(input_ids=state["token"], past_key_values=cache, use_cache=True,
+                        cache_position=torch.tensor([state["pos"]], device=device))
+        state["token"] = o.logits[:, -1:].argmax(-1)
+        state["pos"] += 1
+
+    result: dict[str, Any] = {"prefill_s": prefill_s, "prefill_tok_s": context / prefill_s}
+    if compiled:
+        result["compile_s"] = sum(time_steps(step, COMPILE_STEPS)) / 1e3
+    return {**result, **step_stats(time_steps(step, steps))}
 
 
 def _guarded(label: str, log: Log, fn: Callable[[], dict], row: dict) -> dict:
@@ -291,6 +336,14 @@ def _guarded(label: str, log: Log, fn: Callable[[], dict], row: dict) -> dict:
     return result
 
 
+def _label(row: dict, swept: dict | None = None, sep: str = " ") -> str:
+    """transformers-static; lcrun topk; lcrun dense uncapped (a dense row without the swept rows' cap)."""
+    if row["impl"] != "lcrun":
+        return row["impl"]
+    uncapped = row.get("gpu_cap_bytes") is None and swept is not None and swept.get("gpu_cap_bytes") is not None
+    return sep.join(["lcrun", row["attention"]] + (["uncapped"] if uncapped else []))
+
+
 def ratios(rows: list[dict], attention: str) -> list[dict]:
     """Baseline / lcrun, per context where both were measured (higher = lcrun faster). ``attention``
     is the swept config's --attention as asked (auto resolves per context: rows say to what)."""
@@ -301,7 +354,7 @@ def ratios(rows: list[dict], attention: str) -> list[dict]:
         mine = ours.get(r["context"])
         if r is mine or mine is None or "error" in r:
             continue
-        out.append({"context": r["context"], "baseline": r["impl"] + (f"-{r['attention']}" if r["impl"] == "lcrun" else ""),
+        out.append({"context": r["context"], "baseline": _label(r, mine, "-"),
                     "decode_speedup": r["decode_ms"] / mine["decode_ms"],
                     "prefill_speedup": mine["prefill_tok_s"] / r["prefill_tok_s"]})
     return out
@@ -316,10 +369,12 @@ def resolved_attention(config: LcrunConfig, context: int, steps: int) -> str:
     if config.attention != "auto":
         return config.attention
     from lcrun.api import plan_run, resolve_device, resolve_dtype
+    from lcrun.runtime.loading import open_model
     try:
-        cfg = dataclasses.replace(config, ctx=context + steps + 8).resolve()
+        cfg = dataclasses.replace(config, ctx=max(1, context) + steps + 8)
         device = resolve_device(cfg.device)
-        return plan_run(cfg, _model_config(cfg), device, resolve_dtype(cfg.dtype, device)).attention
+        model_cfg, source = open_model(cfg.model)
+        return plan_run(cfg, model_cfg, device, resolve_dtype(cfg.dtype, device), source=source).attention
     except LcrunError:
         return "topk"
 
@@ -346,9 +401,9 @@ def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
               checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Every measurement of ``sweep``, in one JSON-ready document. ``checkpoint(document)`` is
     called after every measurement, so a sweep stopped by a time limit keeps what it finished."""
-    config.resolve()
     rows: list[dict] = []
-    doc = {"kind": "lcrun.bench", "meta": run_metadata(), "model": config.model, "settings": config.to_header(),
+    doc = {"kind": "lcrun.bench", "meta": run_metadata(), "model": config.model,
+           "model_name": _model_config(config).name, "settings": config.to_header(),
            "sweep": dataclasses.asdict(sweep), "warmup_steps": WARMUP_STEPS, "rows": rows, "ratios": []}
 
     def add(row: dict) -> None:
@@ -364,10 +419,11 @@ def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
                                                      log=log),
                      {"impl": "lcrun", "attention": config.attention, "attention_requested": config.attention,
                       "context": context}))
-    dense = dataclasses.replace(config, attention="dense")
+    dense = dataclasses.replace(config, attention="dense", gpu_mem=config.gpu_mem if sweep.dense_capped else None)
     for context in sweep.dense_contexts:
         add(_guarded(f"lcrun dense {context}", log, lambda: bench_lcrun(dense, context, sweep.steps, log=log),
-                     {"impl": "lcrun", "attention": "dense", "attention_requested": "dense", "context": context}))
+                     {"impl": "lcrun", "attention": "dense", "attention_requested": "dense", "context": context,
+                      "gpu_cap_bytes": dense.gpu_mem_bytes}))
     t_steps = sweep.transformers_steps or sweep.steps
     for context in sweep.transformers_contexts or sweep.contexts:
         for kind in sweep.transformers:
@@ -378,14 +434,22 @@ def run_sweep(config: LcrunConfig, sweep: Sweep, log: Log = lambda _m: None,
 
 
 def format_rows(rows: list[dict]) -> str:
-    """The sweep as a plain-text table."""
-    lines = [f"{'impl':24} {'context':>8} {'prefill tok/s':>14} {'decode ms':>10} {'tok/s':>8} {'peak GiB':>9}"]
+    """The sweep as a plain-text table; decode ms is the warm median, p10-p90 its spread."""
+    swept = next((r for r in rows if r["impl"] == "lcrun" and r.get("gpu_cap_bytes") is not None), None)
+    lines = [f"{'impl':24} {'context':>8} {'prefill tok/s':>14} {'decode ms':>10} {'p10-p90 ms':>15} {'tok/s':>8} "
+             f"{'peak GiB':>9} {'predicted ms':>13} {'error':>6}"]
     for r in rows:
-        impl = r["impl"] + (f" {r['attention']}" if r["impl"] == "lcrun" else "")
+        impl = _label(r, swept)
         if "error" in r:
             lines.append(f"{impl:24} {r['context']:>8}  {r['error']}")
             continue
+        impl += f" {r['weight_format']}" if r["impl"] == "lcrun" and r.get("weight_format") else ""
         peak = f"{r['peak_gpu_bytes'] / 2**30:9.2f}" if r.get("peak_gpu_bytes") else f"{'-':>9}"
-        lines.append(f"{impl:24} {r['context']:>8} {r['prefill_tok_s']:>14,.0f} {r['decode_ms']:>10.2f} "
-                     f"{1e3 / r['decode_ms']:>8.1f} {peak}")
+        spread = f"{r['decode_ms_p10']:.2f}-{r['decode_ms_p90']:.2f}"
+        # the planner's prediction for the row (GPU runs), and how far the measurement is from it
+        predicted = (r.get("plan") or {}).get("predicted_decode_ms")
+        pred = f"{predicted:>13.2f} {(predicted - r['decode_ms']) / r['decode_ms']:>+6.0%}" if predicted else \
+            f"{'-':>13} {'-':>6}"
+        lines.append(f"{impl:24} {r['context']:>8} {r['prefill_tok_s']:>14,.0f} {r['decode_ms']:>10.2f} {spread:>15} "
+                     f"{1e3 / r['decode_ms']:>8.1f} {peak} {pred}")
     return "\n".join(lines)

@@ -25,8 +25,8 @@ from lcrun.errors import ConfigError, LcrunError
 from lcrun.profiling import attribution, counters, links
 from lcrun.profiling.bench import WARMUP_STEPS, random_prompt, warm_median
 from lcrun.profiling.meta import run_metadata
-from lcrun.profiling.ranges import named_range
-from lcrun.profiling.trace import export_trace_gz
+from lcrun.profiling.trace import export_trace_gz, profiling
+from lcrun.ranges import named_range
 from lcrun.runtime.layer_kind_cache import context_cache
 
 TRACE_NAME = "trace.json.gz"
@@ -93,24 +93,19 @@ def _prefill(llm, ids: list[int], log: Log) -> dict:
 
 
 def _plan_info(llm) -> dict:
-    """The plan this run used, or (CPU, dense) the planner's plan for the same settings, marked so."""
-    from lcrun.planner import ModelSpec, format_plan, make_plan
+    """The plan this run used or, on the CPU (where no plan places anything), the one `lcrun plan`
+    shows for the same settings, marked so."""
+    from lcrun.api import plan_run
+    from lcrun.planner import format_plan
     plan, used = llm.plan, True
     if plan is None:
         used = False
         try:
-            cfg, elem = llm.model_config, llm.dtype.itemsize
-            spec = ModelSpec.from_dict(cfg.to_dict(), weight_bytes=cfg.num_parameters() * elem, kv_dtype_bytes=elem,
-                                       name=cfg.name or str(llm.model_spec),
-                                       offload_kv_dtype_bytes=llm.config.offload_kv_dtype_bytes)
-            c = llm.config
-            plan = make_plan(spec, c.ctx_tokens, links.hardware_for(llm), budget_tokens=c.budget,
-                             sink_tokens=c.sink_tokens, window_tokens=c.window_tokens, attention=c.attention,
-                             prefill_chunk=c.prefill_chunk)
+            plan = plan_run(llm.config, llm.model_config, llm.device, llm.dtype, cpu_plan=True).plan
         except LcrunError as exc:
             return {"used_by_run": False, "error": str(exc)}
-    why = ("" if used else "this run places its KV cache without the planner (it does so for top-k attention on "
-           "a GPU); shown: the planner's plan for the same settings")
+    why = "" if used else ("a CPU run places its KV cache without the planner; shown: the plan `lcrun plan` makes "
+                           "for the same settings")
     return {"used_by_run": used, "note": why, "text": format_plan(plan), "plan": plan.to_dict()}
 
 
@@ -125,7 +120,7 @@ def _model_info(llm) -> dict:
 def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: None) -> dict:
     """Run the profiled generation on ``llm`` (fresh: nothing cached) and return its data; the
     Chrome trace is written to ``out_dir / TRACE_NAME``."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from lcrun.runtime.decode_graph import DecodeStepper
     from lcrun.runtime.sampling import Sampler, SamplingParams
@@ -163,7 +158,7 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
     log(f"profiling {opts.steps} eager decode steps")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     profiled: list[float] = []
-    with profile(activities=activities) as prof:
+    with profiling(activities) as prof:
         run_steps(eager, opts.steps, "profiled (eager)", profiled, profiled=True)
     trace = export_trace_gz(prof, out_dir / TRACE_NAME)
     del prof

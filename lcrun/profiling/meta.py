@@ -30,12 +30,19 @@ def git_dirty() -> bool | None:
         return None
 
 
+def command_line() -> str:
+    """The command as a user would type it (``python -m lcrun.cli bench ...`` is ``lcrun bench ...``)."""
+    program = Path(sys.argv[0])
+    name = "lcrun" if program.name == "cli.py" and program.parent.name == "lcrun" else program.name
+    return shlex.join([name] + sys.argv[1:])
+
+
 def run_metadata() -> dict:
     import torch
     # LCRUN_COMMIT: the commit of a tree copied without its history (a device run of a checkout).
     commit = os.environ.get("LCRUN_COMMIT")
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "command": command_line(),
             "commit": commit or git_commit(), "dirty": False if commit else git_dirty(),
             "python": platform.python_version(),
             "torch": torch.__version__, "host": platform.node()}

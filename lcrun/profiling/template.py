@@ -20,8 +20,8 @@ img { max-width: 100%; } .note { color: #666; font-size: 0.92em; } .missing { co
 </head>
 <body>
 <h1>lcrun profile</h1>
-<div class="note">{{ d.model.spec }} ({{ d.model.arch }}, {{ d.model.layers }} layers, {{ bytes(d.model.weight_bytes) }} of weights,
- {{ d.model.dtype }}) on {{ d.meta.gpu or "CPU" }}; cache {{ d.cache }}; commit {{ d.meta.commit[:12] }}{% if d.meta.dirty %} (uncommitted changes){% endif %}; {{ d.meta.date }}</div>
+<div class="note">{{ d.model.name or d.model.spec }}: {{ d.model.layers }} layers, {{ bytes(d.model.weight_bytes) }} of weights
+ in {{ d.model.dtype }}, on {{ d.meta.gpu or "CPU" }}; cache {{ d.cache }}; commit {{ d.meta.commit[:12] }}{% if d.meta.dirty %} (uncommitted changes){% endif %}; {{ d.meta.date }}</div>
 
 <p>
 <span class="kpi">decode <b>{{ ms(d.decode.timed_ms_median) }}</b>/token{% if d.decode.cuda_graph %} (CUDA graph){% endif %}</span>

@@ -5,7 +5,50 @@ import gzip
 import json
 import os
 import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Sequence
+
+KINETO_NOISE = b"USDT:"  # kineto's "USDT: ... profiler_start" / "profiler_stop" lines
+
+
+@contextmanager
+def _kineto_noise_dropped() -> Iterator[None]:
+    """Kineto (the profiler's C++ side) writes a USDT line to file descriptor 2 at every start and
+    stop, below sys.stderr; its only off switch (KINETO_LOG_LEVEL=6, read once per process) would
+    hide its errors too. So fd 2 goes to a file while the profiler starts or stops, and every other
+    line is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().splitlines(keepends=True) if not line.startswith(KINETO_NOISE)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+@contextmanager
+def profiling(activities: Sequence) -> Iterator:
+    """``torch.profiler.profile(activities=...)`` over the block, yielding the profiler, without
+    kineto's USDT lines on the terminal."""
+    from torch.profiler import profile
+    prof = profile(activities=activities)
+    with _kineto_noise_dropped():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _kineto_noise_dropped():
+            prof.__exit__(None, None, None)
 
 
 def export_trace_gz(prof, path: str | os.PathLike) -> Path:

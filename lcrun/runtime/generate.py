@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 
 from lcrun.errors import ContextOverflowError
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.runtime.decode_graph import DecodeStepper
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model import LlamaModel

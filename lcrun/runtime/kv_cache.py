@@ -11,12 +11,12 @@ place attended tokens at positions of its choosing (extrapolation past the train
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from lcrun.errors import ContextOverflowError
+from lcrun.errors import ConfigError, ContextOverflowError
 from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.rope import Rotary
@@ -108,6 +108,31 @@ class AttentionCache(ABC):
 
     def memory_bytes(self) -> int:
         return 0
+
+    # -- saved contexts (lcrun.runtime.context_file): one layer at a time, so a load streams -----
+    def snapshot_layout(self) -> dict[str, Any]:
+        """What a saved context must match to load into this cache (its kind, page size, dtypes)."""
+        raise ConfigError(f"{type(self).__name__} cannot save or load contexts: use --attention dense or topk")
+
+    def begin_export(self) -> None:
+        """Before ``export_layer`` of every layer in order (then ``end_export``, also on failure)."""
+
+    def end_export(self) -> None:
+        pass
+
+    def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """The named tensors that restore ``layer`` for the ``length`` tokens cached."""
+        raise ConfigError(f"{type(self).__name__} cannot save contexts")
+
+    def begin_import(self, length: int) -> None:
+        """Forget the cache; ``import_layer`` for every layer then fills ``length`` tokens."""
+        self.truncate(0)
+
+    def import_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        raise ConfigError(f"{type(self).__name__} cannot load contexts")
+
+    def end_import(self, length: int) -> None:
+        self.length = length
 
 
 def _chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, g: int,
@@ -221,3 +246,14 @@ class DenseCache(AttentionCache):
 
     def memory_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def snapshot_layout(self) -> dict[str, Any]:
+        return {"cache": "dense", "dtype": str(self.dtype)}
+
+    def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        return {"k": self.k[layer, :, :self.length], "v": self.v[layer, :, :self.length]}  # (Hkv, T, D) post-RoPE
+
+    def import_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        t = tensors["k"].shape[1]
+        self.k[layer, :, :t] = tensors["k"]
+        self.v[layer, :, :t] = tensors["v"]

@@ -1,7 +1,8 @@
 """A llama.cpp GGUF file as a WeightSource: config from metadata, tensors under HF Llama names,
 and a ``tokenizers`` tokenizer rebuilt from the vocabulary the file carries.
 
-The file is memory-mapped by ``gguf.GGUFReader``; ``get`` dequantizes one tensor at a time.
+The file is memory-mapped by ``gguf.GGUFReader``; ``get`` dequantizes one tensor at a time,
+``get_blocks`` keeps a quantized one in its blocks (lcrun.kernels.quant).
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lcrun.errors import ModelLoadError, UnsupportedModelError
+from lcrun.kernels.quant.formats import BY_GGML
+from lcrun.kernels.quant.weight import QuantWeight
 from lcrun.runtime.chat_template import GEMMA3_CHAT_TEMPLATE, GEMMA3_END_OF_TURN
 from lcrun.runtime.model_config import GEMMA3_LOCAL_EVERY, GLOBAL, LOCAL, SUPPORTED_ARCHS, ModelConfig
 from lcrun.runtime.rope import rope_inv_freq
@@ -85,6 +88,7 @@ class GGUFSource:
         self._raw = {t.name: t for t in self._reader.tensors}
         self._check_tensors()
         self.config = self._build_config()
+        self.stored = f"{self.quantization()} GGUF"
         self._tensors = {}
         block_names = _GEMMA3_BLOCK_NAMES if self.arch == "gemma3" else _BLOCK_NAMES
         for name, t in self._raw.items():
@@ -102,15 +106,7 @@ class GGUFSource:
         return list(self._tensors)
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        t = self._tensors.get(name)
-        if t is None:
-            raise ModelLoadError(f"{self.path}: has no tensor for {name!r}; the file is incomplete, convert it again")
-        w = self._dequantize(t)
-        if self.arch in _PERMUTED_ARCHS and name.startswith("model.layers."):
-            if ".q_proj." in name:
-                w = _unpermute(w, self.config.num_heads)
-            elif ".k_proj." in name:
-                w = _unpermute(w, self.config.num_kv_heads)
+        w = self._unpermuted(name, self._dequantize(self._tensor(name)))
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's converter stores Gemma's norms as 1 + w; HF checkpoints hold w
         # copy out of the read-only memmap (F32 tensors come back as views of it)
@@ -118,6 +114,24 @@ class GGUFSource:
         if not w.flags.writeable:
             w = w.copy()
         return torch.from_numpy(w).to(dtype)
+
+    def block_format(self, name: str) -> str | None:
+        """The block format ``get_blocks`` keeps ``name`` in ('Q4_K'), or None (stored dense)."""
+        t = self._tensor(name)
+        fmt = BY_GGML.get(t.tensor_type)
+        return None if fmt is None or len(t.shape) != 2 else fmt.name
+
+    def get_blocks(self, name: str) -> QuantWeight | None:
+        """A matrix stored in a block format lcrun computes on (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K),
+        kept in its blocks (on the CPU); None for other types (F32, F16, BF16 ...: use ``get``)."""
+        fmt = self.block_format(name)
+        if fmt is None:
+            return None
+        t = self._tensor(name)
+        k, n = (int(d) for d in t.shape)  # gguf lists dims fastest-first
+        # the blocks lie along rows, so q/k rows are unpermuted as whole rows of blocks
+        raw = self._unpermuted(name, np.asarray(t.data).reshape(n, -1))
+        return QuantWeight.from_gguf(fmt, raw, n, k)
 
     def tokenizer(self) -> TextTokenizer | None:
         kind = self._meta("tokenizer.ggml.model", None)
@@ -167,6 +181,35 @@ class GGUFSource:
         return TextTokenizer(tok, template, bos, eos, stop, self.path)
 
     # -- internals -------------------------------------------------------------------------------
+
+    def quantization(self) -> str:
+        """The type llama.cpp names the file by (general.file_type: Q4_K_M, Q8_0, ...), else the
+        type that holds most of the weights."""
+        try:
+            kind = LlamaFileType(int(self._meta("general.file_type", -1))).name
+        except (TypeError, ValueError):
+            kind = "GUESSED"
+        if kind != "GUESSED":
+            return kind.removeprefix("MOSTLY_").removeprefix("ALL_")
+        elements: dict[str, int] = {}
+        for t in self._raw.values():
+            elements[t.tensor_type.name] = elements.get(t.tensor_type.name, 0) + int(t.n_elements)
+        return max(elements, key=elements.get)
+
+    def _tensor(self, name: str):
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelLoadError(f"{self.path}: has no tensor for {name!r}; the file is incomplete, convert it again")
+        return t
+
+    def _unpermuted(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """q/k rows (values or rows of blocks) back in HF order for the archs llama.cpp permutes."""
+        if self.arch in _PERMUTED_ARCHS and name.startswith("model.layers."):
+            if ".q_proj." in name:
+                return _unpermute(rows, self.config.num_heads)
+            if ".k_proj." in name:
+                return _unpermute(rows, self.config.num_kv_heads)
+        return rows
 
     def _meta(self, key: str, default=_REQUIRED):
         field = self._fields.get(key)
@@ -247,7 +290,6 @@ class GGUFSource:
                 **(self._gemma3_fields(hidden, heads, head_dim) if arch == "gemma3" else {}),
                 bos_token_id=None if bos is None else int(bos),
                 eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
-                name=str(self._meta("general.name", "")),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelLoadError(

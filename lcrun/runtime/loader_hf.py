@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from lcrun.errors import ModelLoadError
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.tokenizer import TextTokenizer
+from lcrun.units import short_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 # where image-text checkpoints keep their text model (transformers 4 and 5 layouts); vision tensors are left out
@@ -34,6 +35,8 @@ class HFFolderSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelLoadError(f"{cfg_path}: not valid JSON ({exc})") from None
         self.config = ModelConfig.from_hf(raw, source=str(cfg_path))
+        dtype = raw.get("torch_dtype") or raw.get("dtype")
+        self.stored = f"{short_dtype(dtype)} safetensors" if isinstance(dtype, str) else "safetensors"
         self._where = self._index_tensors()
         # tensor name as the runtime asks for it -> as the files store it
         self._stored = {name: name for name in self._where}
@@ -84,6 +87,12 @@ class HFFolderSource:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelLoadError(f"{path}: tensor {name!r} cannot be read ({exc}); the file is corrupt") from None
         return tensor.to(dtype)
+
+    def block_format(self, name: str) -> None:
+        return None
+
+    def get_blocks(self, name: str) -> None:
+        return None  # safetensors checkpoints are dense (--weights q8_0/q4_0 quantizes them on load)
 
     def tokenizer(self) -> TextTokenizer:
         return TextTokenizer.from_hf_folder(self.folder, self.config.eos_token_ids)

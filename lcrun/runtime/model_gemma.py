@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lcrun.kernels.fused_norm import rms_norm
-from lcrun.profiling.ranges import named_range
+from lcrun.kernels.quant.linear import embedding, linear
+from lcrun.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model import LayerWeights, LlamaModel
 
@@ -20,7 +21,7 @@ class GemmaModel(LlamaModel):
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # The scale is rounded to the model's dtype first, as transformers does (55.4 -> 55.5 in bf16).
         scale = torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype)
-        return F.embedding(input_ids, self.embed) * scale.to(self.device)
+        return embedding(input_ids, self.embed, self.dtype) * scale.to(self.device)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = super()._logits(h)
@@ -41,10 +42,10 @@ class GemmaModel(LlamaModel):
         with named_range("attention"):
             attn = cache.attend(i, q, k, v)
         with named_range("dense"):
-            out = rms_norm(F.linear(attn.reshape(t, -1), lw.wo, lw.bo), lw.post_attn_norm, cfg.rms_eps)
+            out = rms_norm(linear(attn.reshape(t, -1), lw.wo, lw.bo), lw.post_attn_norm, cfg.rms_eps)
             h, x = self._add_norm(x, out, lw.mlp_norm)
-            gate, up = F.linear(h, lw.w_gate_up).chunk(2, dim=-1)
-            out = F.linear(F.gelu(gate, approximate="tanh") * up, lw.w_down)
+            gate, up = linear(h, lw.w_gate_up).chunk(2, dim=-1)
+            out = linear(F.gelu(gate, approximate="tanh") * up, lw.w_down)
             return x, rms_norm(out, lw.post_mlp_norm, cfg.rms_eps)
 
 

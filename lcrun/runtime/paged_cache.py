@@ -16,7 +16,7 @@ import torch
 
 from lcrun.errors import ConfigError
 from lcrun.kernels import kernel_backend, plan_selection, write_kv
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.kernels.key_rotation import KeyRotation, update_relative_abstracts
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
@@ -33,6 +33,26 @@ def resolve_chunk_pages(chunk_pages: int | str, max_pages: int, top_chunks: int)
     if chunk_pages < 0 or chunk_pages & (chunk_pages - 1) or top_chunks < 1 or top_chunks & (top_chunks - 1):
         raise ConfigError(f"chunk_pages ({chunk_pages}) and top_chunks ({top_chunks}) must be powers of two")
     return chunk_pages
+
+
+def export_abstracts(owner, layer: int, n_pages: int) -> dict[str, torch.Tensor]:
+    """A saved context's page abstracts of ``layer``'s first ``n_pages`` pages: ``owner`` keeps
+    kmin/kmax and, when its positions may move, rel_min/rel_max ((L, Hkv, max_pages, D); the paged
+    cache and the tiered store's PageSelector). Chunk abstracts are rebuilt from these on load."""
+    names = ("kmin", "kmax") + (("rel_min", "rel_max") if owner.positions.may_move else ())
+    return {name: getattr(owner, name)[layer, :, :n_pages] for name in names}
+
+
+def import_abstracts(owner, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+    """export_abstracts' tensors back into ``owner``."""
+    for name in ("kmin", "kmax") + (("rel_min", "rel_max") if owner.positions.may_move else ()):
+        value = tensors[name]
+        getattr(owner, name)[layer, :, :value.shape[1]] = value
+
+
+def snapshot_positions(positions: PositionRule) -> int | None:
+    """The position rule in a saved context's layout: where queries start moving (None: never)."""
+    return positions.trained_window
 
 
 class PagedTopKCache(AttentionCache):
@@ -239,6 +259,34 @@ class PagedTopKCache(AttentionCache):
         # Abstracts of pages that are no longer full are ignored (num_full shrinks) and rebuilt
         # when the page fills again.
         self.length = min(self.length, length)
+
+    # -- saved contexts ------------------------------------------------------------------------
+    def snapshot_layout(self) -> dict:
+        return {"cache": "paged", "dtype": str(self.dtype), "page_size": self.page_size,
+                "positions": snapshot_positions(self.positions)}
+
+    def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        n = -(-self.length // self.page_size)
+        slots = self.page_table[layer][:, :n].long()  # (Hkv, n)
+        return {"k": self.k_pool[layer][slots], "v": self.v_pool[layer][slots],  # (Hkv, n, P, D)
+                **export_abstracts(self, layer, n)}
+
+    def import_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        n = tensors["k"].shape[1]
+        slots = self.page_table[layer][:, :n].long()
+        self.k_pool[layer][slots] = tensors["k"]
+        self.v_pool[layer][slots] = tensors["v"]
+        import_abstracts(self, layer, tensors)
+
+    def end_import(self, length: int) -> None:
+        super().end_import(length)
+        if self.chunk_pages:  # chunk abstracts from the page abstracts, as prefill keeps them
+            pages = torch.arange(0, -(-length // self.page_size), device=self.device, dtype=torch.int32)
+            full = torch.tensor([length // self.page_size], device=self.device, dtype=torch.int32)
+            for layer in range(self.cfg.num_layers):
+                lo, hi = self._selection_abstracts(layer, self.positions.may_move)
+                self.ops.update_chunk_abstracts(lo, hi, self.cmin[layer], self.cmax[layer], pages, full,
+                                                self.chunk_pages)
 
     def memory_bytes(self) -> int:
         tensors = (self.k_pool, self.v_pool, self.kmin, self.kmax, self.page_table)

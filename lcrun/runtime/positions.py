@@ -33,7 +33,10 @@ from lcrun.kernels.attention_lse import RunningAttention, attention_with_lse
 from lcrun.runtime.rope import Rotary
 
 SELECT_BLOCK = 64    # prefill queries sharing one far-page selection
-PIECE_TOKENS = 512   # prefill queries per masked attention call (bounds the mask's memory)
+PIECE_TOKENS = 512   # prefill queries per attention call (bounds its temporaries)
+# Far pages scored per block in prefill: an fp32 copy of all abstracts would take 4 * Hkv * pages * D
+# bytes at once (256 MiB for an 8B model at 1M tokens, which a 24 GiB plan has no room for).
+SCORE_BLOCK_PAGES = 4096
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,12 @@ def _select_far(q: torch.Tensor, rel_min: torch.Tensor, rel_max: torch.Tensor, l
     q_mean = (blocks.sum(1) / counts[:, None, None]).view(n_sel, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, -1, d)
     q_abs = (blocks.abs().sum(1) / counts[:, None, None]).view(n_sel, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, -1, d)
     first, last = lay.sink_end // page_size, lay.ls // page_size
-    lo, hi = rel_min[:, first:last].float(), rel_max[:, first:last].float()
-    bound = q_mean @ ((hi + lo) * 0.5).transpose(1, 2) + q_abs @ ((hi - lo) * 0.5).transpose(1, 2)
-    bound = bound.view(hkv, n_sel, g, -1)
+    parts = []
+    for b in range(first, last, SCORE_BLOCK_PAGES):  # fp32 copies of a block of abstracts at a time
+        e = min(last, b + SCORE_BLOCK_PAGES)
+        lo, hi = rel_min[:, b:e].float(), rel_max[:, b:e].float()
+        parts.append(q_mean @ ((hi + lo) * 0.5).transpose(1, 2) + q_abs @ ((hi - lo) * 0.5).transpose(1, 2))
+    bound = torch.cat(parts, dim=-1).view(hkv, n_sel, g, -1)
     scores = bound.amax(dim=2) if group_score == "max" else bound.sum(dim=2)
     return torch.topk(scores, lay.k_far, dim=-1, sorted=False).indices + first
 

@@ -11,7 +11,7 @@ import torch
 
 from lcrun.config import DEFAULT_MAX_NEW_TOKENS
 from lcrun.errors import ConfigError
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 
 
 @dataclass

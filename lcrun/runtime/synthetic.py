@@ -68,4 +68,4 @@ def synthetic_config(spec: str) -> ModelConfig:
     if name not in SYNTHETIC_SPECS:
         raise ModelLoadError(
             f"unknown synthetic model {name!r}; known: {', '.join(PREFIX + n for n in SYNTHETIC_SPECS)}")
-    return ModelConfig(name=PREFIX + name, **SYNTHETIC_SPECS[name])
+    return ModelConfig(**SYNTHETIC_SPECS[name]).named(PREFIX + name, "random weights")

@@ -1,6 +1,6 @@
 """How much of the teacher-forced top-1 disagreement is the page *scores*, and how much the budget?
 
-Runs the fidelity test (perf.eval_longctx) with lcrun's Quest page scores and with an oracle that
+Runs the fidelity test (lcrun.eval) with lcrun's Quest page scores and with an oracle that
 ranks each candidate page by the attention mass the real query puts on it (softmax over the whole
 context, max over the GQA group): the best any page selection can do inside the same budget.
 If the oracle is far better, the scores are what to fix; if not, the budget is.
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-
+from lcrun.config import LcrunConfig
+from lcrun.eval import Evaluator, Mode, parse_length
+from lcrun.eval.text import stdlib_docs_text
 from lcrun.profiling.meta import run_metadata
 from lcrun.runtime.paged_cache import PagedTopKCache
-from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text
 
 
 class OracleOps:
@@ -100,7 +101,7 @@ def retrieval(args) -> int:
     results = dict(meta=run_metadata(), retrieval=args.retrieval, cells=[])
     t0 = time.perf_counter()
     for budget in (int(b) for b in args.budgets.split(",")):
-        ev = Evaluator(args.model, budget=budget, window_tokens=args.window_tokens)
+        ev = Evaluator(LcrunConfig(model=args.model, budget=budget, window_tokens=args.window_tokens))
         for kind in args.scores.split(","):
             SCORES = kind
             cell = ev.run_cell(task, parse_length(length), Mode.parse("topk:true"), int(trials))
@@ -133,7 +134,8 @@ def main() -> int:
     results = dict(meta=run_metadata(), text=text_meta, length=args.length, steps=args.steps, runs=[])
     t0 = time.perf_counter()
     for budget in (int(b) for b in args.budgets.split(",")):
-        ev = Evaluator(args.model, budget=budget, window_tokens=args.window_tokens, page_size=args.page_size)
+        ev = Evaluator(LcrunConfig(model=args.model, budget=budget, window_tokens=args.window_tokens,
+                                    page_size=args.page_size))
         ids = ev.tok.encode(text, add_special_tokens=False)
         for kind in args.scores.split(","):
             SCORES = kind

@@ -1,6 +1,6 @@
 """Does a first-order estimate of the attention to the pages top-k leaves out raise fidelity?
 
-Runs the teacher-forced fidelity test (perf.eval_longctx) with lcrun's stock Quest top-k decode
+Runs the teacher-forced fidelity test (lcrun.eval) with lcrun's stock Quest top-k decode
 ("quest") and with a "tail estimate" added ("quest+tail"): in every decode step of every top-k
 layer (flat selection), each candidate page of a KV head that the selection did not keep (a full
 page, neither sink nor window, not among the top pages) joins the attention as one pseudo-token
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-
+from lcrun.config import LcrunConfig
+from lcrun.eval import Evaluator, Mode, parse_length
+from lcrun.eval.text import stdlib_docs_text
 from lcrun.profiling.meta import run_metadata
 from lcrun.runtime.paged_cache import PagedTopKCache
-from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text
 
 CHECK_CALLS = 64  # decode attention calls per cache compared against the stock kernel (tail off)
 
@@ -161,7 +162,7 @@ def main() -> int:
         dict(meta=run_metadata(), text=text_meta, runs=[])
     t0 = time.perf_counter()
     for budget in (int(b) for b in args.budgets.split(",")):
-        ev = Evaluator(args.model, budget=budget, window_tokens=args.window_tokens)
+        ev = Evaluator(LcrunConfig(model=args.model, budget=budget, window_tokens=args.window_tokens))
         ids = ev.tok.encode(text, add_special_tokens=False)
         for kind in args.variants.split(","):
             TAIL = VARIANTS[kind]

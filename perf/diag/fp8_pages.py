@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-
+from lcrun.config import DEFAULT_PAGE_SIZE, LcrunConfig
+from lcrun.eval import Evaluator, Mode, parse_length
+from lcrun.eval.text import stdlib_docs_text
 from lcrun.profiling.meta import run_metadata
 from lcrun.runtime.generate import Generator
 from lcrun.runtime.tiered import TieredTopKCache
-from perf.eval_longctx import Evaluator, Mode, parse_length, stdlib_docs_text
 
 VARIANTS = {"topk": None, "tiered": "model", "tiered-fp8": torch.float8_e4m3fn}
 
@@ -41,7 +42,7 @@ class TieredEvaluator(Evaluator):
             return super().generator(mode, ctx)
         s = self.settings
         cache = TieredTopKCache(self.model.cfg, ctx, self.device, self.dtype, cache_slots_per_layer=self.cache_slots,
-                                page_size=s["page_size"], budget=s["budget"], sink_tokens=s["sink_tokens"],
+                                page_size=s["page_size"] or DEFAULT_PAGE_SIZE, budget=s["budget"], sink_tokens=s["sink_tokens"],
                                 window_tokens=s["window_tokens"], group_score=s["group_score"], prefetch="off",
                                 kv_dtype=None if store == "model" else store)
         self.caches.append(cache)
@@ -65,7 +66,7 @@ def main() -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     for budget in (int(b) for b in args.budgets.split(",")):
-        ev = TieredEvaluator(args.model, budget=budget)
+        ev = TieredEvaluator(LcrunConfig(model=args.model, budget=budget))
         ev.cache_slots = args.cache_slots
         ids = ev.tok.encode(text, add_special_tokens=False)
         for kind in args.variants.split(","):

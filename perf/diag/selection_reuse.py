@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-
 from lcrun.api import make_cache
+from lcrun.config import LcrunConfig
+from lcrun.eval import Evaluator, Mode
+from lcrun.eval.text import stdlib_docs_text
 from lcrun.profiling.meta import run_metadata
 from lcrun.runtime.build import random_model
 from lcrun.runtime.generate import Generator
 from lcrun.runtime.synthetic import synthetic_config
-from perf.eval_longctx import Evaluator, Mode, stdlib_docs_text
 
 CACHE_MULTIPLES = (1, 2, 4, 8, 16)
 
@@ -73,7 +74,7 @@ class SelectionRecorder:
 def record_selections(ev: Evaluator, model, ids: list[int], n_prefill: int, steps: int) -> dict:
     """pages: per decode step, per layer, (Hkv, k) selected page ids (-1: unused entry); top: the
     same shape, True for top pages (neither sink nor window); max_pages: pages per KV head."""
-    config = ev.config(Mode.parse("topk:true"), n_prefill + steps + 8)
+    config = ev.cell_config(Mode.parse("topk:true"), n_prefill + steps + 8)
     cache = make_cache(config, model.cfg, ev.device, ev.dtype)
     gen = Generator(model, cache, config.prefill_chunk)
     recorder = cache.ops = SelectionRecorder(cache.ops)
@@ -159,7 +160,7 @@ def main() -> int:
     ap.add_argument("--selections", default=None, help="torch file: saved to when missing, else loaded")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    ev = Evaluator(args.model, budget=args.budget)
+    ev = Evaluator(LcrunConfig(model=args.model, budget=args.budget))
     text, text_meta = stdlib_docs_text()
     ids = ev.tok.encode(text, add_special_tokens=False)
     random = random_model(synthetic_config("synthetic:smollm2-135m"), ev.device, ev.dtype)

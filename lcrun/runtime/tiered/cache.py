@@ -22,10 +22,10 @@ import torch
 from lcrun.errors import ConfigError
 from lcrun.kernels import KernelBackend, kernel_backend
 from lcrun.kernels.key_rotation import KeyRotation
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.runtime.kv_cache import AttentionCache
 from lcrun.runtime.model_config import ModelConfig
-from lcrun.runtime.paged_cache import resolve_chunk_pages
+from lcrun.runtime.paged_cache import export_abstracts, import_abstracts, resolve_chunk_pages, snapshot_positions
 from lcrun.runtime.positions import PositionRule
 from lcrun.runtime.rope import Rotary
 from lcrun.runtime.tiered import stats as tier_stats
@@ -124,7 +124,7 @@ class TieredTopKCache(AttentionCache):
         except BaseException:
             self._layerwise = False
             raise
-        self.prefill.begin(positions, self.length, self._cos_sin)
+        self.prefill.begin(positions, self.length)
 
     def prefill_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Room for the prefill's hidden states in the page cache memory beyond the staging area
@@ -132,9 +132,9 @@ class TieredTopKCache(AttentionCache):
         return self.pages.lend(shape, dtype)
 
     def _plan(self, positions: torch.Tensor) -> None:
-        self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
-        if self._layerwise:
+        if self._layerwise:  # the prefill rotates chunk by chunk (a whole prompt's cos/sin: 0.5 GiB at 1M)
             return
+        self._cos_sin = self.rotary.cos_sin(positions, self.dtype)
         if positions.numel() != 1:
             raise _prompt_error(positions.numel())
         self.settler.before_step(self.length)
@@ -230,6 +230,38 @@ class TieredTopKCache(AttentionCache):
 
     def lookahead(self, layer: int, predict_next_query: Callable[[], torch.Tensor]) -> None:
         self.prefetcher.lookahead(layer, predict_next_query, self._score_cos_sin)
+
+    # -- saved contexts: one layer at a time through the prefill's staging area ---------------------
+    def snapshot_layout(self) -> dict:
+        return {"cache": "tiered", "dtype": str(self.dtype), "page_size": self.page_size,
+                "kv_dtype": self.codec.name, "positions": snapshot_positions(self.positions)}
+
+    def begin_export(self) -> None:
+        self.prefill.begin_staging()
+
+    def end_export(self) -> None:
+        self.prefill.end()
+
+    def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        k, v = self.prefill.export_layer(layer, self.length)
+        out = {"k": k, "v": v, **export_abstracts(self.selector, layer, -(-self.length // self.page_size))}
+        if self.codec.kv_scale is not None:
+            out["kv_scale"] = self.codec.kv_scale[layer]
+        return out
+
+    def begin_import(self, length: int) -> None:
+        super().begin_import(length)
+        self.prefill.begin_staging()
+
+    def import_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.prefill.restore_layer(layer, tensors["k"], tensors["v"], tensors.get("kv_scale"))
+        import_abstracts(self.selector, layer, tensors)  # as saved (a window step leaves kmin/kmax be)
+        self.selector.refresh_chunks(layer, 0, tensors["k"].shape[1])
+
+    def end_import(self, length: int) -> None:
+        self.prefill.end()
+        super().end_import(length)
+        self.settler.after_forward(False, length)
 
     # -- memory and reports ------------------------------------------------------------------------
     def memory_bytes(self) -> int:

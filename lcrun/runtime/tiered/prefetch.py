@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from lcrun.errors import ConfigError
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.runtime.rope import Rotary
 from lcrun.runtime.tiered.config import TierConfig, capturing
 from lcrun.runtime.tiered.stats import TierStats

@@ -36,14 +36,19 @@ class LayerwisePrefill:
         self.pages, self.homes, self.codec, self.selector, self.stats = pages, homes, codec, selector, stats
         self.placement = SpillPlacement(homes, codec, stats) if homes.spills else None
         self._k = self._v = None
+        self._last_query: list[torch.Tensor | None] = [None]  # per layer, the prompt's last query (end())
 
-    def begin(self, positions: torch.Tensor, start: int, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """A prompt of positions (T,) after ``start`` cached tokens, rotated by cos_sin (T, 1, D).
-        The GPU page cache is emptied and its memory holds the staging area meanwhile."""
-        self.homes.settle_movers()
-        self._positions, self._start, self._n, self._cos_sin = positions, start, positions.numel(), cos_sin
+    def begin(self, positions: torch.Tensor, start: int) -> None:
+        """A prompt of positions (T,) after ``start`` cached tokens. The GPU page cache is emptied
+        and its memory holds the staging area meanwhile."""
+        self._positions, self._start, self._n = positions, start, positions.numel()
         self._done = [0] * self.conf.cfg.num_layers
-        self._last_query: list[torch.Tensor | None] = [None] * self.conf.cfg.num_layers
+        self._last_query = [None] * self.conf.cfg.num_layers
+        self.begin_staging()
+
+    def begin_staging(self) -> None:
+        """Settle the movers and take the staging area (a prefill, or a saved context read or written)."""
+        self.homes.settle_movers()
         cfg = self.conf.cfg
         shape, dtype = (cfg.num_kv_heads, self.conf.capacity, cfg.head_dim), self.conf.dtype
         self.pages.start_lending()
@@ -60,12 +65,12 @@ class LayerwisePrefill:
         steps after every prompt would fetch almost every page they select over PCIe."""
         self._k = self._v = None
         if any(q is None for q in self._last_query):
-            return  # an unfinished prefill
+            return  # an unfinished prefill, or staging for a saved context
         end = self._start + self._n
         for layer, q_last in enumerate(self._last_query):
             scores = self.selector.warm_scores(layer, q_last, end)
             self.stats.prefill_bytes_h2d += self.pages.fill(layer, self.selector.logical, scores)
-        self._last_query = [None] * self.conf.cfg.num_layers
+        self._last_query = [None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layer's next chunk: q (t, Hq, D), k/v (t, Hkv, D) pre-RoPE -> (t, Hq, D)."""
@@ -73,9 +78,9 @@ class LayerwisePrefill:
         t, start, off = q.shape[0], self._start, self._done[layer]
         if off == 0 and start > 0:
             self._stage_past(layer, start)
-        cos, sin = self._cos_sin
+        cos, sin = self.rotary.cos_sin(self._positions[off:off + t], conf.dtype)
         q_pre = q
-        q, k_rot = Rotary.apply_qk(q, k, cos[off:off + t], sin[off:off + t])
+        q, k_rot = Rotary.apply_qk(q, k, cos, sin)
         pos0 = start + off
         self._k[:, pos0:pos0 + t] = k_rot.to(conf.dtype).transpose(0, 1)
         self._v[:, pos0:pos0 + t] = v.to(conf.dtype).transpose(0, 1)
@@ -152,9 +157,13 @@ class LayerwisePrefill:
 
     def _finish_layer(self, layer: int, start: int, end: int) -> None:
         """The layer's new tokens go to their homes; abstracts of the touched pages are updated."""
-        P = self.conf.page_size
         if start == 0:  # fp8 pages: scales from the whole first prompt, before any page is written
             self.codec.set_scales(layer, self._k[:, :end], self._v[:, :end], token_dim=1)
+        self._store_layer(layer, start, end)
+
+    def _store_layer(self, layer: int, start: int, end: int) -> None:
+        """Staged tokens [start, end) of ``layer`` to their homes, with their pages' abstracts."""
+        P = self.conf.page_size
         first = start // P
         self.selector.set_from_keys(layer, self._k, first, end)
         self.selector.refresh_chunks(layer, first, end)
@@ -162,3 +171,20 @@ class LayerwisePrefill:
             self.placement.place(layer, first, -(-end // P), end // P, self._k, self._v)
         self.pages.write_through(layer, self._k[:, start:end].transpose(0, 1), self._v[:, start:end].transpose(0, 1),
                                  start)
+
+    # -- saved contexts: the staging area carries one layer between the file and the homes ---------
+    def export_layer(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [0, length) of ``layer`` from their homes: K, V (Hkv, length, D) model dtype, post-RoPE
+        (inside ``begin_staging`` .. ``end``)."""
+        self._stage_past(layer, length)
+        return self._k[:, :length], self._v[:, :length]
+
+    def restore_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, kv_scale: torch.Tensor | None) -> None:
+        """A saved layer's K, V (Hkv, T, D) post-RoPE into their homes through the prefill's write
+        path, encoded with the saved fp8 scales (inside ``begin_staging`` .. ``end``)."""
+        t = k.shape[1]
+        self._k[:, :t] = k
+        self._v[:, :t] = v
+        if kv_scale is not None:
+            self.codec.kv_scale[layer].copy_(kv_scale)
+        self._store_layer(layer, 0, t)

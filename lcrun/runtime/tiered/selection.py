@@ -13,7 +13,7 @@ import torch
 from lcrun.kernels import KernelBackend, plan_selection
 from lcrun.kernels.chunk_abstracts import chunk_abstracts_like
 from lcrun.kernels.key_rotation import update_relative_abstracts
-from lcrun.profiling.ranges import named_range
+from lcrun.ranges import named_range
 from lcrun.runtime.positions import PositionRule, decode_layout
 from lcrun.runtime.rope import Rotary
 from lcrun.runtime.tiered.config import TierConfig

@@ -21,6 +21,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from lcrun.errors import ConfigError
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                  "I will quiz you about the important information there.\n\n")
@@ -82,7 +84,7 @@ class _Builder:
         room = length - len(head) - len(tail) - sum(map(len, needle_ids))
         unit = self.ids(NOISE)
         if room < len(unit):
-            raise ValueError(f"length {length} leaves no room for the haystack (needs > {length - room + len(unit)})")
+            raise ConfigError(f"length {length} leaves no room for the haystack (needs > {length - room + len(unit)})")
         # Noise of exactly `room` tokens: whole lines, the first one cut to fit (so every needle
         # position, the end included, can sit on a line boundary).
         reps = -(-room // len(unit))
@@ -167,7 +169,7 @@ class TaskSet:
 
     def sample(self, task: str, length: int, trial: int, depth: float) -> Sample:
         if task not in _MAKERS:
-            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+            raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
         return _MAKERS[task](self.builder, length, depth, _rng(self.seed, task, length, trial), self.bos)
 
     def cell(self, task: str, length: int, trials: int) -> list[Sample]:
