@@ -85,7 +85,8 @@ def planner_model(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.dtyp
     return ModelSpec.from_dict(model_cfg.to_dict(), weight_bytes=footprint.nbytes, weight_format=footprint.label,
                                weight_read_bytes=footprint.read_bytes, weight_scratch_bytes=footprint.scratch_bytes,
                                kv_dtype_bytes=elem, name=model_cfg.name, dtype=short_dtype(str(dtype)),
-                               offload_kv_dtype_bytes=config.offload_kv_dtype_bytes)
+                               offload_kv_dtype_bytes=config.offload_kv_dtype_bytes,
+                               kv_layers=len(model_cfg.global_layers), local_kv_bytes=model_cfg.local_kv_bytes(elem))
 
 
 def planner_hardware(config: LcrunConfig, device: torch.device, *, what_if: bool = False,
@@ -173,11 +174,11 @@ def check_host_memory(config: LcrunConfig, model_cfg: ModelConfig, dtype: torch.
     import psutil
     elem = torch.tensor([], dtype=dtype).element_size()
     ctx = config.ctx_tokens
-    kv = model_cfg.kv_bytes_per_token(elem) * ctx
+    kv = model_cfg.kv_bytes_per_token(elem) * ctx + model_cfg.local_kv_bytes(elem)
     if config.attention == "topk":  # min and max per page and KV head; a second set when positions may move
         pages = -(-ctx // config.unplanned_page_size())
         sets = 2 if positions.may_move else 1
-        kv += 2 * sets * model_cfg.num_layers * model_cfg.num_kv_heads * pages * model_cfg.head_dim * elem
+        kv += 2 * sets * len(model_cfg.global_layers) * model_cfg.num_kv_heads * pages * model_cfg.head_dim * elem
     weights = model_cfg.num_parameters() * elem
     cap = config.host_mem_bytes
     room = cap if cap is not None else psutil.virtual_memory().available
@@ -226,6 +227,15 @@ def _nvme_slots(plan, kv_dir: str) -> int:
 
 
 def make_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+               plan=None) -> AttentionCache:
+    """The run's cache for --attention; a model with sliding-window layers (Gemma 3) keeps those in
+    a ring of their window on the device and gives the run's cache its global layers only."""
+    from lcrun.runtime.layer_kind_cache import with_local_ring
+    return with_local_ring(model_cfg, config.ctx_tokens, device, dtype,
+                           lambda cfg: _run_cache(config, cfg, device, dtype, plan))
+
+
+def _run_cache(config: LcrunConfig, model_cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                plan=None) -> AttentionCache:
     positions = resolve_positions(config, model_cfg)
     if config.attention == "dense":

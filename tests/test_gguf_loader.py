@@ -432,3 +432,41 @@ def test_gguf_name_drops_the_suffix_and_the_quantization_it_repeats(tmp_path):
     assert src.config.name.endswith(" params, Q8_0 GGUF)") and "Training" not in src.config.name
     write_tiny(tmp_path / "other.gguf", meta={"file_type": gguf.LlamaFileType.MOSTLY_Q4_K_M})
     assert open_source(str(tmp_path / "other.gguf")).config.name.endswith(", Q4_K_M GGUF)")
+
+
+def _norms(names: list[str], size: int, rng) -> dict[str, np.ndarray]:
+    return {name: rng.uniform(0.5, 1.5, size).astype(np.float32) for name in names}
+
+
+def test_qwen3_qk_norms(tmp_path):
+    head_dim = HIDDEN // HEADS
+    extra = _norms([f"blk.{i}.attn_{x}_norm.weight" for i in range(LAYERS) for x in "qk"], head_dim,
+                   np.random.default_rng(1))
+    write_tiny(tmp_path / "qwen3.gguf", arch="qwen3", extra=extra)
+    src = GGUFSource(tmp_path / "qwen3.gguf")
+    assert src.config.arch == "qwen3" and src.config.qk_norm and not src.config.attention_bias
+    got = src.get("model.layers.1.self_attn.k_norm.weight", torch.float32)
+    assert torch.equal(got, torch.from_numpy(extra["blk.1.attn_k_norm.weight"]))
+
+
+def test_gemma3_norms_layer_pattern_and_template(tmp_path):
+    """llama.cpp stores Gemma's norms as 1 + w and names its pre-feedforward norm ffn_norm; the
+    layer pattern, local rope base and query scale are not in the file."""
+    head_dim = HIDDEN // HEADS
+    rng = np.random.default_rng(2)
+    extra = _norms([f"blk.{i}.attn_{x}_norm.weight" for i in range(LAYERS) for x in "qk"], head_dim, rng)
+    extra |= _norms([f"blk.{i}.{n}.weight" for i in range(LAYERS) for n in ("post_attention_norm", "post_ffw_norm")],
+                    HIDDEN, rng)
+    written = write_tiny(tmp_path / "gemma.gguf", arch="gemma3", tied=True, extra=extra, meta={"sliding_window": 8})
+    src = GGUFSource(tmp_path / "gemma.gguf")
+    cfg = src.config
+    assert cfg.arch == "gemma3" and cfg.qk_norm and cfg.sliding_window == 8 and cfg.local_rope_theta == 1e4
+    assert cfg.local_layers == [0, 1] and cfg.query_pre_attn_scalar == head_dim
+    p = "model.layers.1."
+    assert torch.equal(src.get(p + "pre_feedforward_layernorm.weight", torch.float32),
+                       torch.from_numpy(written[p + "post_attention_layernorm.weight"][0] - 1))
+    assert torch.equal(src.get(p + "post_attention_layernorm.weight", torch.float32),
+                       torch.from_numpy(extra["blk.1.post_attention_norm.weight"] - 1))
+    assert torch.equal(src.get(p + "self_attn.q_norm.weight", torch.float32),
+                       torch.from_numpy(extra["blk.1.attn_q_norm.weight"] - 1))
+    assert src.tokenizer().chat_template.startswith("{{ bos_token }}{% for m in messages %}")  # the file's own

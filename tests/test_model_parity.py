@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from lcrun.runtime.build import load_model  # noqa: E402
 from lcrun.runtime.generate import Generator  # noqa: E402
 from lcrun.runtime.kv_cache import DenseCache  # noqa: E402
+from lcrun.runtime.layer_kind_cache import with_local_ring  # noqa: E402
 from lcrun.runtime.loader_hf import HFFolderSource  # noqa: E402
 from lcrun.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -24,9 +25,23 @@ CONFIGS = {
                                               tie_word_embeddings=True),
     "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=8, rope_theta=1e4,
                                                   sliding_window=None),
+    # head_dim 48 != hidden / heads = 16: Qwen 3 sets it apart
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=48, rope_theta=1e6,
+                                              tie_word_embeddings=False, attention_bias=False),
+    # every 6th layer global, the others a 16-token sliding window (prompts of 203 and 17 + 32 tokens)
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**SMALL, "num_hidden_layers": 7}, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+        sliding_window=16, final_logit_softcapping=30.0, attn_implementation="eager",
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "llama_gqa8_hd64": lambda: transformers.LlamaConfig(
         **{**SMALL, "hidden_size": 512, "num_attention_heads": 8}, num_key_value_heads=1),
 }
+
+
+def dense_cache(cfg, capacity: int):
+    """A DenseCache; for Gemma 3 its global layers', beside a ring of the local layers' window."""
+    return with_local_ring(cfg, capacity, "cpu", torch.float32, lambda c: DenseCache(c, capacity, "cpu", torch.float32))
 
 
 def _save_random(kind: str, folder) -> "transformers.PreTrainedModel":
@@ -59,7 +74,7 @@ def test_logits_match_transformers(pair):
     ids = torch.randint(0, ours.cfg.vocab_size, (203,))
     with torch.no_grad():
         expected = ref(ids[None]).logits[0].float()
-    cache = DenseCache(ours.cfg, 256, "cpu", torch.float32)
+    cache = dense_cache(ours.cfg, 256)
     # two chunks, so attention over cached keys with a causal offset is covered too
     got = torch.cat([ours.forward(ids[:120], cache, all_logits=True),
                      ours.forward(ids[120:], cache, all_logits=True)])
@@ -75,6 +90,6 @@ def test_greedy_32_tokens_match_transformers(pair):
         out = ref.generate(prompt[None], max_new_tokens=32, do_sample=False, min_new_tokens=32,
                            pad_token_id=0, eos_token_id=None)
     expected = out[0, prompt.numel():].tolist()
-    gen = Generator(ours, DenseCache(ours.cfg, 128, "cpu", torch.float32), prefill_chunk=8)
+    gen = Generator(ours, dense_cache(ours.cfg, 128), prefill_chunk=8)
     got = list(gen.stream(prompt.tolist(), SamplingParams(max_new_tokens=32)))
     assert got == expected

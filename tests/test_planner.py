@@ -512,3 +512,26 @@ def test_auto_attention_on_the_cpu():
     assert over.attention == "topk" and "over the host memory cap of 8.00 GiB" in over.reason
     past = choose_attention(spec, "256k", cpu)
     assert past.attention == "topk" and "trained window of 131,072" in past.reason
+
+
+def test_kv_counted_per_layer_kind():
+    """Gemma 3 12B's shape: only its 8 global layers of 48 hold context-long KV; the 40 local layers'
+    1024-token windows are a fixed cost on the device, in the breakdown and the decode terms."""
+    local = 2 * 40 * 8 * 256 * 2 * 1024
+    gemma = ModelSpec(num_layers=48, num_kv_heads=8, num_heads=16, head_dim=256, hidden_size=3840,
+                      vocab_size=262208, weight_bytes=23_500_000_000, intermediate_size=15360,
+                      kv_layers=8, local_kv_bytes=local, name="gemma-3-12b")
+    as_llama = dataclasses.replace(gemma, kv_layers=None, local_kv_bytes=0)
+    assert gemma.kv_bytes_per_token * 6 == as_llama.kv_bytes_per_token
+    assert gemma.kv_bytes(1000) == 1000 * gemma.kv_bytes_per_token + local
+    hw = machine(48 * GiB, 128 * GiB, 120 * GiB)
+    p = make_plan(gemma, 131072, hw, attention="topk")
+    assert p.all_on_gpu and p.kv_total_bytes == p.total_pages * p.page_bytes
+    assert p.total_pages == -(-131072 // p.page_size) * 8 * 8
+    assert p.gpu_breakdown["local-layer windows"] == local
+    assert sum(p.gpu_breakdown.values()) <= p.device_cap_bytes
+    assert any(t.name == "local-layer windows" and t.bytes == local for t in p.decode_terms)
+    assert not make_plan(as_llama, 131072, hw, attention="topk").all_on_gpu  # six times the KV does not fit
+    assert "sliding-window layers" in format_plan(p)
+    with pytest.raises(ConfigError, match="kv_layers"):
+        dataclasses.replace(gemma, kv_layers=49)

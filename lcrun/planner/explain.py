@@ -82,7 +82,13 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(_line("KV pages", format_bytes(p.nvme_bytes), f"{p.nvme_pages:,} pages"))
 
     lines.append("KV cache")
-    lines.append(_line("KV per token", format_bytes(p.kv_bytes_per_token)))
+    if m.local_kv_bytes:
+        lines.append(_line("KV per token", format_bytes(p.kv_bytes_per_token),
+                           f"the {m.context_layers} global layers of {m.num_layers}"))
+        lines.append(_line("local-layer windows", format_bytes(m.local_kv_bytes),
+                           f"{m.num_layers - m.context_layers} sliding-window layers, a ring each, on the device"))
+    else:
+        lines.append(_line("KV per token", format_bytes(p.kv_bytes_per_token)))
     lines.append(_line("KV total", format_bytes(p.kv_total_bytes), f"{p.total_pages:,} pages"))
     lines.append(_line("page size", f"{p.page_size} tokens",
                        f"{'auto: ' if p.page_size_auto else ''}{p.page_size_reason}"))

@@ -237,7 +237,7 @@ def abstract_sets(model: ModelSpec, ctx_tokens: int, positions: str = "auto") ->
 
 def page_abstract_bytes(model: ModelSpec, ctx_tokens: int, page_size: int, sets: int = 1) -> int:
     """All page abstracts (every layer and KV head) of ``sets`` sets."""
-    pages = -(-ctx_tokens // page_size) * model.num_layers * model.num_kv_heads
+    pages = -(-ctx_tokens // page_size) * model.context_layers * model.num_kv_heads
     return pages * 2 * model.head_dim * model.kv_dtype_bytes * sets
 
 
@@ -299,7 +299,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
                           f"{window_tokens} window tokens: raise --budget or lower --sink-tokens/--window-tokens")
 
     m = model
-    L, hkv, hq, d, e = m.num_layers, m.num_kv_heads, m.num_heads, m.head_dim, m.kv_dtype_bytes
+    L, hkv, hq, d, e = m.context_layers, m.num_kv_heads, m.num_heads, m.head_dim, m.kv_dtype_bytes
     on_gpu = hw.on_gpu
     dev = "GPU" if on_gpu else "host memory"
     cap_flag = "--gpu-mem" if on_gpu else "--host-mem"
@@ -375,7 +375,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
     gpu_fixed_all = 0
     if attention == "topk":
         gpu_fixed_all = all_page_abstracts + total_pages * 4 + selection_bytes(pages_per_head)
-    room_all = cap - m.weight_bytes - reserve - gpu_fixed_all - kv_total
+    room_all = cap - m.resident_bytes - reserve - gpu_fixed_all - kv_total
     chosen = None
     min_all = MIN_PREFILL_CHUNK if attention == "dense" else MIN_CHUNK_ALL_GPU
     for c in chunks(min_all):
@@ -388,7 +388,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
         c, ws, parts = chosen
         page_table = total_pages * 4 if attention == "topk" else 0
         sel = selection_bytes(pages_per_head) if attention == "topk" else 0
-        breakdown = {"weights": m.weight_bytes, "runtime reserve": reserve, "workspace": ws}
+        breakdown = {"weights": m.weight_bytes, **_local_windows(m), "runtime reserve": reserve, "workspace": ws}
         if attention == "topk":
             breakdown.update({"page abstracts": all_page_abstracts, "page table": page_table,
                               "selection buffers": sel})
@@ -416,7 +416,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
 
     if not on_gpu:  # a CPU run keeps its whole KV cache in host memory: no tiers to spill to
         ws_min, _ = ws_total(prefill_chunk or MIN_PREFILL_CHUNK, False)
-        room = cap - m.weight_bytes - reserve - ws_min - gpu_fixed_all
+        room = cap - m.resident_bytes - reserve - ws_min - gpu_fixed_all
         fit = _about_tokens(room / m.kv_bytes_per_token) if room > 0 else "0k"
         raise CapacityError(
             f"on the CPU the whole KV cache stays in host memory: {format_bytes(kv_total)} for {ctx} tokens, "
@@ -425,7 +425,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
             f"fits), raise --host-mem, or run on a GPU")
     if attention == "dense":
         ws_min, _ = ws_total(prefill_chunk or MIN_PREFILL_CHUNK, False)
-        room = cap - m.weight_bytes - reserve - ws_min
+        room = cap - m.resident_bytes - reserve - ws_min
         fit = _about_tokens(room / m.kv_bytes_per_token) if room > 0 else "0k"
         short = kv_total - room
         raise CapacityError(
@@ -471,7 +471,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
                      f"selection is hierarchical (top {k_chunks} chunks, then pages)")
     page_table = total_pages * 4
     sel = selection_bytes(candidates)
-    fixed = m.weight_bytes + reserve + abstract_gpu + abstract_cache + page_table + sel
+    fixed = m.resident_bytes + reserve + abstract_gpu + abstract_cache + page_table + sel
 
     # -- tiered: prefill chunk and slots -----------------------------------------------------------------
     cache_target = L * hkv * top  # one decode step's scored pages, all layers: what the reuse cache holds
@@ -569,7 +569,7 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
                 f"{format_bytes(DISK_HEADROOM_BYTES)} headroom): free space there, point --kv-dir at a bigger "
                 f"drive, raise --host-mem, or use {fit}")
 
-    breakdown = {"weights": m.weight_bytes, "runtime reserve": reserve, "workspace": ws,
+    breakdown = {"weights": m.weight_bytes, **_local_windows(m), "runtime reserve": reserve, "workspace": ws,
                  "page abstracts" if mode == "page" else "chunk abstracts": abstract_gpu}
     if mode == "chunk":
         breakdown["selected chunks' page abstracts"] = abstract_cache
@@ -593,6 +593,11 @@ def make_plan(model: ModelSpec, ctx_tokens: int | str, hw: Hardware, *, page_siz
         miss_pages_per_token=t["misses"], gpu_breakdown=breakdown)
 
 
+def _local_windows(m: ModelSpec) -> dict[str, int]:
+    """The local layers' windows as a breakdown row (none for models without them)."""
+    return {"local-layer windows": m.local_kv_bytes} if m.local_kv_bytes else {}
+
+
 def _decode_terms(hw: Hardware, m: ModelSpec, *, kv_read: float, scoring: float, h2d: float,
                   disk: float, dense: bool = False) -> list[DecodeTerm]:
     """Per-token decode cost: every weight once, the selected KV and the abstracts read from device
@@ -600,6 +605,7 @@ def _decode_terms(hw: Hardware, m: ModelSpec, *, kv_read: float, scoring: float,
     mem = hw.gpu_mem_bytes_per_s
     mem_link = "HBM" if hw.on_gpu else "DRAM"
     rows = [("weights", mem_link, m.decode_weight_bytes, mem),
+            *[(name, mem_link, b, mem) for name, b in _local_windows(m).items()],
             ("KV read (all tokens)" if dense else "KV read (selected pages)", mem_link, kv_read, mem),
             ("abstract scoring", mem_link, scoring, mem),
             ("host->GPU page misses", "PCIe", h2d, hw.h2d_bytes_per_s),

@@ -41,6 +41,9 @@ class ModelSpec:
     offload_kv_dtype_bytes: bytes per KV element of pages in the tiered store (host pool, NVMe,
         GPU page cache) when they are stored narrower than on the GPU (1 for fp8); None: kv_dtype_bytes.
     intermediate_size: MLP width; only sizes the prefill workspace (None: 4 * hidden_size).
+    kv_layers: layers whose KV grows with the context (Gemma 3: the global layers); None: all.
+    local_kv_bytes: the fixed KV of sliding-window layers (a ring of their window each, always on
+        the compute device, whatever the context).
     trained_window: the context the model was trained for (``max_position_embeddings``, GGUF
         ``context_length``); None: unknown. Past it, the top-k caches keep a second set of page
         abstracts, and dense attention degrades.
@@ -62,6 +65,8 @@ class ModelSpec:
     weight_format: str = ""
     weight_read_bytes: int | None = None
     weight_scratch_bytes: int = 0
+    kv_layers: int | None = None
+    local_kv_bytes: int = 0
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "num_kv_heads", "num_heads", "head_dim", "hidden_size", "vocab_size",
@@ -74,6 +79,10 @@ class ModelSpec:
         if self.trained_window is not None and (not isinstance(self.trained_window, int)
                                                 or isinstance(self.trained_window, bool) or self.trained_window <= 0):
             raise ConfigError(f"model spec: trained_window must be a positive whole number, got {self.trained_window!r}")
+        if self.kv_layers is not None and not 0 < self.kv_layers <= self.num_layers:
+            raise ConfigError(f"model spec: kv_layers must be within 1..num_layers, got {self.kv_layers!r}")
+        if self.local_kv_bytes < 0:
+            raise ConfigError(f"model spec: local_kv_bytes must not be negative, got {self.local_kv_bytes!r}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ConfigError(f"model spec: intermediate_size must be positive, got {self.intermediate_size!r}")
         if self.num_heads % self.num_kv_heads:
@@ -89,17 +98,28 @@ class ModelSpec:
         return self.intermediate_size or DEFAULT_MLP_RATIO * self.hidden_size
 
     @property
+    def context_layers(self) -> int:
+        """Layers with a KV entry per context token (the pages the planner places)."""
+        return self.kv_layers or self.num_layers
+
+    @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token over all layers and KV heads."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+        """K and V of one token over the context layers and KV heads."""
+        return 2 * self.context_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
 
     @property
     def offload_kv_bytes_per_token(self) -> int:
         """As kv_bytes_per_token, for pages stored in the tiered store."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * (self.offload_kv_dtype_bytes or self.kv_dtype_bytes)
+        return 2 * self.context_layers * self.num_kv_heads * self.head_dim * (self.offload_kv_dtype_bytes or self.kv_dtype_bytes)
+
+    @property
+    def resident_bytes(self) -> int:
+        """What sits on the compute device whatever the context: the weights and local windows."""
+        return self.weight_bytes + self.local_kv_bytes
 
     def kv_bytes(self, tokens: int) -> int:
-        return tokens * self.kv_bytes_per_token
+        """The KV cache for ``tokens`` of context, local windows included."""
+        return tokens * self.kv_bytes_per_token + self.local_kv_bytes
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], weight_bytes: int | None = None, **overrides: Any) -> "ModelSpec":

@@ -32,6 +32,7 @@ import torch
 from lcrun.config import LcrunConfig
 from lcrun.errors import ConfigError, LcrunError
 from lcrun.profiling.meta import run_metadata
+from lcrun.runtime.layer_kind_cache import context_cache
 
 WARMUP_STEPS = 3
 TRANSFORMERS_CACHES = ("dense", "offloaded", "static")
@@ -187,8 +188,9 @@ def _measure(llm, config: LcrunConfig, context: int, steps: int, trace: str | No
         "weight_bytes": llm.model.weight_bytes(), "weight_format": llm.model.weight_format(),
         "kv_cache_bytes": llm.cache.memory_bytes(),
         "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
-    if hasattr(llm.cache, "report"):
-        row["tiers"] = llm.cache.report()
+    paged = context_cache(llm.cache)  # Gemma: the global layers' cache has the tiers
+    if hasattr(paged, "report"):
+        row["tiers"] = paged.report()
     if trace:
         row.update(_trace_steps(step, trace))
     return row
@@ -217,7 +219,15 @@ def _hf_config(cfg):
               rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
               max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config}
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "gemma3": transformers.Gemma3TextConfig}
+    if cfg.arch == "gemma3":  # one rope per layer kind, the layer pattern, the query scale
+        del kw["rope_theta"], kw["rope_scaling"]
+        kw.update(layer_types=cfg.layer_types, sliding_window=cfg.sliding_window,
+                  query_pre_attn_scalar=int(cfg.query_pre_attn_scalar), final_logit_softcapping=cfg.final_logit_softcapping,
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                                                      **(cfg.rope_scaling or {})},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}})
     if cfg.arch not in classes:
         raise ConfigError(f"no transformers baseline for architecture {cfg.arch!r}")
     return classes[cfg.arch](**kw)

@@ -27,6 +27,7 @@ from lcrun.profiling.bench import WARMUP_STEPS, random_prompt, warm_median
 from lcrun.profiling.meta import run_metadata
 from lcrun.profiling.trace import export_trace_gz, profiling
 from lcrun.ranges import named_range
+from lcrun.runtime.layer_kind_cache import context_cache
 
 TRACE_NAME = "trace.json.gz"
 Log = Callable[[str], None]
@@ -134,11 +135,12 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
         llm.model_config.vocab_size, opts.prompt_tokens, llm.config.seed)
     pre = _prefill(llm, ids, log)
     cache, device = llm.cache, llm.device
+    paged = context_cache(cache)  # where pages and counters live (Gemma: the global layers' cache)
     sampler = Sampler(SamplingParams(temperature=0.0), device)
     state = {"token": sampler(pre.pop("logits")).reshape(1)}
     eager = DecodeStepper(llm.model, cache, use_graph=False)  # profiled steps: one launch per kernel
 
-    samples, phases = [counters.read_counters(cache)[0]], []
+    samples, phases = [counters.read_counters(paged)[0]], []
 
     def run_steps(stepper, n: int, phase: str, wall: list[float], profiled: bool = False) -> None:
         for _ in range(n):
@@ -148,7 +150,7 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
                 state["token"] = sampler(stepper.step(state["token"])).reshape(1)
             _sync(device)
             wall.append(1e3 * (time.perf_counter() - t))
-            samples.append(counters.read_counters(cache)[0])
+            samples.append(counters.read_counters(paged)[0])
             phases.append(phase)
 
     warm: list[float] = []
@@ -166,7 +168,7 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
     log(f"timing {opts.timed_steps} decode steps as generation runs them")
     timed: list[float] = []
     run_steps(stepper, opts.timed_steps, "timed (graph)" if stepper.use_graph else "timed (eager)", timed)
-    source = counters.read_counters(cache)[1]
+    source = counters.read_counters(paged)[1]
     series = counters.per_step(samples)
     for row, phase in zip(series, phases):
         row["phase"] = phase
@@ -182,7 +184,7 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
                    "timed_ms": timed, "timed_ms_median": timed_ms, "timed_warmup_steps": WARMUP_STEPS,
                    "cuda_graph": getattr(stepper, "graph", None) is not None},
         "counters": {"source": source, "steps": series,
-                     "final_report": cache.report() if hasattr(cache, "report") else None},
+                     "final_report": paged.report() if hasattr(paged, "report") else None},
         "links": link_info,
         "trace": trace.name,
     }

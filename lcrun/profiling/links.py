@@ -145,7 +145,9 @@ def link_rows(llm, step_s: float, counters: list[dict], peaks: dict[str, dict] |
     """Per link: bytes per step, achieved rate at ``step_s`` per step, peak and its source;
     ``peaks``: ``measure_peaks``'s result (None: calibration cache or defaults only)."""
     hw = hardware_for(llm)
-    cache, weights = llm.cache, llm.model.weight_bytes()
+    from lcrun.runtime.layer_kind_cache import context_cache, fixed_kv_bytes
+    # the context-long KV (Gemma: global layers) by its shape and counters; local rings read whole
+    cache, weights = context_cache(llm.cache), llm.model.weight_bytes() + fixed_kv_bytes(llm.cache)
     on_gpu = llm.device.type == "cuda"
     peaks = peaks or {}
 

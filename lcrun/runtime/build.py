@@ -1,4 +1,4 @@
-"""Assemble a LlamaModel from a WeightSource (real files) or from random weights (synthetic specs).
+"""Assemble a LlamaModel (or GemmaModel) from a WeightSource (real files) or from random weights (synthetic specs).
 
 ``weights`` (--weights) picks the matrices' format: auto (as stored: a GGUF's blocks stay
 quantized, dense tensors in the compute dtype), bf16 (everything dense in the compute dtype) or
@@ -14,6 +14,7 @@ from lcrun.errors import ModelLoadError
 from lcrun.kernels.quant.quantize import WEIGHT_FORMATS, quantize, random_quant
 from lcrun.kernels.quant.weight import Weight, cat_rows
 from lcrun.runtime.model import LayerWeights, LlamaModel
+from lcrun.runtime.model_gemma import model_class
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.weight_source import WeightSource
 
@@ -52,6 +53,14 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
             return None
         return t.to(device, non_blocking=False).contiguous() if isinstance(t, torch.Tensor) else t.to(device)
 
+    gemma = cfg.arch == "gemma3"
+
+    def norm(name: str, required: bool = True) -> torch.Tensor | None:
+        """A norm weight, multiplicative: Gemma's (1 + w) is added here, in fp32."""
+        if not gemma or name not in available:
+            return put(get(name, required))
+        return put((source.get(name, torch.float32) + 1).to(dtype))
+
     layers = []
     for i in range(cfg.num_layers):
         if progress is not None:
@@ -68,14 +77,18 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
         gate, up = matrix(p + "mlp.gate_proj.weight"), matrix(p + "mlp.up_proj.weight")
         _check_shape(source, p + "mlp.gate_proj.weight", gate, (cfg.intermediate_size, cfg.hidden_size))
         layers.append(LayerWeights(
-            attn_norm=put(get(p + "input_layernorm.weight")),
+            attn_norm=norm(p + "input_layernorm.weight"),
             wqkv=put(cat_rows([q, k, v])),
             bqkv=put(bqkv),
             wo=put(matrix(p + "self_attn.o_proj.weight")),
             bo=put(get(p + "self_attn.o_proj.bias", required=False)),
-            mlp_norm=put(get(p + "post_attention_layernorm.weight")),
+            mlp_norm=norm(p + ("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight")),
             w_gate_up=put(cat_rows([gate, up])),
             w_down=put(matrix(p + "mlp.down_proj.weight")),
+            q_norm=norm(p + "self_attn.q_norm.weight", required=cfg.qk_norm),
+            k_norm=norm(p + "self_attn.k_norm.weight", required=cfg.qk_norm),
+            post_attn_norm=norm(p + "post_attention_layernorm.weight") if gemma else None,
+            post_mlp_norm=norm(p + "post_feedforward_layernorm.weight") if gemma else None,
         ))
     if progress is not None:
         progress(cfg.num_layers, cfg.num_layers)
@@ -83,7 +96,7 @@ def load_model(source: WeightSource, device: torch.device, dtype: torch.dtype,
     _check_shape(source, "model.embed_tokens.weight", embed, (cfg.vocab_size, cfg.hidden_size))
     head = matrix("lm_head.weight", required=not cfg.tie_word_embeddings)
     lm_head = embed if head is None else put(head)
-    return LlamaModel(cfg, embed, layers, put(get("model.norm.weight")), lm_head)
+    return model_class(cfg.arch)(cfg, embed, layers, norm("model.norm.weight"), lm_head)
 
 
 def _check_shape(source: WeightSource, name: str, t: Weight, expected: tuple[int, ...]) -> None:
@@ -117,9 +130,12 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
             attn_norm=ones(h), wqkv=rand(qkv_rows, h),
             bqkv=rand(qkv_rows) if cfg.attention_bias else None,
             wo=rand(h, cfg.num_heads * d), bo=None, mlp_norm=ones(h),
-            w_gate_up=rand(2 * inter, h), w_down=rand(h, inter))
+            w_gate_up=rand(2 * inter, h), w_down=rand(h, inter),
+            q_norm=ones(d) if cfg.qk_norm else None, k_norm=ones(d) if cfg.qk_norm else None,
+            post_attn_norm=ones(h) if cfg.arch == "gemma3" else None,
+            post_mlp_norm=ones(h) if cfg.arch == "gemma3" else None)
         for _ in range(cfg.num_layers)
     ]
     embed = rand(cfg.vocab_size, h)
     lm_head = embed if cfg.tie_word_embeddings else rand(cfg.vocab_size, h)
-    return LlamaModel(cfg, embed, layers, ones(h), lm_head)
+    return model_class(cfg.arch)(cfg, embed, layers, ones(h), lm_head)

