@@ -1,6 +1,6 @@
 """Quantized decode GEMV bandwidth on Llama-3.1-8B shapes, against the device's measured copy bandwidth.
 
-    python perf/bench_qgemv.py --formats Q4_0,Q8_0,Q4_K --out OUT.json
+    python -m perf.bench_qgemv --formats Q4_0,Q8_0,Q4_K --out OUT.json
 
 Per (format, shape): the default launch config and a small sweep (rows per program, pairs per
 iteration, split-K), each timed with CUDA events over many calls that cycle through enough copies
@@ -11,15 +11,14 @@ shape, and prefill's dequantize-to-scratch + matmul at T tokens against a bf16 m
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lcrun.kernels.quant.kernels import dequantize, gemv_config, qgemv  # noqa: E402
-from lcrun.kernels.quant.quantize import random_quant  # noqa: E402
-from perf.common import write_result  # noqa: E402
+from lcrun.kernels.quant.kernels import dequantize, gemv_config, qgemv
+from lcrun.kernels.quant.quantize import random_quant
+from lcrun.profiling.meta import run_metadata
 
 # (N, K): w_down, one of gate/up, fused gate|up as lcrun runs it, fused qkv, the output head
 SHAPES = [(4096, 14336), (14336, 4096), (28672, 4096), (6144, 4096), (128256, 4096)]
@@ -95,7 +94,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--prefill-t", type=int, default=2048)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args()
     dev = torch.device("cuda")
     copy_bw, read_bw = copy_bandwidth(dev), read_bandwidth(dev)
@@ -113,9 +112,11 @@ def main() -> None:
                   f"({r['best_vs_copy']:.0%}) {r['best']['config']}  bf16 gemv {r['bf16_gemv_gb_s']:6.0f} GB/s  "
                   f"prefill T={r['prefill_t']}: scratch {r['prefill_scratch_ms']:.2f} ms vs bf16 "
                   f"{r['prefill_bf16_ms']:.2f} ms", flush=True)
-    path = write_result("qgemv", {"copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw,
-                                  "target": "decode GEMV >= 70% of the measured copy bandwidth", "rows": results},
-                        args.out)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"kind": "lcrun.qgemv", "meta": run_metadata(), "copy_bytes_per_s": copy_bw,
+                                "read_bytes_per_s": read_bw, "rows": results,
+                                "target": "decode GEMV >= 70% of the measured copy bandwidth"}, indent=2))
     print(f"wrote {path}")
 
 

@@ -20,13 +20,16 @@
 #             lifts the cap from transformers), then `lcrun profile` at 128K (report.html)
 #   pdl       32K/128K decode with programmatic dependent launch on and off (LCRUN_PDL)
 #   nvme      256K decode with a 16 GiB host pool: half the KV pages in page files under /tmp/lcrun-kv
+#   quant     quantized weights, STAGE=tests (GPU tests), gemv (GB/s on the 8B shapes vs a measured copy),
+#             bench (8B q4_0 then bf16, 0/32K/128K/256K), quality (demo model: perplexity, top-1 of
+#             bf16/auto/q8_0/q4_0), llamacpp (PEERS=<peers dir>: build, a same-shape Q4_0 GGUF, llama-bench)
 #
 # Every results file records its command line, commit, GPU and versions (lcrun bench, perf.attention).
 set -u -o pipefail
-usage="usage: bash perf/device.sh headline|quick|tests|attention|fp8|prefetch|cache|profile|pdl|nvme OUTDIR"
+usage="usage: bash perf/device.sh headline|quick|tests|attention|fp8|prefetch|cache|profile|pdl|nvme|quant OUTDIR"
 suite=${1:?$usage}
 out=${2:?$usage}
-suites=" headline quick tests attention fp8 prefetch cache profile pdl nvme "
+suites=" headline quick tests attention fp8 prefetch cache profile pdl nvme quant "
 [[ $suites == *" $suite "* ]] || { echo "unknown suite '$suite'; $usage" >&2; exit 2; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:.
@@ -145,6 +148,37 @@ nvme() {
   timeout 400 python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --host-mem 16GiB \
     --kv-dir /tmp/lcrun-kv --prefill-chunk 8192 --positions true --attention topk --contexts 256k --steps 32 \
     --out "$out/bench-256k-nvme-16gib-host.json" 2>&1 | show 6
+}
+
+quant() {  # STAGE=tests|gemv|bench|quality|llamacpp (one device call each); llamacpp also PEERS=<peers dir>
+  case ${STAGE:?quant needs STAGE=tests|gemv|bench|quality|llamacpp} in
+    tests)
+      timeout 500 python3 -m pytest -q -m gpu -x tests/test_gpu_quant.py 2>&1 | tail -20 | tee -a "$log" ;;
+    gemv)
+      timeout 560 python3 -m perf.bench_qgemv --formats Q4_0,Q8_0,Q4_K,Q6_K --out "$out/qgemv-h200.json" 2>&1 \
+        | tee -a "$log" ;;
+    bench)
+      for w in q4_0 bf16; do
+        local cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --weights $w --gpu-mem 24GiB
+                   --contexts 0,32k,128k,256k --steps 32 --out "$out/bench-h200-8b-$w-24gib.json")
+        echo "${cmd[*]}" | tee -a "$log"
+        timeout 280 "${cmd[@]}" 2>&1 | show 14
+      done ;;
+    quality)
+      timeout 560 python3 -m perf.quant_quality --device cuda --model "$LCRUN_DEMO_MODEL" --modes bf16,auto,q8_0,q4_0 \
+        --tokens 4096 --out "$out/quant-quality-h200.json" 2>&1 | tee -a "$log" ;;
+    llamacpp)  # the peers' llama.cpp script sits in the device folder beside PEERS (the shared tree)
+      local peers=${PEERS:?llamacpp needs PEERS=<the shared peers folder>}
+      local sh_=$peers/../device/llamacpp.sh
+      [ -x /tmp/lcpp/llama.cpp/build/bin/llama-bench ] || timeout 560 bash "$sh_" build "$peers" 2>&1 | tail -5 | tee -a "$log"
+      bash "$sh_" model "$peers" q4_0 2>&1 | tail -2 | tee -a "$log"
+      bash "$sh_" bench q4_0 0,32768,131072 > "$out/llamacpp-h200-q4_0-f16kv.json" 2>> "$log"
+      bash "$sh_" bench q4_0 131072,262144 -ctk q8_0 -ctv q8_0 > "$out/llamacpp-h200-q4_0-q8kv.json" 2>> "$log"
+      # prefill of a 32K and a 128K prompt from empty (llama-bench appends -p/-n to the script's -p 0 -n 32)
+      bash "$sh_" bench q4_0 0 -p 32768,131072 -r 1 > "$out/llamacpp-h200-q4_0-prefill.json" 2>> "$log"
+      tail -c 2000 "$out"/llamacpp-h200-q4_0-*.json | tee -a "$log" ;;
+    *) echo "unknown quant STAGE $STAGE" >&2; exit 2 ;;
+  esac
 }
 
 "$suite"

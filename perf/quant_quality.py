@@ -1,7 +1,7 @@
 """Teacher-forced quality of one model under several --weights modes: perplexity on a prose text
 and top-1 agreement of each mode's next-token prediction with the first mode's.
 
-    python perf/quant_quality.py --modes bf16,auto,q8_0 --tokens 1024 --out OUT.json
+    python -m perf.quant_quality --modes bf16,auto,q8_0 --tokens 1024 --out OUT.json
 
 The model defaults to the demo model (a Q4_1 GGUF: ``auto`` runs its own blocks, ``bf16`` the
 same values dequantized, ``q8_0`` those values quantized again). The text defaults to the history
@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import sysconfig
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lcrun.runtime.build import load_model  # noqa: E402
-from lcrun.runtime.kv_cache import DenseCache  # noqa: E402
-from lcrun.runtime.loading import default_model, open_source  # noqa: E402
-from perf.common import write_result  # noqa: E402
+from lcrun.runtime.build import load_model
+from lcrun.runtime.kv_cache import DenseCache
+from lcrun.runtime.loading import default_model, open_source
+from perf.common import write_result
 
 
 def default_text() -> str:
