@@ -644,9 +644,14 @@ def eval_cmd(config: LcrunConfig, tasks: str, lengths: str, modes: str, trials: 
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True,
               help="Most tokens per reply for requests that give no max_tokens.")
 @context_option
+@click.option("--context-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep a prefix cache on disk here: requests with long prompts are saved, and a later "
+                   "request (also after a restart) that starts with the same tokens loads them.")
+@click.option("--context-min-tokens", type=int, default=1024, show_default=True,
+              help="With --context-dir: save requests whose prompt has at least this many tokens.")
 @handle_errors
 def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_queue: int, max_body: str,
-          max_new_tokens: int, context: Path | None) -> None:
+          max_new_tokens: int, context: Path | None, context_dir: Path | None, context_min_tokens: int) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     import uvicorn
 
@@ -656,7 +661,12 @@ def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_qu
     if not 0 <= port <= 65535:
         raise LcrunError(f"--port must be 0 to 65535, got {port}")
     settings = ServeSettings(api_key=api_key or None, max_queue=max_queue,
-                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens)
+                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens,
+                             context_dir=str(context_dir) if context_dir else None,
+                             context_min_tokens=context_min_tokens)
+    if context_dir is None and click.get_current_context().get_parameter_source("context_min_tokens") \
+            != click.core.ParameterSource.DEFAULT:
+        raise LcrunError("--context-min-tokens applies with --context-dir: give both or neither")
     _need_text_model(config, "serve")
     _check_context(context)
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
