@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -143,7 +144,8 @@ def _need_text_model(config: LcrunConfig, command: str) -> None:
                          f"text: {ids}measure it with `lcrun bench --model {config.model}` (or `lcrun profile`)")
 
 
-def load_llm(config: LcrunConfig):
+def load_llm(config: LcrunConfig, context: Path | None = None):
+    """The LLM for ``config``, its choices on stderr; ``context``: a saved context to restore into it."""
     from lcrun.api import LLM, IgnoredSettingWarning, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
@@ -161,7 +163,32 @@ def load_llm(config: LcrunConfig):
     info(f"loaded {llm.model_config.name}, {llm.model_config.num_layers} layers, on {llm.device} "
          f"({str(llm.dtype).replace('torch.', '')})")
     info(_positions_line(llm))
+    if context is not None:
+        start = time.perf_counter()
+        header = llm.load_context(str(context))
+        info(f"restored {header['tokens']:,} tokens from {context} in {time.perf_counter() - start:.2f} s")
     return llm
+
+
+def context_option(func: Callable) -> Callable:
+    return click.option("--context", "context", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Start from this saved context (--save-context): its tokens are not prefilled "
+                             "again.")(func)
+
+
+def _check_context(path: Path | None) -> dict[str, Any] | None:
+    """A --context file's header, read before the model loads so a missing or foreign file fails fast
+    (the full check, against the model and cache, comes with the load)."""
+    if path is None:
+        return None
+    from lcrun.runtime.context_file import read_header
+    return read_header(path)
+
+
+def _check_save_path(path: Path | None) -> None:
+    """--save-context: its folder must exist, found before the model loads rather than after the reply."""
+    if path is not None and not path.parent.is_dir():
+        raise LcrunError(f"--save-context {path}: the folder {path.parent} does not exist: create it first")
 
 
 @click.group()
@@ -189,15 +216,21 @@ CHAT_HELP = "commands: /clear forgets the conversation, /exit quits, /help shows
 @config_options
 @sampling_options
 @click.option("--system", default=None, help="System prompt.")
+@context_option
 @handle_errors
-def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
+def chat(config: LcrunConfig, system: str | None, context: Path | None, **sampling_kw: Any) -> None:
     """Chat with a model. Reads one message per line when stdin is not a terminal."""
     sampling = _sampling(**sampling_kw)
     _need_text_model(config, "chat")
-    llm = load_llm(config)
+    saved = _saved_conversation(context, _check_context(context))
+    if saved and system:
+        raise LcrunError(f"--system: {context} continues a saved conversation with its own prompts; leave --system out")
+    llm = load_llm(config, context)
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": system}] if system else []
-    messages = list(base)
+    messages = saved or list(base)
+    if saved:
+        info(f"continuing the saved conversation ({len(saved)} messages); /clear starts a new one")
     failed = False  # piped: a message that could not be answered makes the exit code 1
     if interactive:
         info(CHAT_HELP)
@@ -251,6 +284,23 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
         sys.exit(1)
 
 
+def _saved_conversation(path: Path | None, header: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The conversation a saved context carries (`lcrun run --save-context` keeps it), or []."""
+    if header is None:
+        return []
+    messages = (header.get("meta") or {}).get("messages")
+    if messages is None:
+        info(f"{path} holds no conversation (it was saved from a raw or token-id run): a message reuses its "
+             "tokens only as far as they match")
+        return []
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    if not ok:
+        raise LcrunError(f"{path}: its saved conversation is malformed (meta.messages must be a list of "
+                         "{role, content} texts): save the context again")
+    return list(messages)
+
+
 @main.command()
 @config_options
 @sampling_options
@@ -262,12 +312,18 @@ def chat(config: LcrunConfig, system: str | None, **sampling_kw: Any) -> None:
                    "printed as ids. For models without a tokenizer (synthetic:NAME).")
 @click.option("--chat/--raw", "use_chat", default=True, show_default=True,
               help="Wrap the prompt in the chat template, or complete it as raw text.")
+@click.option("--save-context", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="After the reply, save the prompt's and reply's KV to this file (.lcctx) for `lcrun chat "
+                   "--context` or `lcrun serve --context`.")
+@context_option
 @handle_errors
 def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, prompt_ids: str | None, use_chat: bool,
-        **sampling_kw: Any) -> None:
+        save_context: Path | None, context: Path | None, **sampling_kw: Any) -> None:
     """Answer one prompt and exit."""
     if sum(p is not None for p in (prompt, prompt_file, prompt_ids)) != 1:
         raise click.UsageError("give exactly one of --prompt, --prompt-file or --prompt-ids")
+    _check_save_path(save_context)
+    _check_context(context)
     if prompt_file is not None:
         prompt = _read_prompt(prompt_file)
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
@@ -276,23 +332,36 @@ def run(config: LcrunConfig, prompt: str | None, prompt_file: Path | None, promp
         _need_text_model(config, "run")
     elif sampling["stop"]:
         raise LcrunError("--stop strings apply to text; with --prompt-ids the reply is token ids: leave --stop out")
-    llm = load_llm(config)
+    llm = load_llm(config, context)
+    messages = [{"role": "user", "content": prompt}]
     if ids is not None:
         tokens = llm.stream_ids(ids, progress=_prefill_bar(), **sampling)
         pieces = (f"{' ' if n else ''}{token}" for n, token in enumerate(tokens))
     elif use_chat:
-        pieces = llm.chat_stream([{"role": "user", "content": prompt}], progress=_prefill_bar(), **sampling)
+        pieces = llm.chat_stream(messages, progress=_prefill_bar(), **sampling)
     else:
         pieces = llm.stream(prompt, progress=_prefill_bar(), **sampling)
+    reply = []
     for piece in pieces:
+        reply.append(piece)
         click.echo(piece, nl=False)
         sys.stdout.flush()
     click.echo()
+    if save_context is not None:
+        # The conversation goes with a chat run's KV, so `lcrun chat --context` continues it.
+        meta = {"messages": [*messages, {"role": "assistant", "content": "".join(reply)}]} \
+            if ids is None and use_chat else None
+        _save(llm, save_context, meta)
     s = llm.last_stats
     _note_cut(s, sampling["max_new_tokens"])
     rate = f", {s.new_tokens / s.decode_s:.1f} tok/s" if s.decode_s > 0 else ""
     info(f"[prompt {s.prompt_tokens} tokens in {s.prefill_s:.2f} s; {s.new_tokens} new tokens{rate}; "
          f"stopped: {s.finish_reason}]")
+
+
+def _save(llm, path: Path, meta: dict[str, Any] | None) -> None:
+    size = llm.save_context(str(path), meta=meta)
+    info(f"saved the context ({len(llm.generator.cached_ids):,} tokens) to {path}: {size:,} bytes")
 
 
 def _note_cut(stats, max_new_tokens: int) -> None:
@@ -574,9 +643,15 @@ def eval_cmd(config: LcrunConfig, tasks: str, lengths: str, modes: str, trials: 
 @click.option("--max-body", default="32MiB", show_default=True, help="Largest request body.")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True,
               help="Most tokens per reply for requests that give no max_tokens.")
+@context_option
+@click.option("--context-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep a prefix cache on disk here: requests with long prompts are saved, and a later "
+                   "request (also after a restart) that starts with the same tokens loads them.")
+@click.option("--context-min-tokens", type=int, default=1024, show_default=True,
+              help="With --context-dir: save requests whose prompt has at least this many tokens.")
 @handle_errors
 def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_queue: int, max_body: str,
-          max_new_tokens: int) -> None:
+          max_new_tokens: int, context: Path | None, context_dir: Path | None, context_min_tokens: int) -> None:
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     import uvicorn
 
@@ -586,11 +661,17 @@ def serve(config: LcrunConfig, host: str, port: int, api_key: str | None, max_qu
     if not 0 <= port <= 65535:
         raise LcrunError(f"--port must be 0 to 65535, got {port}")
     settings = ServeSettings(api_key=api_key or None, max_queue=max_queue,
-                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens)
+                             max_body_bytes=parse_bytes(max_body), default_max_tokens=max_new_tokens,
+                             context_dir=str(context_dir) if context_dir else None,
+                             context_min_tokens=context_min_tokens)
+    if context_dir is None and click.get_current_context().get_parameter_source("context_min_tokens") \
+            != click.core.ParameterSource.DEFAULT:
+        raise LcrunError("--context-min-tokens applies with --context-dir: give both or neither")
     _need_text_model(config, "serve")
+    _check_context(context)
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         warn(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
-    llm = load_llm(config)
+    llm = load_llm(config, context)  # the first request that starts with its tokens reuses them
     settings.model_name = Path(str(llm.model_spec)).name
     info(f"serving {settings.model_name} on http://{host}:{port}/v1 (Ctrl+C stops)")
     uvicorn.run(create_app(llm, settings), host=host, port=port, log_level="warning")

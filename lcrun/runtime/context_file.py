@@ -201,6 +201,17 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def read_ids(path: str | os.PathLike) -> torch.Tensor:
+    """A saved context's token ids (int64), read without its KV."""
+    path = Path(path)
+    f, src, header = _open(path)
+    with f:
+        name, ids = next(src.records(), ("", None))
+    if name != "ids" or ids is None or ids.numel() != header.get("tokens"):
+        raise ContextFileError(f"{path}: damaged (the token ids are missing)")
+    return ids
+
+
 def _differences(what: str, saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
     return [f"{what} {k}: {saved.get(k)!r} in the file, {here.get(k)!r} here"
             for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k)]

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from starlette.applications import Starlette
@@ -23,6 +24,7 @@ from starlette.routing import Route
 
 from lcrun.errors import ConfigError, ContextOverflowError, LcrunError
 from lcrun.runtime.sampling import SamplingParams
+from lcrun.serve.prefix_store import PrefixStore
 from lcrun.serve.scheduler import Job, Scheduler, Usage
 from lcrun.serve.schemas import APIError, GenerationRequest, parse_request
 
@@ -42,6 +44,8 @@ class ServeSettings:
     max_queue: int = 8                # requests that may wait while one generates
     max_body_bytes: int = 32 << 20
     default_max_tokens: int = 1024    # for requests without max_tokens
+    context_dir: str | None = None    # the prefix cache on disk (PrefixStore); None: off
+    context_min_tokens: int = 1024    # prompts this long or longer are saved there
 
     def __post_init__(self) -> None:
         if self.max_queue < 1:
@@ -49,11 +53,16 @@ class ServeSettings:
         if self.max_body_bytes < 1024:
             raise ConfigError(f"--max-body must be at least 1KiB, got {self.max_body_bytes} bytes")
         SamplingParams(max_new_tokens=self.default_max_tokens)
+        if self.context_dir is not None and not Path(self.context_dir).is_dir():
+            raise ConfigError(f"--context-dir {self.context_dir} is not a folder: create it first")
+        if self.context_min_tokens < 1:
+            raise ConfigError(f"--context-min-tokens must be at least 1, got {self.context_min_tokens}")
 
 
 def create_app(llm: "LLM", settings: ServeSettings) -> Starlette:
     """The app over a loaded LLM with a tokenizer; ``app.state.scheduler`` holds the counters."""
     scheduler = Scheduler(settings.max_queue)
+    store = PrefixStore(settings.context_dir, llm, settings.context_min_tokens) if settings.context_dir else None
     created = int(time.time())
 
     async def guarded(request: Request, handler) -> Response:
@@ -77,7 +86,9 @@ def create_app(llm: "LLM", settings: ServeSettings) -> Starlette:
 
     async def stats(request: Request) -> Response:
         async def counters(_: Request) -> Response:
-            return JSONResponse(scheduler.stats())
+            disk = {"context_dir": {"files": len(store.saved), "loads": store.loads, "saves": store.saves}} \
+                if store else {}
+            return JSONResponse({**scheduler.stats(), **disk})
         return await guarded(request, counters)
 
     async def health(_: Request) -> Response:
@@ -92,8 +103,13 @@ def create_app(llm: "LLM", settings: ServeSettings) -> Starlette:
             raise APIError(400, str(exc)) from None
         ids = await run_in_threadpool(_encode, llm, req)
         kind = "chatcmpl" if chat else "cmpl"
-        job = Job(id=scheduler.new_id(kind), run=lambda: llm.stream_text_ids(ids, **req.sampling),
-                  usage=lambda: _usage(llm), loop=asyncio.get_running_loop())
+        def run():
+            if store is not None:
+                store.restore(ids)
+            return llm.stream_text_ids(ids, **req.sampling)
+
+        job = Job(id=scheduler.new_id(kind), run=run, usage=lambda: _usage(llm), loop=asyncio.get_running_loop(),
+                  after=(lambda usage: store.keep(usage.prompt_tokens)) if store is not None else None)
         scheduler.submit(job)
         head = {"id": job.id, "created": int(time.time()), "model": settings.model_name}
         if req.stream:

@@ -48,6 +48,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    after: Callable[[Usage], None] | None = None  # on the worker, once the client has its answer
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -148,3 +149,5 @@ class Scheduler:
             return
         c.completed += 1
         job.emit("done", usage)
+        if job.after is not None:
+            job.after(usage)
