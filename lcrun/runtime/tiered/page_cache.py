@@ -92,8 +92,8 @@ class GpuPageCache:
         """Fill every slot of ``layer`` with the page of highest score that maps to it (a whole
         layer's pages in one admission, e.g. after a prefill, which empties the cache). pages:
         (Hkv, max_pages) int32 logical ids (the identity table); scores: (Hkv, max_pages) fp32, -inf
-        for pages not to cache. Pages without a host copy (on NVMe only) are skipped. Returns the
-        bytes read from the host pool (synchronises)."""
+        for pages not to cache. Pages without a host copy (on NVMe only) are skipped. Returns how
+        many pages were read from the host pool, a 0-dim device tensor (no sync)."""
         slot, flat_score = self.cache_slot.flatten().long(), scores.flatten()
         best = torch.full((self.slots,), float("-inf"), device=scores.device).scatter_reduce(
             0, slot, flat_score, "amax")
@@ -107,7 +107,7 @@ class GpuPageCache:
         lens = torch.where(chosen, self.conf.page_size, 0).to(torch.int32).view_as(pages)
         self.kernels.admit_pages(pages, lens, self.cache_slot, self.tag[layer], self.homes.host_slot[layer],
                                  self.homes.host_kv[layer], self.gpu_k[layer], self.gpu_v[layer], distinct=True)
-        return int(readable.sum()) * self.codec.page_bytes
+        return readable.sum()
 
     # -- the cache's memory, lent to a prefill -----------------------------------------------------
     def start_lending(self) -> None:

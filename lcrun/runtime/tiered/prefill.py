@@ -67,9 +67,9 @@ class LayerwisePrefill:
         if any(q is None for q in self._last_query):
             return  # an unfinished prefill, or staging for a saved context
         end = self._start + self._n
-        for layer, q_last in enumerate(self._last_query):
-            scores = self.selector.warm_scores(layer, q_last, end)
-            self.stats.prefill_bytes_h2d += self.pages.fill(layer, self.selector.logical, scores)
+        pages = sum(self.pages.fill(layer, self.selector.logical, self.selector.warm_scores(layer, q_last, end))
+                    for layer, q_last in enumerate(self._last_query))
+        self.stats.prefill_bytes_h2d += int(pages) * self.codec.page_bytes  # one sync per prompt
         self._last_query = [None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
