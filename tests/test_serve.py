@@ -149,17 +149,16 @@ def _open_stream(live, max_tokens: int):
 
 
 def test_full_queue_gets_503_and_a_disconnect_cancels(live, llm, monkeypatch):
-    # The long stream holds the GPU after its first piece until the gate opens (it could otherwise
-    # end early, at an end token); the requests after it run freely.
+    # The long stream holds the worker, before it generates, until the gate opens (generating, it
+    # could end early: an end token, an error); the requests after it run freely. Its role chunk
+    # is sent before the job runs.
     gate, stream, calls = threading.Event(), llm.stream_text_ids, []
 
     def gated(*args, **kwargs):
         calls.append(1)
-        first = len(calls) == 1
-        for i, piece in enumerate(stream(*args, **kwargs)):
-            yield piece
-            if first and i == 0:
-                gate.wait(WAIT_S)
+        if len(calls) == 1:
+            gate.wait(WAIT_S)
+        yield from stream(*args, **kwargs)
     monkeypatch.setattr(llm, "stream_text_ids", gated)
     before = live.wait_for("an idle server", idle)
     http, cm = _open_stream(live, max_tokens=400)
