@@ -3,10 +3,12 @@
 # Run from the repo root on the GPU machine:   bash perf/device.sh SUITE OUTDIR
 #
 #   headline  PHASE=bench: `lcrun bench` with the flags a user types plus --gpu-mem 24GiB at CONTEXTS
-#             (32k,128k,256k; time limit BENCH_S, 500); PHASE=quality: GPU tests of positions, key
-#             rotation and NVMe late pages, then passkey 32K/128K and the single needle at 32K, 20
-#             trials, through the default path on the demo model ($LCRUN_DEMO_MODEL) with
-#             --gpu-mem 1GiB (KV pages in host memory); unset PHASE: both
+#             (32k,128k,256k; time limit BENCH_S, 500; EXTRA: more bench flags, e.g. --kv-dtype fp8);
+#             PHASE=quality: GPU tests of positions, key rotation and NVMe late pages, then at once
+#             (time limit QUALITY_S, 420) passkey 32K/128K and the single needle at 32K, 20 trials,
+#             and passkey 256K, 10 trials, with pages in host memory and on disk (--host-mem 2GiB),
+#             through the default path on the demo model ($LCRUN_DEMO_MODEL) with --gpu-mem 1GiB;
+#             unset PHASE: both
 #   quick     the key-rotation GPU test, then `lcrun bench` with default flags + --gpu-mem 24GiB;
 #             env TEST_S (test time limit, 40), BENCH_S (bench limit, 200), CONTEXTS (32k,256k)
 #   tests     every GPU test (pytest -m gpu)
@@ -20,16 +22,18 @@
 #             lifts the cap from transformers), then `lcrun profile` at 128K (report.html)
 #   pdl       32K/128K decode with programmatic dependent launch on and off (LCRUN_PDL)
 #   nvme      256K decode with a 16 GiB host pool: half the KV pages in page files under /tmp/lcrun-kv
+#   baselines `lcrun bench` 32K/128K with default flags + --gpu-mem 24GiB beside lcrun dense without a
+#             cap and transformers eager and static-cache (torch.compile'd CUDA graphs) at TF_CONTEXTS (32k)
 #   quant     quantized weights, STAGE=tests (GPU tests), gemv (GB/s on the 8B shapes vs a measured copy),
-#             bench (8B q4_0 then bf16, 0/32K/128K/256K), quality (demo model: perplexity, top-1 of
+#             bench (8B WEIGHTS, q4_0 then bf16, at CONTEXTS, 0/32K/128K/256K), quality (demo model: perplexity, top-1 of
 #             bf16/auto/q8_0/q4_0), llamacpp (PEERS=<peers dir>: build, a same-shape Q4_0 GGUF, llama-bench)
 #
 # Every results file records its command line, commit, GPU and versions (lcrun bench, perf.attention).
 set -u -o pipefail
-usage="usage: bash perf/device.sh headline|quick|tests|attention|fp8|prefetch|cache|profile|pdl|nvme|quant OUTDIR"
+usage="usage: bash perf/device.sh headline|quick|tests|attention|fp8|prefetch|cache|profile|pdl|nvme|quant|baselines OUTDIR"
 suite=${1:?$usage}
 out=${2:?$usage}
-suites=" headline quick tests attention fp8 prefetch cache profile pdl nvme quant "
+suites=" headline quick tests attention fp8 prefetch cache profile pdl nvme quant baselines "
 [[ $suites == *" $suite "* ]] || { echo "unknown suite '$suite'; $usage" >&2; exit 2; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:.
@@ -45,8 +49,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each); default both
   local phase=${PHASE:-all}
   if [[ $phase == all || $phase == bench ]]; then
-    step "bench: default flags + --gpu-mem 24GiB, ${CONTEXTS:=32k,128k,256k}"
-    local cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --contexts "$CONTEXTS"
+    step "bench: default flags + --gpu-mem 24GiB ${EXTRA:-}, ${CONTEXTS:=32k,128k,256k}"
+    # shellcheck disable=SC2206
+    local cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB ${EXTRA:-} --contexts "$CONTEXTS"
                --out "$out/bench-h200-headline-24gib.json")
     echo "${cmd[*]}" | tee -a "$log"
     timeout "${BENCH_S:-500}" "${cmd[@]}" 2>&1 | show 12
@@ -55,13 +60,26 @@ headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each
     step "GPU tests"
     timeout 110 python3 -m pytest -q -m gpu -x tests/test_gpu_positions.py tests/test_key_rotation.py \
       tests/test_tiered_nvme.py 2>&1 | tail -15 | tee -a "$log"
-    step "quality: passkey 32K/128K, single needle 32K, through the default path, --gpu-mem 1GiB"
-    timeout 230 python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --tasks passkey --lengths 32k,128k \
-      --modes auto --trials 20 --gpu-mem 1GiB --time-limit 220 --out "$out/eval-h200-passkey-default-path.json" 2>&1 \
-      | show 6
-    timeout 150 python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --tasks niah_single --lengths 32k \
-      --modes auto --trials 20 --gpu-mem 1GiB --time-limit 140 --out "$out/eval-h200-needle-default-path.json" 2>&1 \
-      | show 6
+    # The demo model is launch-bound: five evals share the GPU at once (none of them is timed).
+    step "quality through the default path, --gpu-mem 1GiB: passkey 32K/128K, single needle 32K (20 trials);"\
+         " passkey 256K with pages in host memory and with --host-mem 2GiB (pages on disk; 10 trials)"
+    mkdir -p /tmp/lcrun-kv256
+    local limit=${QUALITY_S:-420} eval_=(python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --modes auto --gpu-mem 1GiB)
+    local -a runs=(
+      "passkey32k|--tasks passkey --lengths 32k --trials 20"
+      "passkey128k|--tasks passkey --lengths 128k --trials 20"
+      "needle32k|--tasks niah_single --lengths 32k --trials 20"
+      "passkey256k-host|--tasks passkey --lengths 256k --trials 10"
+      "passkey256k-nvme|--tasks passkey --lengths 256k --trials 10 --host-mem 2GiB --kv-dir /tmp/lcrun-kv256")
+    local r name args
+    for r in "${runs[@]}"; do
+      name=${r%%|*}; args=${r#*|}
+      # shellcheck disable=SC2086
+      timeout $((limit + 30)) "${eval_[@]}" $args --time-limit "$limit" \
+        --out "$out/eval-h200-$name-default-path.json" > "$out/eval-$name.log" 2>&1 &
+    done
+    wait
+    for r in "${runs[@]}"; do name=${r%%|*}; echo "--- $name" | tee -a "$log"; show 4 < "$out/eval-$name.log"; done
   fi
 }
 
@@ -142,6 +160,16 @@ pdl() {
   done
 }
 
+baselines() {
+  step "bench 32K/128K: default flags, lcrun dense without a cap, transformers eager and static"
+  local cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --contexts 32k,128k
+             --dense-contexts 32k,128k --no-dense-cap --transformers dense,static
+             --transformers-contexts "${TF_CONTEXTS:-32k}" --transformers-steps 16 --no-transformers-cap
+             --out "$out/bench-h200-baselines-32k-128k.json")
+  echo "${cmd[*]}" | tee -a "$log"
+  timeout "${BENCH_S:-400}" "${cmd[@]}" 2>&1 | show 16
+}
+
 nvme() {
   mkdir -p /tmp/lcrun-kv
   step "bench 256K, 16 GiB host pool, pages spilled to /tmp/lcrun-kv"
@@ -158,9 +186,9 @@ quant() {  # STAGE=tests|gemv|bench|quality|llamacpp (one device call each); lla
       timeout 560 python3 -m perf.bench_qgemv --formats Q4_0,Q8_0,Q4_K,Q6_K --out "$out/qgemv-h200.json" 2>&1 \
         | tee -a "$log" ;;
     bench)
-      for w in q4_0 bf16; do
+      for w in ${WEIGHTS:-q4_0 bf16}; do
         local cmd=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --weights $w --gpu-mem 24GiB
-                   --contexts 0,32k,128k,256k --steps 32 --out "$out/bench-h200-8b-$w-24gib.json")
+                   --contexts "${CONTEXTS:-0,32k,128k,256k}" --steps 32 --out "$out/bench-h200-8b-$w-24gib.json")
         echo "${cmd[*]}" | tee -a "$log"
         timeout 280 "${cmd[@]}" 2>&1 | show 14
       done ;;

@@ -37,43 +37,53 @@ def _tiered(rule, budget=EVERYTHING, capacity=128):
                            sink_tokens=S, window_tokens=W, backend="torch", prefetch="off", positions=rule)
 
 
-def _feed(cache, q, k, v, chunks):
-    """q/k/v (T, H, D) through ``cache`` in forwards of the given sizes (prompts layer by layer
-    where the cache prefills that way); outputs (T, Hq, D)."""
+def _feed(cache, q, k, v, prompts):
+    """q/k/v (T, H, D) through ``cache``: each entry of ``prompts`` is one prompt, an int (one
+    forward) or a list of forward sizes (one prompt in several forwards; layer by layer where the
+    cache prefills that way); a 1 is a decode step. Outputs (T, Hq, D)."""
     outs, at = [], 0
-    for n in chunks:
-        positions = torch.arange(cache.length, cache.length + n)
-        if n > 1 and cache.layerwise_prefill:
-            cache.begin_layerwise(positions)
-        else:
-            cache.begin_forward(positions)
-        outs.append(cache.attend(0, q[at:at + n], k[at:at + n], v[at:at + n]))
-        cache.end_forward()
-        at += n
+    for prompt in prompts:
+        forwards = prompt if isinstance(prompt, list) else [prompt]
+        if sum(forwards) > 1:
+            cache.begin_prefill(at + sum(forwards))
+        for n in forwards:
+            positions = torch.arange(cache.length, cache.length + n)
+            if n > 1 and cache.layerwise_prefill:
+                cache.begin_layerwise(positions)
+            else:
+                cache.begin_forward(positions)
+            outs.append(cache.attend(0, q[at:at + n], k[at:at + n], v[at:at + n]))
+            cache.end_forward()
+            at += n
     return torch.cat(outs)
 
 
-def _layout_starts(chunks, window_from):
-    """Per query, the token its local window is measured from: a prefill piece's first query (the
-    trained window splits a chunk), a decode query's own token + 1 (the selection's rule)."""
-    starts, at = [], 0
-    for n in chunks:
-        for i in range(at, at + n):
-            starts.append(i + 1 if n == 1 else (max(at, window_from) if i >= window_from else at))
-        at += n
-    return starts
+def _layout(prompts, window_from):
+    """Per query: whether it sits at window positions (a decode query at or past the window; every
+    query of a prompt that ends past it) and the token its local window is measured from (a
+    prefill forward's first query; a decode query's own token + 1, the selection's rule)."""
+    moved, starts, at = [], [], 0
+    for prompt in prompts:
+        forwards = prompt if isinstance(prompt, list) else [prompt]
+        end = at + sum(forwards)
+        for n in forwards:
+            for i in range(at, at + n):
+                moved.append(i >= window_from if n == 1 else end > window_from)
+                starts.append(i + 1 if n == 1 else at)
+            at += n
+    return moved, starts
 
 
-def _reference(q, k, v, starts, window_from):
-    """Every earlier token attended, one query at a time. Query i keeps true positions when
-    i < window_from or no far page exists; else sinks at 0.., each far page at S .. S+P-1 and the
-    local window (from the page of starts[i] - W) at true distances from the query."""
+def _reference(q, k, v, layout):
+    """Every earlier token attended, one query at a time. Query i keeps true positions when it is
+    not moved or no far page exists; else sinks at 0.., each far page at S .. S+P-1 and the local
+    window (from the page of starts[i] - W) at true distances from the query."""
     rot = Rotary(CFG, "cpu")
     out = torch.empty_like(q)
-    for i in range(q.shape[0]):
-        ls = max(0, (starts[i] - W) // P * P)
+    for i, (moved, start) in enumerate(zip(*layout)):
+        ls = max(0, (start - W) // P * P)
         js = torch.arange(i + 1)
-        if i < window_from or ls <= S:
+        if not moved or ls <= S:
             kpos, qpos = js, i
         else:
             kpos = torch.where(js < S, js, torch.where(js < ls, S + js % P, S + P + js - ls))
@@ -92,7 +102,19 @@ def test_window_positions_match_the_reference(make, window_from):
     chunks = [30, 27] + [1] * 12  # crosses the trained window (48) inside the second prompt
     q, k, v = _qkv(sum(chunks))
     got = _feed(make(PositionRule(window_from)), q, k, v, chunks)
-    want = _reference(q, k, v, _layout_starts(chunks, window_from), window_from)
+    want = _reference(q, k, v, _layout(chunks, window_from))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [_paged, _tiered], ids=["paged", "tiered"])
+def test_a_prompt_that_passes_the_window_moves_all_its_queries(make):
+    # The second prompt's first forward ends before the window (48), with a far page behind it,
+    # and its second passes the window: both place their queries at window positions.
+    prompts = [34, [8, 16], 1, 1, 1]
+    q, k, v = _qkv(sum(map(sum, ([p] if isinstance(p, int) else p for p in prompts))), seed=4)
+    got = _feed(make(PositionRule(48)), q, k, v, prompts)
+    assert _layout(prompts, 48)[0][34:42] == [True] * 8
+    want = _reference(q, k, v, _layout(prompts, 48))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -103,7 +125,7 @@ def test_paged_window_decode_through_triton_matches_the_reference():
     chunks = [50] + [1] * 6
     q, k, v = _qkv(sum(chunks), seed=3)
     got = _feed(_paged(PositionRule(48), backend="auto"), q, k, v, chunks)
-    want = _reference(q, k, v, _layout_starts(chunks, 48), 48)
+    want = _reference(q, k, v, _layout(chunks, 48))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

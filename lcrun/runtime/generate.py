@@ -68,6 +68,7 @@ class Generator:
         self.cache.truncate(common)
         common = self.cache.length  # a cache may forget more than asked (a ring of local layers)
         self.cached_ids = ids[:common]
+        self.cache.begin_prefill(len(ids))
         self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=common)
         device = self.model.device
         todo = torch.tensor(ids[common:], dtype=torch.long, device=device)

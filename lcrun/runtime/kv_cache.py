@@ -46,6 +46,11 @@ class AttentionCache(ABC):
     graph_safe_decode = False  # a decode step reads its position and lengths from device tensors only
     layerwise_prefill = False  # prompts run layer-major: begin_layerwise, then the model's forward_layerwise
 
+    def begin_prefill(self, end: int) -> None:
+        """A prompt is about to be prefilled up to token ``end`` (in one forward or more; its last
+        token may follow as a one-token step). Caches that place queries by where the sequence
+        goes read it (lcrun.runtime.positions); the default ignores it."""
+
     def shares_prefill_selection(self, end: int) -> bool:
         """Whether a prefill ending at token ``end`` shares page selections among blocks of queries
         (then the Generator runs the prompt's last token alone, as a decode step)."""

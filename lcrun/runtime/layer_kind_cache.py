@@ -93,6 +93,9 @@ class LayerKindCache(AttentionCache):
             self.length = self.global_.length
         return again
 
+    def begin_prefill(self, end: int) -> None:
+        self.global_.begin_prefill(end)
+
     def shares_prefill_selection(self, end: int) -> bool:
         return self.global_.shares_prefill_selection(end)
 

@@ -98,6 +98,7 @@ class PagedTopKCache(AttentionCache):
         self.kmax = torch.zeros_like(self.kmin)
         self.positions = positions
         self._window_step = False  # this forward's decode query sits at window positions
+        self._prefill_end = 0       # where the prompt being prefilled ends (begin_prefill)
         if positions.may_move:  # page-relative abstracts (positions module doc) and the step's layout
             self.rel_min, self.rel_max = torch.zeros_like(self.kmin), torch.zeros_like(self.kmin)
             self._layout = torch.zeros(3, device=self.device, dtype=torch.int32)
@@ -232,7 +233,7 @@ class PagedTopKCache(AttentionCache):
             lo, hi = self._selection_abstracts(layer, self.positions.may_move)
             self.ops.update_chunk_abstracts(lo, hi, self.cmin[layer], self.cmax[layer], self._filled_pages,
                                             self._full_after_chunk, self.chunk_pages)
-        n_true = self.positions.true_queries(start, t)
+        n_true = self.positions.true_queries(start, t, self._prefill_end)
         outs = []
         if n_true:
             outs.append(self.ops.paged_prefill_attention(q[:n_true].contiguous(), k_pool, v_pool, table, start,
@@ -245,6 +246,9 @@ class PagedTopKCache(AttentionCache):
                 sink_tokens=self.sink_tokens, window_tokens=self.window_tokens, budget=self.budget,
                 group_score=self.group_score, sm_scale=self.sm_scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def begin_prefill(self, end: int) -> None:
+        self._prefill_end = end
 
     def shares_prefill_selection(self, end: int) -> bool:
         return self.positions.window_at(end - 1)

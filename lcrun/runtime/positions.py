@@ -15,8 +15,14 @@ stored key by a delta (rotations compose):
 
 so nothing attended is further than S + P + window + a prefill block from the query. Far pages are
 ranked with page-relative abstracts (min/max of each key rotated by its offset in the page): the
-bound q.R(Q' - S) against them is exact for the logit a far page gets at S .. S+P-1. While c < T
-nothing moves and every kernel runs exactly as with ``--positions true``.
+bound q.R(Q' - S) against them is exact for the logit a far page gets at S .. S+P-1. While the
+sequence stays inside T nothing moves and every kernel runs exactly as with ``--positions true``.
+
+A prompt whose prefill passes T places ALL its queries at window positions, those before T too
+(``true_queries``): the tokens a later query reads at window positions must have been computed in
+that layout. Computed at true positions and read at window positions, a needle was selected by
+nearly every layer and still missed (demo model, passkey 32K: needles at tokens 3K-7K wrong, the
+same prompts right when the whole prefill used window positions).
 
 Decode builds a (3,) int32 device layout [S, ls, shift] per step from the selection bounds (no
 host sync: the step stays graph-captured); the Triton decode kernel rotates at read
@@ -63,10 +69,14 @@ class PositionRule:
         """Whether the query at token ``position`` uses window positions."""
         return self.trained_window is not None and position >= self.trained_window
 
-    def true_queries(self, start: int, n: int) -> int:
-        """How many of the n queries from token ``start`` keep their true positions."""
+    def true_queries(self, start: int, n: int, prefill_end: int = 0) -> int:
+        """How many of the n queries from token ``start`` keep their true positions, in a prefill
+        that ends at token ``prefill_end`` (at least start + n). A prefill that passes the window
+        places every query at window positions, those before the window too (module doc)."""
         window = self.trained_window
-        return n if window is None else max(0, min(n, window - start))
+        if window is None:
+            return n
+        return 0 if max(prefill_end, start + n) > window else n
 
 
 def decode_layout(bounds: torch.Tensor, page_size: int, out: torch.Tensor) -> None:

@@ -114,6 +114,9 @@ class TieredTopKCache(AttentionCache):
         self.pages.admit(layer, pages, lens, self.stats.counters, speculative=True)
 
     # -- per forward -------------------------------------------------------------------------------
+    def begin_prefill(self, end: int) -> None:
+        self.prefill.prompt_end = end
+
     def begin_layerwise(self, positions: torch.Tensor) -> None:
         """Start a prefill that the caller runs layer-major: for each layer, ``attend`` on every
         chunk of ``positions`` in order; then ``end_forward``. The GPU page cache is emptied and

@@ -37,6 +37,7 @@ class LayerwisePrefill:
         self.placement = SpillPlacement(homes, codec, stats) if homes.spills else None
         self._k = self._v = None
         self._last_query: list[torch.Tensor | None] = [None]  # per layer, the prompt's last query (end())
+        self.prompt_end = 0  # where the prompt being prefilled ends (the cache's begin_prefill)
 
     def begin(self, positions: torch.Tensor, start: int) -> None:
         """A prompt of positions (T,) after ``start`` cached tokens. The GPU page cache is emptied
@@ -88,7 +89,7 @@ class LayerwisePrefill:
             self.selector.set_from_keys(layer, self._k, pos0 // P, pos0 + t)
         if self.positions.may_move:  # before attending: later pieces of this chunk select among its pages
             self.selector.add_relative(layer, k, self._positions[off:off + t])
-        n_true = self.positions.true_queries(pos0, t)
+        n_true = self.positions.true_queries(pos0, t, self.prompt_end)
         outs = []
         if n_true and self.sparse and pos0 > conf.budget:
             outs.append(self._sparse_chunk_attention(layer, q[:n_true].to(conf.dtype), pos0))
