@@ -4,7 +4,7 @@
 #
 #   headline  PHASE=bench: `lcrun bench` with the flags a user types plus --gpu-mem 24GiB at CONTEXTS
 #             (32k,128k,256k; time limit BENCH_S, 500; EXTRA: more bench flags, e.g. --kv-dtype fp8);
-#             PHASE=quality: GPU tests of positions, key rotation and NVMe late pages, then at once
+#             PHASE=quality: GPU tests of positions, key rotation and NVMe late pages (TESTS=no: none), then at once
 #             (time limit QUALITY_S, 420) passkey 32K/128K and the single needle at 32K, 20 trials,
 #             and passkey 256K, 10 trials, with pages in host memory and on disk (--host-mem 2GiB),
 #             through the default path on the demo model ($LCRUN_DEMO_MODEL) with --gpu-mem 1GiB;
@@ -57,9 +57,11 @@ headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each
     timeout "${BENCH_S:-500}" "${cmd[@]}" 2>&1 | show 12
   fi
   if [[ $phase == all || $phase == quality ]]; then
-    step "GPU tests"
-    timeout 110 python3 -m pytest -q -m gpu -x tests/test_gpu_positions.py tests/test_key_rotation.py \
-      tests/test_tiered_nvme.py 2>&1 | tail -15 | tee -a "$log"
+    if [[ ${TESTS:-yes} == yes ]]; then
+      step "GPU tests"
+      timeout 110 python3 -m pytest -q -m gpu -x tests/test_gpu_positions.py tests/test_key_rotation.py \
+        tests/test_tiered_nvme.py 2>&1 | tail -15 | tee -a "$log"
+    fi
     # The demo model is launch-bound: five evals share the GPU at once (none of them is timed).
     step "quality through the default path, --gpu-mem 1GiB: passkey 32K/128K, single needle 32K (20 trials);"\
          " passkey 256K with pages in host memory and with --host-mem 2GiB (pages on disk; 10 trials)"
