@@ -7,7 +7,8 @@
 #             PHASE=quality: GPU tests of positions, key rotation and NVMe late pages (TESTS=no: none), then at once
 #             (time limit QUALITY_S, 420) passkey 32K/128K and the single needle at 32K, 20 trials,
 #             and passkey 256K, 10 trials, with pages in host memory and on disk (--host-mem 2GiB),
-#             through the default path on the demo model ($LCRUN_DEMO_MODEL) with --gpu-mem 1GiB;
+#             through the default path on the demo model ($LCRUN_DEMO_MODEL) with --gpu-mem 1GiB (ONLY:
+#             the names of the runs to make, e.g. "passkey256k-host passkey256k-nvme");
 #             unset PHASE: both
 #   quick     the key-rotation GPU test, then `lcrun bench` with default flags + --gpu-mem 24GiB;
 #             env TEST_S (test time limit, 40), BENCH_S (bench limit, 200), CONTEXTS (32k,256k)
@@ -74,6 +75,9 @@ headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each
       "passkey256k-host|--tasks passkey --lengths 256k --trials 10"
       "passkey256k-nvme|--tasks passkey --lengths 256k --trials 10 --host-mem 2GiB --kv-dir /tmp/lcrun-kv256")
     local r name args
+    local -a picked=()
+    for r in "${runs[@]}"; do [[ -z ${ONLY:-} || " $ONLY " == *" ${r%%|*} "* ]] && picked+=("$r"); done
+    runs=("${picked[@]}")
     for r in "${runs[@]}"; do
       name=${r%%|*}; args=${r#*|}
       # shellcheck disable=SC2086

@@ -59,6 +59,28 @@ def test_layerwise_prefill_equals_dense_over_two_turns(tmp_path, host):
     assert not os.listdir(tmp_path)  # and is removed on close
 
 
+def test_new_conversations_reuse_the_nvme_tier(tmp_path):
+    """One spilling cache serves several unrelated prompts (a server's requests, an eval's trials):
+    each prompt after a reset, with decode steps that promote pages in between, gives the tokens of
+    a fresh store that holds every page in the host pool; pages past the new end and rewritten
+    pages give back their host and disk slots (a page file of one context's pages is enough)."""
+    model = random_model(CFG, "cpu", torch.float32, seed=0)
+    args = dict(budget=256, prefetch="off")  # 16 pages per head: the pool's 40 slots hold a step's selection
+    cache = _tiered(512, tmp_path, 40, nvme_slots=CFG.num_layers * CFG.num_kv_heads * 32, **args)
+    tiered = Generator(model, cache, 64)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    g = torch.Generator().manual_seed(5)
+    for n in (480, 400, 480, 200):
+        ids = torch.randint(0, 128, (n,), generator=g).tolist()
+        tiered.reset()
+        host_only = _tiered(512, **args)
+        assert list(tiered.stream(ids, greedy)) == list(Generator(model, host_only, 64).stream(ids, greedy)), n
+        host_only.close()
+    report = cache.report()
+    assert report["prefill_nvme_pages_written"] > 0 and report["redone_steps"] > 0
+    cache.close()
+
+
 def test_fp8_pages_through_nvme_over_two_turns(tmp_path):
     """fp8 pages spilled to page files and read back (the second turn stages its past from the host
     pool and NVMe): each turn's logits stay within e4m3's rounding of dense, and greedy decode

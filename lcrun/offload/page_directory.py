@@ -32,6 +32,7 @@ class PageDirectory:
         self._nfree = [host_slots_per_layer] * num_layers
         self.nvme_slots = nvme_slots
         self._nvme_next = 0
+        self._nvme_free: list[int] = []  # slots of discarded pages, reused before new ones
         self.lock = threading.Lock()  # the promoter thread and the main thread both edit maps
 
     # -- host slots ----------------------------------------------------------------------------
@@ -68,20 +69,42 @@ class PageDirectory:
 
     # -- NVMe slots ----------------------------------------------------------------------------
     def assign_nvme(self, layer: int, flats: np.ndarray) -> np.ndarray:
-        """NVMe slots for pages that have none yet (a page is written to disk at most once)."""
+        """NVMe slots for pages that have none yet (a page is written to disk at most once while
+        its contents stay the same); slots of discarded pages first."""
         n = len(flats)
-        if self._nvme_next + n > self.nvme_slots:
+        reused = min(n, len(self._nvme_free))
+        if self._nvme_next + n - reused > self.nvme_slots:
             raise CapacityError(f"the NVMe tier's {self.nvme_slots} page slots are used up: raise --host-mem "
                                 "or lower --ctx")
         assert (self.nvme_map[layer, flats] < 0).all(), "a page was given a second NVMe slot"
-        slots = np.arange(self._nvme_next, self._nvme_next + n, dtype=np.int64)
-        self._nvme_next += n
+        slots = np.empty(n, dtype=np.int64)
+        if reused:
+            slots[:reused] = self._nvme_free[-reused:]
+            del self._nvme_free[-reused:]
+        slots[reused:] = np.arange(self._nvme_next, self._nvme_next + n - reused)
+        self._nvme_next += n - reused
         self.nvme_map[layer, flats] = slots
         return slots
 
+    def discard_nvme(self, layer: int, flats: np.ndarray) -> None:
+        """Pages whose disk copies are obsolete (rewritten, or past the sequence's end): their NVMe
+        slots are free at once (the caller has flushed the writes queued to them)."""
+        slots = self.nvme_map[layer, flats]
+        self._nvme_free.extend(slots[slots >= 0].tolist())
+        self.nvme_map[layer, flats] = -1
+
+    def discard_host(self, layer: int, flats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unmap pages whose contents are obsolete, written back nowhere; returns the pages that had
+        host slots and those slots, which stay unusable until ``recycle``."""
+        slots = self.host_map[layer, flats]
+        held = slots >= 0
+        self.host_map[layer, flats[held]] = -1
+        return flats[held], slots[held].copy()
+
     @property
     def nvme_pages(self) -> int:
-        return self._nvme_next
+        """Pages with a copy on disk (every layer)."""
+        return self._nvme_next - len(self._nvme_free)
 
     # -- policy --------------------------------------------------------------------------------
     def eviction_victims(self, layer: int, n: int, protected: np.ndarray) -> np.ndarray:

@@ -102,6 +102,16 @@ class HostHomes:
         self.set_host_slots(layer, flats, np.full(flats.size, -1, dtype=np.int32))
         d.recycle(layer, slots)
 
+    def discard(self, layer: int, flats: np.ndarray) -> None:
+        """Forget pages ``flats`` whose contents are obsolete: no write back; their host slots are
+        free once the GPU work queued so far has run (as ``unmap``), their disk slots at once."""
+        d = self.directory
+        pages, slots = d.discard_host(layer, flats)
+        if pages.size:
+            self.set_host_slots(layer, pages, np.full(pages.size, -1, dtype=np.int32))
+            d.recycle(layer, slots)
+        d.discard_nvme(layer, flats)
+
     def map_pages_through(self, end_page: int) -> None:
         """Give pages [mapped_through, end_page) of every layer and head a host slot (new pages of decode)."""
         if end_page <= self.mapped_through:

@@ -60,12 +60,22 @@ class SpillPlacement:
         sinks = min(-(-self.conf.sink_tokens // self.conf.page_size), keep)
         return sinks, max(sinks, n_pages - (keep - sinks))
 
-    def place(self, layer: int, first: int, n_pages: int, end_full: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """After a layer's prefill of pages [first, n_pages) (pages below ``end_full`` full): decide
-        the host set, evict old host pages outside it, map new host pages, and write new NVMe
-        pages from the staging area k, v (background thread)."""
+    def place(self, layer: int, first: int, n_pages: int, end_full: int, k: torch.Tensor, v: torch.Tensor,
+              continuing: bool) -> None:
+        """After a layer's prefill of pages [first, n_pages) (pages below ``end_full`` full; the
+        first one ``continuing`` a page begun before): decide the host set, evict old host pages
+        outside it, map new host pages, and write new NVMe pages from the staging area k, v
+        (background thread)."""
         h, d, hkv = self.homes, self.homes.directory, self.conf.cfg.num_kv_heads
         sinks, recent_from = self.host_plan(n_pages)
+        # What an earlier, longer or different sequence left from ``first`` on is obsolete: its disk
+        # copies, and its host slots past a continuing page (which keeps the tokens it already had).
+        stale = self.conf.flats(np.arange(first, self.conf.max_pages))
+        if (d.nvme_map[layer, stale] >= 0).any():
+            h.writer.flush()  # no queued write may land in a slot after it is reused
+        h.discard(layer, stale[d.host_map[layer, stale] >= 0] if not continuing
+                  else self.conf.flats(np.arange(first + 1, self.conf.max_pages)))
+        d.discard_nvme(layer, stale)
         # Old pages that no longer belong in the host pool (a long follow-up prompt).
         old = self.conf.flats(np.arange(sinks, min(first, recent_from)))
         old = old[d.host_map[layer, old] >= 0] if old.size else old
@@ -81,7 +91,6 @@ class SpillPlacement:
         to_host = new[(new < sinks) | (new >= recent_from)]
         to_disk = new[(new >= sinks) & (new < recent_from)]
         host_flats = h.not_in_pool(layer, self.conf.flats(to_host))
-        d.nvme_map[layer, self.conf.flats(new)] = -1  # disk copies of rewritten pages are stale
         if host_flats.size:
             h.set_host_slots(layer, host_flats, d.assign_host(layer, host_flats))
         # Full host pages are written to NVMe too (in the background), so the promoter can later
@@ -97,7 +106,7 @@ class SpillPlacement:
             self._spill(layer, disk_flats, d.assign_nvme(layer, disk_flats), k, v)
             if was_host.size:  # a continuing page that now belongs on disk
                 h.unmap(layer, was_host)
-        h.mapped_through = max(h.mapped_through, n_pages)
+        h.mapped_through = n_pages
 
     def _spill(self, layer: int, flats: np.ndarray, nvme_slots: np.ndarray, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pages ``flats`` from the staging area to NVMe slots ``nvme_slots`` (background writes)."""

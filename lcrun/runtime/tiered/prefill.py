@@ -169,7 +169,7 @@ class LayerwisePrefill:
         self.selector.set_from_keys(layer, self._k, first, end)
         self.selector.refresh_chunks(layer, first, end)
         if self.placement is not None:
-            self.placement.place(layer, first, -(-end // P), end // P, self._k, self._v)
+            self.placement.place(layer, first, -(-end // P), end // P, self._k, self._v, start % P != 0)
         self.pages.write_through(layer, self._k[:, start:end].transpose(0, 1), self._v[:, start:end].transpose(0, 1),
                                  start)
 
