@@ -136,7 +136,7 @@ def _random_kquant(rows: int, cols: int, qtype: Q, rng) -> np.ndarray:
     """gguf-py cannot quantize K-quants, so write random blocks with sane fp16 scales."""
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
-    scale_at = {Q.Q4_K: [0, 2], Q.Q6_K: [208]}[qtype]  # d (and dmin) of block_q4_K / block_q6_K
+    scale_at = {Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}[qtype]  # d (and dmin) of block_q4_K/q5_K/q6_K
     for at in scale_at:
         raw[..., at:at + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     return raw.reshape(rows, -1)
@@ -147,7 +147,7 @@ def _encode(w: np.ndarray, qtype: Q, rng) -> tuple[np.ndarray, Q | None]:
         return w, None
     if qtype == Q.F16:
         return w.astype(np.float16), None
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         return _random_kquant(*w.shape, qtype, rng), qtype
     return gguf.quants.quantize(w, qtype), qtype
 
@@ -220,7 +220,8 @@ def write_tiny(path, arch: str = "llama", qtype: Q = Q.F32, bias: bool = False, 
 
 
 # max |dequantized - original| for weights uniform in [-1, 1]; K-quant blocks are random, not quantized
-TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 4e-3, Q.Q8_0: 1e-2, Q.Q4_0: 0.15, Q.Q4_1: 0.1, Q.Q4_K: None, Q.Q6_K: None}
+TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 4e-3, Q.Q8_0: 1e-2, Q.Q4_0: 0.15, Q.Q4_1: 0.1,
+             Q.Q4_K: None, Q.Q5_K: None, Q.Q6_K: None}
 
 
 @pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)

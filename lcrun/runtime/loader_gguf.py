@@ -108,6 +108,9 @@ class GGUFSource:
         return list(self._tensors)
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        blocks = self.get_blocks(name)
+        if blocks is not None:  # torch's dequantization: gguf's numpy one runs row group by row group
+            return blocks.dequantize_reference().to(dtype)
         w = self._unpermuted(name, self._dequantize(self._tensor(name)))
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's converter stores Gemma's norms as 1 + w; HF checkpoints hold w
