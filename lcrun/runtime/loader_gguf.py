@@ -55,6 +55,7 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp's converter reorders q/k rows of these archs for its interleaved rope (Qwen2 it leaves alone)
 _PERMUTED_ARCHS = {"llama", "mistral"}
 _ALWAYS_DEQUANTIZABLE = {GGMLQuantizationType.F32, GGMLQuantizationType.F16}
+_DEQUANT_PIECE = 1 << 22  # elements per piece of a dequantized matrix (16 MiB in fp32)
 _REQUIRED = object()
 
 # token_type values of llama.cpp's vocabulary
@@ -109,8 +110,13 @@ class GGUFSource:
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         blocks = self.get_blocks(name)
-        if blocks is not None:  # torch's dequantization: gguf's numpy one runs row group by row group
-            return blocks.dequantize_reference().to(dtype)
+        if blocks is not None:  # torch's dequantization (gguf's numpy one is slower), in row pieces
+            n, k = blocks.shape  # so that its fp32 temporaries stay small beside the result
+            out = torch.empty(n, k, dtype=dtype)
+            step = max(1, _DEQUANT_PIECE // k)
+            for i in range(0, n, step):
+                out[i:i + step] = blocks.rows(i, min(n, i + step)).dequantize_reference()
+            return out
         w = self._unpermuted(name, self._dequantize(self._tensor(name)))
         if self.arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1  # llama.cpp's converter stores Gemma's norms as 1 + w; HF checkpoints hold w
