@@ -147,7 +147,7 @@ while True:
 """
 
 
-def test_kill_during_save_leaves_the_old_file(saved, tmp_path):
+def test_kill_during_save_leaves_the_old_file(llm, saved, tmp_path):
     target = tmp_path / "book.lcctx"
     target.write_bytes(saved.read_bytes())
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)], stdout=subprocess.PIPE,
@@ -162,6 +162,5 @@ def test_kill_during_save_leaves_the_old_file(saved, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    from lcrun import LLM
     # The old file, or one whole save that finished before the kill: every checksum holds.
-    LLM(ctx=CTX, attention="dense", progress=False).load_context(str(target))
+    llm.load_context(str(target))

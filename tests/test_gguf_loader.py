@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is only a local reference here
 
@@ -135,7 +136,7 @@ def _random_kquant(rows: int, cols: int, qtype: Q, rng) -> np.ndarray:
     """gguf-py cannot quantize K-quants, so write random blocks with sane fp16 scales."""
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
-    scale_at = {Q.Q4_K: [0, 2], Q.Q6_K: [208]}[qtype]  # d (and dmin) of block_q4_K / block_q6_K
+    scale_at = {Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}[qtype]  # d (and dmin) of block_q4_K/q5_K/q6_K
     for at in scale_at:
         raw[..., at:at + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
     return raw.reshape(rows, -1)
@@ -146,7 +147,7 @@ def _encode(w: np.ndarray, qtype: Q, rng) -> tuple[np.ndarray, Q | None]:
         return w, None
     if qtype == Q.F16:
         return w.astype(np.float16), None
-    if qtype in (Q.Q4_K, Q.Q6_K):
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         return _random_kquant(*w.shape, qtype, rng), qtype
     return gguf.quants.quantize(w, qtype), qtype
 
@@ -219,7 +220,8 @@ def write_tiny(path, arch: str = "llama", qtype: Q = Q.F32, bias: bool = False, 
 
 
 # max |dequantized - original| for weights uniform in [-1, 1]; K-quant blocks are random, not quantized
-TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 4e-3, Q.Q8_0: 1e-2, Q.Q4_0: 0.15, Q.Q4_1: 0.1, Q.Q4_K: None, Q.Q6_K: None}
+TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 4e-3, Q.Q8_0: 1e-2, Q.Q4_0: 0.15, Q.Q4_1: 0.1,
+             Q.Q4_K: None, Q.Q5_K: None, Q.Q6_K: None}
 
 
 @pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda q: q.name)
@@ -336,6 +338,48 @@ def test_byte_level_split_regexes_match_transformers(tmp_path, smol, pre):
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
     if pre == "qwen2":  # Qwen2's tokenizer.json normalizes to NFC (transformers' GGUF path does not)
         assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")
+
+
+def _same_fields_and_tensors(path) -> None:
+    """lcrun's faster reader sees exactly what gguf's own GGUFReader sees."""
+    from lcrun.runtime.loader_gguf import _open
+    ours, theirs = _open(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, want in theirs.fields.items():
+        got = ours.fields[key]
+        assert (got.offset, got.data, got.types, got.contents()) == (want.offset, want.data, want.types,
+                                                                      want.contents()), key
+        assert [(p.dtype, p.tolist()) for p in got.parts] == [(p.dtype, p.tolist()) for p in want.parts], key
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
+
+
+def test_reader_sees_what_gguf_sees(tmp_path):
+    """Arrays of strings, of each scalar type, nested and empty ones, beside plain keys."""
+    path = tmp_path / "arrays.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"t.strings": ["a", "", "\u00e9t\u00e9", "x" * 300], "t.ints": [3, -1, 7],
+                       "t.floats": [0.5, -2.0], "t.bools": [True, False], "t.nested": [[1, 2], [3]]}.items():
+        w.add_array(key, value)
+    w.add_string("t.word", "plain")
+    w.add_tensor("a.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _same_fields_and_tensors(path)
+    # GGUFWriter writes no empty array; llama.cpp's writer can: two by hand, then a string
+    key = lambda k: struct.pack("<Q", len(k)) + k  # noqa: E731
+    empty = b"".join(key(k) + struct.pack("<IIQ", 9, sub, 0) for k, sub in ((b"t.none", 8), (b"t.zero", 5)))
+    (tmp_path / "empty.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 3) + empty
+                                          + key(b"t.after") + struct.pack("<I", 8) + key(b"here"))
+    _same_fields_and_tensors(tmp_path / "empty.gguf")
+
+
+@needs_smol
+def test_reader_sees_what_gguf_sees_in_the_demo_model():
+    _same_fields_and_tensors(SMOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -278,7 +278,10 @@ def test_real_sigint_during_prefill_exits_130(tmp_path):
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "lcrun.cli", "run", "--raw", "--prompt-file", str(prompt),
                              "--ctx", "8k", "--prefill-chunk", "32", "--device", "cpu", "--max-new-tokens", "1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # as from a terminal: pytest started as a background job (`&`, nohup) ignores
+                            # SIGINT, the child would inherit that and Python would then never raise it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = []
         for line in proc.stderr:  # wait until the model is loaded and prefill is about to start

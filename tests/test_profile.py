@@ -136,9 +136,10 @@ EXTERNAL = re.compile(r"""(<script|<link|<img|<iframe)[^>]*(src|href)\s*=\s*["']
 @needs_demo
 def test_profile_on_cpu_writes_an_offline_report(tmp_path):
     out = tmp_path / "report"
-    res = cli("profile", "--ctx", "2k", "--prompt-tokens", "1500", "--steps", "4", "--timed-steps", "4",
+    # 768 prompt tokens (3 prefill chunks) past a 512-token budget: decode scores and selects pages
+    res = cli("profile", "--ctx", "1k", "--prompt-tokens", "768", "--steps", "4", "--timed-steps", "4",
               "--attention", "topk", "--budget", "512", "--sink-tokens", "32", "--window-tokens", "256",
-              "--prefill-chunk", "512", "--device", "cpu", "--out-dir", str(out))
+              "--prefill-chunk", "256", "--device", "cpu", "--out-dir", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "USDT" not in res.stderr + res.stdout  # kineto's profiler_start/stop lines
     html = (out / "report.html").read_text()
@@ -160,7 +161,7 @@ def test_profile_on_cpu_writes_an_offline_report(tmp_path):
         for part in ("score", "topk", "attend", "kv_write", "dense", "lm_head", "sampling"):
             assert c.get(part, 0) > 0, (part, c)
         assert sum(c.values()) <= step["wall_ms"] * 1.05
-    assert data["prefill"]["tokens"] == 1500 and len(data["prefill"]["points"]) == 3
+    assert data["prefill"]["tokens"] == 768 and len(data["prefill"]["points"]) == 3
     assert data["links"]["weight_floor_ms"] > 0
     assert data["header"]["attention"] == "topk"
     # Peaks: DRAM measured by this run (the floor with it); no GPU, no NVMe: no peak, said so.
