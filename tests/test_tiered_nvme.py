@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lcrun.errors import ConfigError
+from lcrun.eval.harness import tier_counts
 from lcrun.offload.page_directory import PageDirectory
 from lcrun.runtime.build import random_model
 from lcrun.runtime.generate import Generator
@@ -78,6 +79,10 @@ def test_new_conversations_reuse_the_nvme_tier(tmp_path):
         host_only.close()
     report = cache.report()
     assert report["prefill_nvme_pages_written"] > 0 and report["redone_steps"] > 0
+    counts = tier_counts(report)  # what lcrun eval records per trial
+    assert counts["late_pages"] > 0 and counts["redone_steps"] > 0 and counts["nvme_wait_ms"] > 0
+    assert tier_counts(host_only.report())["late_pages"] == 0
+    assert tier_counts(PagedTopKCache(CFG, 64, "cpu", torch.float32).report()) == {}
     cache.close()
 
 

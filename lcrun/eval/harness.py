@@ -178,6 +178,7 @@ class Evaluator:
         def cell() -> dict:
             return summarise(dict(task=task, length=length, mode=mode.name, attention=mode.attention,
                                   positions=positions, trials_requested=trials, records=list(records)))
+        before = tier_counts(gen.cache.report())
         for s in samples:
             if deadline is not None and time.perf_counter() > deadline:
                 break
@@ -186,9 +187,14 @@ class Evaluator:
             out_ids = list(gen.stream(s.prompt_ids, SamplingParams(max_new_tokens=s.max_new_tokens), self.tok.stop_ids))
             self._sync()
             text = self.tok.decode(out_ids)
-            records.append(dict(depth=s.depth, score=grade(s, text), output=text, answers=s.answers,
-                                needle_token=s.needle_token, prefill_s=round(gen.last_stats.prefill_s, 3),
-                                total_s=round(time.perf_counter() - t0, 3)))
+            record = dict(depth=s.depth, score=grade(s, text), output=text, answers=s.answers,
+                          needle_token=s.needle_token, prefill_s=round(gen.last_stats.prefill_s, 3),
+                          total_s=round(time.perf_counter() - t0, 3))
+            after = tier_counts(gen.cache.report())
+            if after:  # what this trial's decode steps met in the tiers (a skipped page can change the answer)
+                record["tiers"] = {k: round(after[k] - before[k], 3) for k in after}
+            before = after
+            records.append(record)
             if on_trial is not None:
                 on_trial(cell())
         del gen
@@ -237,6 +243,18 @@ class Evaluator:
     def _free(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+TIER_COUNTS = ("late_pages", "skipped_pages", "redone_steps")
+
+
+def tier_counts(report: dict) -> dict[str, float]:
+    """A tiered cache's cumulative counters that can change an answer or its time: NVMe pages that
+    arrived late, late pages skipped, steps run again, and milliseconds waited for them."""
+    if "late_pages" not in report:
+        return {}
+    return {**{k: report[k] for k in TIER_COUNTS},
+            "nvme_wait_ms": report["nvme_wait_ms_per_token"] * max(1, report["decode_steps"])}
 
 
 def summarise(cell: dict) -> dict:

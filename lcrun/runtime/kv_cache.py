@@ -114,6 +114,11 @@ class AttentionCache(ABC):
     def memory_bytes(self) -> int:
         return 0
 
+    def report(self) -> dict[str, Any]:
+        """Counters of the pages' tiers since the cache was made (hits, bytes moved, NVMe pages that
+        arrived late or were skipped); synchronises: call between runs. Empty: no tiers."""
+        return {}
+
     # -- saved contexts (lcrun.runtime.context_file): one layer at a time, so a load streams -----
     def snapshot_layout(self) -> dict[str, Any]:
         """What a saved context must match to load into this cache (its kind, page size, dtypes)."""

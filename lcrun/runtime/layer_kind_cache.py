@@ -6,7 +6,7 @@ concerns: layer-major prefill, shared selections, lookahead are the global cache
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -95,6 +95,9 @@ class LayerKindCache(AttentionCache):
 
     def begin_prefill(self, end: int) -> None:
         self.global_.begin_prefill(end)
+
+    def report(self) -> dict[str, Any]:
+        return self.global_.report()
 
     def shares_prefill_selection(self, end: int) -> bool:
         return self.global_.shares_prefill_selection(end)
