@@ -228,3 +228,22 @@ def test_window_prefill_sub_blocks_attend_to_their_own_far_pages():
             want[i, h] = w @ v[js, kv]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert len({tuple(sorted(pages[0, b].tolist())) for b in range(pages.shape[1])}) > 1  # blocks differ
+
+
+def test_a_chat_whose_next_prompt_passes_the_window_is_computed_again_at_window_positions():
+    """Tokens computed at true positions (a first turn inside the window) are not reused by a turn
+    that passes it: the second turn's logits are those of the whole conversation prefilled at once."""
+    from lcrun.runtime.build import random_model
+    from lcrun.runtime.generate import Generator
+    model = random_model(CFG, "cpu", torch.float32, seed=0)
+    ids = torch.randint(0, 64, (60,), generator=torch.Generator().manual_seed(7)).tolist()
+    chat = Generator(model, _paged(PositionRule(48), budget=S + W + 2 * P), 16)
+    chat.prefill(ids[:40])
+    chat.prefill(ids[:44])
+    assert chat.last_stats.reused_tokens == 40 and chat.true_tokens == 44  # still inside: reused
+    got = chat.prefill(ids)
+    assert chat.last_stats.reused_tokens == 0 and chat.true_tokens == 0
+    fresh = Generator(model, _paged(PositionRule(48), budget=S + W + 2 * P), 16)
+    torch.testing.assert_close(got, fresh.prefill(ids), atol=1e-5, rtol=1e-5)
+    chat.prefill(ids + [1, 2])  # past the window already: everything is reused
+    assert chat.last_stats.reused_tokens == 60

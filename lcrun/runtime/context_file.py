@@ -264,4 +264,4 @@ def _import(src: _In, cache, header: dict[str, Any], generator: Generator) -> No
         raise ContextFileError(f"{src.path}: damaged (it holds {layer + 1} of {header['layers']} layers)")
     cache.import_layer(layer, tensors)
     cache.end_import(header["tokens"])
-    generator.cached_ids = ids.tolist()
+    generator.restored(ids.tolist())

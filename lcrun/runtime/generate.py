@@ -37,6 +37,7 @@ class Generator:
         self.cache = cache
         self.prefill_chunk = prefill_chunk
         self.cached_ids: list[int] = []  # exactly the tokens whose K/V the cache holds
+        self.true_tokens = 0  # how many of them were computed at true positions (lcrun.runtime.positions)
         self.stepper = DecodeStepper(model, cache)
         self.last_stats = GenerationStats()
 
@@ -47,6 +48,12 @@ class Generator:
     def reset(self) -> None:
         self.cache.reset()
         self.cached_ids = []
+        self.true_tokens = 0
+
+    def restored(self, ids: list[int]) -> None:
+        """The cache now holds ``ids`` (a saved context), computed as one prompt."""
+        self.cached_ids = list(ids)
+        self.true_tokens = 0 if self.cache.moves_queries(len(ids)) else len(ids)
 
     def check_fits(self, n_tokens: int) -> None:
         # Room for the prompt plus at least one generated token.
@@ -65,9 +72,14 @@ class Generator:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # recompute at least one token to get its logits
+        if self.cache.moves_queries(len(ids)) and min(self.true_tokens, common) > 0:
+            # The prompt passes the trained window: tokens computed at true positions would be read
+            # at window positions, where they are found poorly. Compute them there, once.
+            common = 0
         self.cache.truncate(common)
         common = self.cache.length  # a cache may forget more than asked (a ring of local layers)
         self.cached_ids = ids[:common]
+        self.true_tokens = min(self.true_tokens, common)
         self.cache.begin_prefill(len(ids))
         self.last_stats = GenerationStats(prompt_tokens=len(ids), reused_tokens=common)
         device = self.model.device
@@ -91,6 +103,8 @@ class Generator:
             self.cached_ids.extend(ids[common + start: common + start + chunk.numel()])
             if progress is not None:
                 progress(start + chunk.numel(), todo.numel())
+        if not self.cache.moves_queries(len(ids)):
+            self.true_tokens = len(ids)
         if last_alone:
             with named_range("prefill_chunk"):
                 logits = self.model.forward(todo[-1:], self.cache)
@@ -131,5 +145,7 @@ class Generator:
                 with named_range("decode_step"):  # the unit `lcrun profile` splits
                     logits = self.stepper.step(ids)
                 self.cached_ids.append(token)
+                if not self.cache.moves_queries(len(self.cached_ids)):
+                    self.true_tokens = len(self.cached_ids)
         finally:
             stats.decode_s = time.perf_counter() - t1

@@ -46,6 +46,11 @@ class AttentionCache(ABC):
     graph_safe_decode = False  # a decode step reads its position and lengths from device tensors only
     layerwise_prefill = False  # prompts run layer-major: begin_layerwise, then the model's forward_layerwise
 
+    def moves_queries(self, end: int) -> bool:
+        """Whether the queries of a prefill ending at token ``end`` (or of the decode step at
+        ``end - 1``) sit at window positions (lcrun.runtime.positions); the default never moves."""
+        return False
+
     def begin_prefill(self, end: int) -> None:
         """A prompt is about to be prefilled up to token ``end`` (in one forward or more; its last
         token may follow as a one-token step). Caches that place queries by where the sequence

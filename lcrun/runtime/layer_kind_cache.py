@@ -93,6 +93,9 @@ class LayerKindCache(AttentionCache):
             self.length = self.global_.length
         return again
 
+    def moves_queries(self, end: int) -> bool:
+        return self.global_.moves_queries(end)
+
     def begin_prefill(self, end: int) -> None:
         self.global_.begin_prefill(end)
 

@@ -247,6 +247,9 @@ class PagedTopKCache(AttentionCache):
                 group_score=self.group_score, sm_scale=self.sm_scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    def moves_queries(self, end: int) -> bool:
+        return self.positions.passes(end)
+
     def begin_prefill(self, end: int) -> None:
         self._prefill_end = end
 

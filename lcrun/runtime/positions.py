@@ -22,7 +22,9 @@ A prompt whose prefill passes T places ALL its queries at window positions, thos
 (``true_queries``): the tokens a later query reads at window positions must have been computed in
 that layout. Computed at true positions and read at window positions, a needle was selected by
 nearly every layer and still missed (demo model, passkey 32K: needles at tokens 3K-7K wrong, the
-same prompts right when the whole prefill used window positions).
+same prompts right when the whole prefill used window positions). So a conversation whose next
+prompt passes T while the cache holds tokens computed at true positions prefills from its first
+token again (lcrun.runtime.generate), once.
 
 Decode builds a (3,) int32 device layout [S, ls, shift] per step from the selection bounds (no
 host sync: the step stays graph-captured); the Triton decode kernel rotates at read
@@ -69,14 +71,15 @@ class PositionRule:
         """Whether the query at token ``position`` uses window positions."""
         return self.trained_window is not None and position >= self.trained_window
 
+    def passes(self, end: int) -> bool:
+        """Whether a sequence of ``end`` tokens has passed the window (its queries then move)."""
+        return self.trained_window is not None and end > self.trained_window
+
     def true_queries(self, start: int, n: int, prefill_end: int = 0) -> int:
         """How many of the n queries from token ``start`` keep their true positions, in a prefill
         that ends at token ``prefill_end`` (at least start + n). A prefill that passes the window
         places every query at window positions, those before the window too (module doc)."""
-        window = self.trained_window
-        if window is None:
-            return n
-        return 0 if max(prefill_end, start + n) > window else n
+        return 0 if self.passes(max(prefill_end, start + n)) else n
 
 
 def decode_layout(bounds: torch.Tensor, page_size: int, out: torch.Tensor) -> None:

@@ -114,6 +114,9 @@ class TieredTopKCache(AttentionCache):
         self.pages.admit(layer, pages, lens, self.stats.counters, speculative=True)
 
     # -- per forward -------------------------------------------------------------------------------
+    def moves_queries(self, end: int) -> bool:
+        return self.positions.passes(end)
+
     def begin_prefill(self, end: int) -> None:
         self.prefill.prompt_end = end
 
