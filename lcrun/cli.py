@@ -146,7 +146,8 @@ def _need_text_model(config: LcrunConfig, command: str) -> None:
 
 def load_llm(config: LcrunConfig, context: Path | None = None):
     """The LLM for ``config``, its choices on stderr; ``context``: a saved context to restore into it."""
-    from lcrun.api import LLM, IgnoredSettingWarning, TrainedWindowWarning
+    from lcrun.api import LLM
+    from lcrun.errors import IgnoredSettingWarning, TrainedWindowWarning
     from lcrun.runtime.loading import default_model
 
     if config.model is None:
@@ -398,12 +399,12 @@ def _prefill_bar():
 
 def plan_choice(config: LcrunConfig, gpu: str | None = None):
     """What `lcrun run` would do with ``config``, without loading weights: the resolved attention and
-    its plan, through the same api.plan_run that LLM calls. On the GPU of the built-in profile
+    its plan, through the same construct.plan_run that LLM calls. On the GPU of the built-in profile
     ``gpu`` if given, else this machine's GPU; a CPU-only machine plans for a GPU of --gpu-mem when
     given, else for the CPU."""
     import torch
 
-    from lcrun.api import plan_run, resolve_device, resolve_dtype
+    from lcrun.construct import plan_run, resolve_device, resolve_dtype
     from lcrun.runtime.loading import open_model
 
     model_cfg, source = open_model(config.model)
@@ -439,7 +440,7 @@ def plan(config: LcrunConfig, as_json: bool, gpu: str | None) -> None:
 @handle_errors
 def calibrate(device: str, kv_dir: str | None) -> None:
     """Measure host->GPU, GPU memory and disk speeds once; `lcrun plan` uses them after."""
-    from lcrun.api import resolve_device
+    from lcrun.construct import resolve_device
     from lcrun.offload.calibrate import calibrate as run_calibration
     from lcrun.planner import calibration_path, format_rate
 

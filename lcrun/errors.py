@@ -1,4 +1,5 @@
-"""User-facing errors: each says what is wrong and what to do, and is shown without a traceback."""
+"""User-facing errors and warnings: each says what is wrong and what to do, and is shown without a
+traceback."""
 
 
 class LcrunError(Exception):
@@ -23,3 +24,11 @@ class ConfigError(LcrunError):
 
 class CapacityError(LcrunError):
     """The requested context does not fit the memory limits."""
+
+
+class TrainedWindowWarning(UserWarning):
+    """--attention dense with --ctx past the model's trained window: the output there degrades."""
+
+
+class IgnoredSettingWarning(UserWarning):
+    """A setting that does not apply on this device, e.g. --gpu-mem on the CPU."""

@@ -65,7 +65,7 @@ def test_tiered_plan_with_chunk_abstracts_is_refused_clearly():
     # abstracts on the host, which the tiered store does not do; it must say so, not overrun the cap.
     import dataclasses
     import torch
-    from lcrun.api import make_cache
+    from lcrun.construct import make_cache
     from lcrun.errors import CapacityError
     from lcrun.planner import make_plan
     from lcrun.planner.hardware import detect_hardware
@@ -93,7 +93,7 @@ def test_tiered_plan_with_chunk_abstracts_is_refused_clearly():
 
 
 def test_auto_attention_past_the_trained_window_and_dense_warning():
-    from lcrun.api import TrainedWindowWarning
+    from lcrun.errors import TrainedWindowWarning
     # synthetic:tiny was trained for 4096 tokens: auto takes top-k past it.
     llm = LLM("synthetic:tiny", ctx="8k", progress=False, budget=256, sink_tokens=16, window_tokens=64, page_size=16)
     assert llm.attention == "topk" and llm.config.attention == "topk"

@@ -215,7 +215,7 @@ def test_image_text_checkpoint_runs_its_text_model(pair, tmp_path, prefix):
 def test_global_layers_in_the_paged_topk_cache(pair):
     """make_cache as a run builds it: --attention topk gives the global layers a paged cache (a
     budget covering the context: it equals dense) beside the local rings."""
-    from lcrun.api import make_cache
+    from lcrun.construct import make_cache
     from lcrun.config import LcrunConfig
     from lcrun.runtime.layer_kind_cache import LayerKindCache
     from lcrun.runtime.paged_cache import PagedTopKCache

@@ -459,7 +459,7 @@ def test_demo_model_is_named_by_its_file_not_its_internal_name():
     from lcrun.runtime.loading import open_source
     cfg = open_source(str(SMOL)).config
     assert cfg.name == "SmolLM2-135M-Instruct (llama, 135M params, Q4_1 GGUF)"
-    from lcrun.api import plan_run
+    from lcrun.construct import plan_run
     from lcrun.config import LcrunConfig
     config = LcrunConfig(model=str(SMOL), ctx="4k", device="cpu")
     plan = plan_run(config, cfg, torch.device("cpu"), torch.float32, cpu_plan=True).plan

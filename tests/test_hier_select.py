@@ -282,7 +282,7 @@ def test_hier_selection_leaders_and_fallback(P, cp, top_chunks, seq_len, budget_
 def test_runtime_cache_is_hierarchical_only_for_long_contexts():
     """make_cache (all KV on the device) builds flat selection up to AUTO_MIN_PAGES pages per KV
     head and hierarchical selection (chunk abstracts) from there, where flat scoring costs more."""
-    from lcrun.api import make_cache
+    from lcrun.construct import make_cache
     from lcrun.config import LcrunConfig
     from lcrun.kernels.chunk_abstracts import AUTO_MIN_PAGES, CHUNK_PAGES
     from lcrun.runtime.model_config import ModelConfig

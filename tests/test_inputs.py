@@ -253,7 +253,7 @@ def test_cli_cpu_run_without_gpu_settings_has_no_warning():
 
 
 def test_api_warns_about_gpu_settings_on_the_cpu():
-    from lcrun.api import IgnoredSettingWarning
+    from lcrun.errors import IgnoredSettingWarning
     with pytest.warns(IgnoredSettingWarning, match=r"^--kv-dtype fp8 does not apply on the CPU"):
         llm = LLM("synthetic:tiny", ctx="1k", device="cpu", kv_dtype="fp8", progress=False)
     assert llm.settings_warning.startswith("--kv-dtype fp8 does not apply")
@@ -387,7 +387,7 @@ def test_importing_lcrun_changes_no_signal_handler_or_environment():
     child = ("import os, signal\n"
              "sigs = [s for s in signal.Signals if s not in (signal.SIGKILL, signal.SIGSTOP)]\n"
              "before = ({s: signal.getsignal(s) for s in sigs}, dict(os.environ))\n"
-             "import lcrun, lcrun.api, lcrun.cli, lcrun.offload.nvme_store, lcrun.offload.calibrate\n"
+             "import lcrun, lcrun.api, lcrun.construct, lcrun.cli, lcrun.offload.nvme_store, lcrun.offload.calibrate\n"
              "from lcrun import LLM\n"
              "after = ({s: signal.getsignal(s) for s in sigs}, dict(os.environ))\n"
              "assert before == after, [k for k in set(before[1]) | set(after[1]) "

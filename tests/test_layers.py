@@ -8,8 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "lcrun"
 
 # Bottom to top. Why this order: kernels are pure compute; the planner is plain Python over numbers;
-# offload moves pages by the plan; the runtime runs the model over them; api builds a run from the
-# settings; profiling, eval, serve and the CLI drive runs built by api.
+# offload moves pages by the plan; the runtime runs the model over them; construct builds a run from
+# the settings (spec -> config -> plan -> cache); api is the LLM class over it; profiling, eval, serve
+# and the CLI drive runs built by construct and api.
 LAYERS = [
     {"errors", "units", "ranges", "progress", "exit_signals"},  # leaf modules: no lcrun imports but each other
     {"config"},
@@ -17,6 +18,7 @@ LAYERS = [
     {"planner"},
     {"offload"},
     {"runtime"},
+    {"construct"},
     {"api"},
     {"profiling"},
     {"eval"},

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcrun.config import LcrunConfig
-from lcrun.api import resolve_positions
+from lcrun.construct import resolve_positions
 from lcrun.runtime.model_config import ModelConfig
 from lcrun.runtime.paged_cache import PagedTopKCache
 from lcrun.runtime.positions import PositionRule

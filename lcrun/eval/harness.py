@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from lcrun.api import build_cache, cpu_ignored_settings, resolve_device, resolve_dtype, resolve_positions
+from lcrun.construct import build_cache, cpu_ignored_settings, resolve_device, resolve_dtype, resolve_positions
 from lcrun.config import LcrunConfig
 from lcrun.errors import ConfigError
 from lcrun.eval.tasks import TASKS, TaskSet, grade

@@ -8,7 +8,7 @@ context is past the trained window or the weights and the dense KV cache would n
 memory cap, else dense.
 
 ``choose_attention`` is what ``lcrun plan``, ``lcrun run/chat/bench`` and ``lcrun.LLM`` all call
-(through ``lcrun.api.plan_run``), so the plan shown is the plan run.
+(through ``lcrun.construct.plan_run``), so the plan shown is the plan run.
 """
 from __future__ import annotations
 

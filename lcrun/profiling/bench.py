@@ -149,7 +149,8 @@ def bench_lcrun(config: LcrunConfig, context: int, steps: int, trace: str | None
     """One lcrun measurement at ``context`` tokens with ``config``'s settings and caps. The row
     records --attention as asked (``attention_requested``), what it resolved to (``attention``:
     dense or topk, per context) and why (``attention_reason``); ``log`` gets that as one line."""
-    from lcrun.api import LLM, TrainedWindowWarning
+    from lcrun.api import LLM
+    from lcrun.errors import TrainedWindowWarning
     _free()
     prompt_len = max(1, context)  # context 0: decode after one token (llama-bench's depth 0)
     cfg = dataclasses.replace(config, ctx=prompt_len + steps + 8)
@@ -252,7 +253,7 @@ def bench_transformers(config: LcrunConfig, context: int, steps: int, cache_kind
     memory) or "static" (preallocated, decode step under torch.compile with CUDA graphs)."""
     import transformers
 
-    from lcrun.api import resolve_device, resolve_dtype
+    from lcrun.construct import resolve_device, resolve_dtype
     device = resolve_device(config.device)
     if cache_kind in GPU_ONLY_CACHES and device.type != "cuda":
         raise ConfigError(f"transformers' {cache_kind} cache {GPU_ONLY_CACHES[cache_kind]}: it needs a GPU")
@@ -365,10 +366,10 @@ WARMUP_CONTEXT = 4096
 
 def resolved_attention(config: LcrunConfig, context: int, steps: int) -> str:
     """What --attention resolves to for a ``context`` row (dense or topk), through the plan a run
-    makes (lcrun.api.plan_run) but without loading weights; topk when that plan fails."""
+    makes (lcrun.construct.plan_run) but without loading weights; topk when that plan fails."""
     if config.attention != "auto":
         return config.attention
-    from lcrun.api import plan_run, resolve_device, resolve_dtype
+    from lcrun.construct import plan_run, resolve_device, resolve_dtype
     from lcrun.runtime.loading import open_model
     try:
         cfg = dataclasses.replace(config, ctx=max(1, context) + steps + 8)

@@ -95,7 +95,7 @@ def _prefill(llm, ids: list[int], log: Log) -> dict:
 def _plan_info(llm) -> dict:
     """The plan this run used or, on the CPU (where no plan places anything), the one `lcrun plan`
     shows for the same settings, marked so."""
-    from lcrun.api import plan_run
+    from lcrun.construct import plan_run
     from lcrun.planner import format_plan
     plan, used = llm.plan, True
     if plan is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lcrun.api import make_cache
+from lcrun.construct import make_cache
 from lcrun.config import LcrunConfig
 from lcrun.eval import Evaluator, Mode
 from lcrun.eval.text import stdlib_docs_text
