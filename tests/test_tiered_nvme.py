@@ -68,6 +68,7 @@ def test_new_conversations_reuse_the_nvme_tier(tmp_path):
     model = random_model(CFG, "cpu", torch.float32, seed=0)
     args = dict(budget=256, prefetch="off")  # 16 pages per head: the pool's 40 slots hold a step's selection
     cache = _tiered(512, tmp_path, 40, nvme_slots=CFG.num_layers * CFG.num_kv_heads * 32, **args)
+    cache.settler.wait_s, cache.settler.max_redos = 60.0, 10_000  # every late page is waited for, however slow the box
     tiered = Generator(model, cache, 64)
     greedy = SamplingParams(max_new_tokens=6, temperature=0)
     g = torch.Generator().manual_seed(5)
