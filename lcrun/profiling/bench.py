@@ -32,7 +32,6 @@ import torch
 from lcrun.config import LcrunConfig
 from lcrun.errors import ConfigError, LcrunError
 from lcrun.profiling.meta import run_metadata
-from lcrun.runtime.layer_kind_cache import context_cache
 
 WARMUP_STEPS = 3
 TRANSFORMERS_CACHES = ("dense", "offloaded", "static")
@@ -189,9 +188,9 @@ def _measure(llm, config: LcrunConfig, context: int, steps: int, trace: str | No
         "weight_bytes": llm.model.weight_bytes(), "weight_format": llm.model.weight_format(),
         "kv_cache_bytes": llm.cache.memory_bytes(),
         "cuda_graph": stepper.graph is not None, "plan": _plan_summary(llm.plan)}
-    paged = context_cache(llm.cache)  # Gemma: the global layers' cache has the tiers
-    if hasattr(paged, "report"):
-        row["tiers"] = paged.report()
+    tiers = llm.cache.report()  # Gemma: the global layers' tiers
+    if tiers:
+        row["tiers"] = tiers
     if trace:
         row.update(_trace_steps(step, trace))
     return row

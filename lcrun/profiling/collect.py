@@ -184,7 +184,7 @@ def run_profile(llm, opts: ProfileOptions, out_dir: Path, log: Log = lambda _m: 
                    "timed_ms": timed, "timed_ms_median": timed_ms, "timed_warmup_steps": WARMUP_STEPS,
                    "cuda_graph": getattr(stepper, "graph", None) is not None},
         "counters": {"source": source, "steps": series,
-                     "final_report": paged.report() if hasattr(paged, "report") else None},
+                     "final_report": paged.report() or None},
         "links": link_info,
         "trace": trace.name,
     }

@@ -42,16 +42,15 @@ def read_counters(cache) -> tuple[dict[str, int], str]:
         return out, "step_counters()"
     out: dict[str, int] = {}
     source = "none"
-    if hasattr(cache, "report"):
-        r = cache.report()
-        if "selected_pages" in r and "cache_hits" in r:
-            out.update(selected_pages=int(r["selected_pages"]), gpu_hits=int(r["cache_hits"]))
-            out.update({k: int(r[k]) for k in ("prefetched_pages", "prefetch_hits") if r.get(k) is not None})
-            pb = _page_bytes(cache)
-            # Misses are read zero-copy from pinned host memory by the attention kernel.
-            if pb is not None:
-                out["h2d_bytes"] = (out["selected_pages"] - out["gpu_hits"]) * pb
-            source = "report() (hits; host bytes from misses)"
+    r = cache.report()  # empty for a cache without tiers
+    if "selected_pages" in r and "cache_hits" in r:
+        out.update(selected_pages=int(r["selected_pages"]), gpu_hits=int(r["cache_hits"]))
+        out.update({k: int(r[k]) for k in ("prefetched_pages", "prefetch_hits") if r.get(k) is not None})
+        pb = _page_bytes(cache)
+        # Misses are read zero-copy from pinned host memory by the attention kernel.
+        if pb is not None:
+            out["h2d_bytes"] = (out["selected_pages"] - out["gpu_hits"]) * pb
+        source = "report() (hits; host bytes from misses)"
     elif hasattr(cache, "page_size") and hasattr(cache, "length"):
         cfg = cache.cfg
         out["pages_gpu"] = -(-cache.length // cache.page_size) * cfg.num_layers * cfg.num_kv_heads
