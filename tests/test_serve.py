@@ -137,7 +137,9 @@ def test_concurrent_requests_both_complete_in_order(live):
 
 
 def _open_stream(live, max_tokens: int):
-    """A raw streamed request (httpx), its first text chunk already read."""
+    """A raw streamed request (httpx), its first text chunk already read. The caller keeps the line
+    iterator: dropped, it would be closed at once, and closing it closes the connection (the server
+    then cancels the job before it runs)."""
     http = httpx.Client(timeout=WAIT_S)
     body = {"model": "demo", "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": max_tokens, "stream": True}
@@ -145,7 +147,7 @@ def _open_stream(live, max_tokens: int):
     response = cm.__enter__()
     lines = response.iter_lines()
     assert next(lines).startswith("data: ")  # the role chunk
-    return http, cm
+    return http, cm, lines
 
 
 def test_full_queue_gets_503_and_a_disconnect_cancels(live, llm, monkeypatch):
@@ -161,7 +163,7 @@ def test_full_queue_gets_503_and_a_disconnect_cancels(live, llm, monkeypatch):
         yield from stream(*args, **kwargs)
     monkeypatch.setattr(llm, "stream_text_ids", gated)
     before = live.wait_for("an idle server", idle)
-    http, cm = _open_stream(live, max_tokens=400)
+    http, cm, lines = _open_stream(live, max_tokens=400)
     live.wait_for("the stream to run", lambda s: s["running"] is not None)
     waiting: dict[str, object] = {}
     queued = threading.Thread(target=lambda: waiting.update(r=ask(live.client(), "Say hi.", max_tokens=4)))
@@ -171,6 +173,7 @@ def test_full_queue_gets_503_and_a_disconnect_cancels(live, llm, monkeypatch):
         ask(live.client(), "Say hello.", max_tokens=4)
     assert err.value.status_code == 503 and err.value.response.headers["retry-after"].isdigit()
     cm.__exit__(None, None, None)  # the client leaves mid-stream
+    lines.close()
     http.close()
     gate.set()
     queued.join(WAIT_S)
