@@ -73,9 +73,8 @@ class SpillPlacement:
         stale = self.conf.flats(np.arange(first, self.conf.max_pages))
         if (d.nvme_map[layer, stale] >= 0).any():
             h.writer.flush()  # no queued write may land in a slot after it is reused
-        h.discard(layer, stale[d.host_map[layer, stale] >= 0] if not continuing
-                  else self.conf.flats(np.arange(first + 1, self.conf.max_pages)))
-        d.discard_nvme(layer, stale)
+        h.discard(layer, self.conf.flats(np.arange(first + int(continuing), self.conf.max_pages)))
+        d.discard_nvme(layer, stale)  # the continuing page's disk copy too
         # Old pages that no longer belong in the host pool (a long follow-up prompt).
         old = self.conf.flats(np.arange(sinks, min(first, recent_from)))
         old = old[d.host_map[layer, old] >= 0] if old.size else old
