@@ -12,6 +12,7 @@ the quantized modes dequantize every matrix per call (minutes for 512 tokens on 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sysconfig
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from lcrun.runtime.build import load_model
 from lcrun.runtime.kv_cache import DenseCache
 from lcrun.runtime.loading import default_model, open_source
-from perf.common import write_result
+from lcrun.profiling.meta import run_metadata
 
 
 def default_text() -> str:
@@ -67,8 +68,12 @@ def main() -> None:
         print(f"{mode:6} {row['format']:10} {row['weight_bytes'] / 2**20:8.1f} MiB  ppl {row['perplexity']:8.3f}  "
               f"top-1 agreement with {args.modes.split(',')[0]} {row['top1_agreement']:.2%}", flush=True)
         del model
-    path = write_result("quant_quality", {"model": source.path, "tokens": ids.numel(), "device": str(device),
-                                          "dtype": str(dtype), "rows": rows}, args.out)
+    result = {"kind": "lcrun.quant_quality", "meta": run_metadata(), "model": str(source.path),
+              "text": args.text or "Python's LICENSE.txt", "tokens": ids.numel(), "device": str(device),
+              "dtype": str(dtype).replace("torch.", ""), "rows": rows}
+    path = Path(args.out or "quant-quality.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
 
 

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from lcrun.errors import ConfigError
 from lcrun.eval.harness import tier_counts
+from lcrun.offload.movers import Promoter
+from lcrun.offload.nvme_store import NvmeStore
 from lcrun.offload.page_directory import PageDirectory
 from lcrun.runtime.build import random_model
 from lcrun.runtime.generate import Generator
@@ -206,6 +208,51 @@ def test_page_directory_never_double_maps(ops):
             assert mapped.size + pending + d.free_host_slots(lay) == 10  # no slot lost or duplicated
         nv = d.nvme_map[d.nvme_map >= 0]
         assert len(set(nv.tolist())) == nv.size
+
+
+def test_a_selection_larger_than_the_free_host_slots_is_promoted_after_evictions(tmp_path):
+    """One layer, one head, 8 host slots all holding pages 0-7 (on disk too), a reserve of 4: a
+    selection of pages 8-13 (on NVMe only) finds no free slot. The promoter defers them, evicts
+    the least recently used unselected pages, and wakes the waiter only after that; once the main
+    thread has applied the unmaps and recycled the slots, the same selection handed over again
+    promotes pages, and their bytes come back from disk."""
+    d = PageDirectory(num_layers=1, num_heads=1, max_pages=16, host_slots_per_layer=8, nvme_slots=16)
+    store = NvmeStore(str(tmp_path), 4096, 16)
+    host = torch.zeros(1, 8, 4096, dtype=torch.uint8)
+    pages = torch.arange(16, dtype=torch.uint8)[:, None].expand(16, 4096).contiguous()
+    d.assign_host(0, np.arange(8))
+    host[0, :8] = pages[:8]
+    on_disk = np.arange(16)
+    store.write(d.assign_nvme(0, on_disk).tolist(), pages[on_disk])
+    d.host_map[0, 8:] = -1
+    promoter = Promoter(d, store, host, reserve_per_layer=4, protected_fn=lambda n: np.zeros(16, dtype=bool), pin=False)
+    promoter.start((1, 1, 6))
+    selection = torch.arange(8, 14, dtype=torch.int32).view(1, 1, 6)
+    try:
+        def hand_over():
+            buf = promoter.free_buffer(5.0)
+            promoter.sel_buffers[buf].copy_(selection)
+            seq = promoter.submit(1, 200, buf, None)
+            assert promoter.wait_promoted(seq, 30.0)
+            return seq, promoter.drain()
+
+        seq, updates = hand_over()
+        assert promoter.deferred(seq) == 6 and all(released is not None for *_, released in updates)
+        evicted = np.concatenate([flats for _, flats, _, _ in updates])
+        assert evicted.size == 4 and (d.host_map[0, evicted] < 0).all() and d.free_host_slots(0) == 0
+        for layer, _, _, released in updates:
+            promoter.released(None, layer, released)
+        promoter.recycle_released(wait=True)
+        assert d.free_host_slots(0) == 4
+        seq, updates = hand_over()
+        promoted = [(flats, slots) for _, flats, slots, released in updates if released is None]
+        (flats, slots), = promoted
+        assert flats.size == 2 and promoter.deferred(seq) == 4  # two free slots stay for decode's new pages
+        for f, slot in zip(flats.tolist(), slots.tolist()):
+            assert d.host_map[0, f] == slot and bool((host[0, slot] == f).all())
+    finally:
+        promoter.close()
+        store.close()
 
 
 def _sparse_reference(q, k, v, pos0, t, sink, window, budget, group_score="max"):

@@ -14,7 +14,9 @@ cache applies between steps (``drain``), and it reuses a released slot only afte
 reports an event recorded after the unmap has completed (no step can still read the old page
 there). Each handed-over selection gets a number (``submit``); ``wait_promoted`` blocks, with a
 bound, until that selection's promotions are queued, which is what a cache waits for before it
-runs again a step that found selected pages still on NVMe.
+runs again a step that found selected pages still on NVMe. Pages a selection could not promote
+for want of free slots are ``deferred``: its waiter wakes after the evictions that make room, and
+hands the selection over again once it has recycled their slots (``recycle_released``).
 """
 from __future__ import annotations
 
@@ -163,6 +165,7 @@ class Promoter(_JobThread):
         self._submitted = 0                             # selections handed over (their numbers: 1, 2, ...)
         self._promoted_through = 0                      # every selection up to this one has its promotions queued
         self._progress = threading.Condition()
+        self._deferred = (0, 0)                         # (selection number, pages it left on NVMe)
 
     def start(self, sel_shape: tuple[int, ...]) -> None:
         # Normal tensors even when called inside inference mode: graph replays write them outside it.
@@ -215,18 +218,28 @@ class Promoter(_JobThread):
             self._recycle.append((event, layer, slots))
 
     # -- the thread ----------------------------------------------------------------------------
-    def _recycle_done(self) -> None:
+    def recycle_released(self, wait: bool = False) -> None:
+        """Free the released slots whose unmap the GPU has passed (``wait``: wait for those events
+        instead of skipping the ones not yet complete). Either thread may call it."""
         with self._recycle_lock:
             pending, self._recycle = self._recycle, []
         keep = []
         for event, layer, slots in pending:
-            if event is None or event.query():
+            if event is not None and wait:
+                event.synchronize()
+            if event is None or wait or event.query():
                 with self.dir.lock:
                     self.dir.recycle(layer, slots)
             else:
                 keep.append((event, layer, slots))
         with self._recycle_lock:
             self._recycle = keep + self._recycle
+
+    def deferred(self, seq: int) -> int:
+        """Selected NVMe pages that selection ``seq`` could not promote for want of free host slots
+        (its evictions free them for the next hand-over); 0 once a later selection was processed."""
+        with self._progress:
+            return self._deferred[1] if self._deferred[0] == seq else 0
 
     def _mark_promoted(self, seq: int) -> None:
         with self._progress:
@@ -242,22 +255,23 @@ class Promoter(_JobThread):
         self._ring_free.put(buf)
         t0 = time.perf_counter()
         self.stats.steps_seen += 1
-        self._recycle_done()
+        self.recycle_released()
         d = self.dir
         heads = np.arange(sel.shape[1], dtype=np.int64)[:, None] * d.max_pages
         protected = self.protected_fn(length)
         if self.writer is not None:
             self.writer.flush()  # pages spilled by prefill must be on disk before they are read back
         # One batch of reads for all layers (the store spreads it over its I/O threads).
-        found, reads, rows = [], [], []
+        found, reads, rows, deferred = [], [], [], 0
         for layer in range(sel.shape[0]):
             used = sel[layer] >= 0
             flats = np.unique((sel[layer] + heads)[used])
             with d.lock:
                 d.last_used[layer, flats] = step
-                missing = flats[(d.host_map[layer, flats] < 0) & (d.nvme_map[layer, flats] >= 0)]
+                wanted = flats[(d.host_map[layer, flats] < 0) & (d.nvme_map[layer, flats] >= 0)]
                 # Leave room for the new pages decode writes (two per head) before the next drain.
-                missing = missing[:max(0, d.free_host_slots(layer) - 2 * sel.shape[1])]
+                missing = wanted[:max(0, d.free_host_slots(layer) - 2 * sel.shape[1])]
+                deferred += wanted.size - missing.size
                 slots = d.assign_host(layer, missing) if missing.size else missing[:0].astype(np.int32)
                 reads += d.nvme_map[layer, missing].tolist()
             rows += [self.host_rows[layer, s] for s in slots.tolist()]
@@ -268,7 +282,10 @@ class Promoter(_JobThread):
         for layer, flats, missing, slots in found:
             if missing.size:
                 self._updates.put((layer, missing, slots, None))
-        self._mark_promoted(seq)  # a waiting step can run again now; the reserve is kept meanwhile
+        with self._progress:
+            self._deferred = (seq, deferred)
+        if not deferred:  # a waiting step can run again now; the reserve is kept meanwhile
+            self._mark_promoted(seq)  # (else _finish wakes it after the evictions that make room)
         for layer, flats, missing, slots in found:
             self._keep_reserve(layer, protected, flats)
         self.stats.promoted_pages += len(reads)
@@ -277,8 +294,9 @@ class Promoter(_JobThread):
 
     def _keep_reserve(self, layer: int, protected: np.ndarray, selected: np.ndarray) -> None:
         d = self.dir
-        with d.lock:
+        with self._recycle_lock:
             pending = sum(len(s) for _, lay, s in self._recycle if lay == layer)
+        with d.lock:
             short = self.reserve - d.free_host_slots(layer) - pending
             if short <= 0:
                 return

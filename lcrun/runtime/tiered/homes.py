@@ -119,11 +119,26 @@ class HostHomes:
         flats_all = self.conf.flats(np.arange(self.mapped_through, min(end_page, self.conf.max_pages)))
         d = self.directory
         for layer in range(self.conf.cfg.num_layers):
+            flats = flats_all[d.host_map[layer, flats_all] < 0]  # only this thread maps new pages
+            if flats.size > d.free_host_slots(layer):
+                self._reclaim()
             with d.lock:
-                flats = flats_all[d.host_map[layer, flats_all] < 0]
                 slots = d.assign_host(layer, flats)
             self.set_host_slots(layer, flats, slots)
         self.mapped_through = end_page
+
+    def _reclaim(self) -> None:
+        """Free host slots for new pages: the promoter's evictions freed slots that only the GPU's
+        pass over their unmap keeps (it recycles them when its next selection comes, which may be
+        later than this step). Wait for it to finish, apply what it did, and recycle them now."""
+        self.promoter.wait_idle()
+        self.apply_promotions()
+        self.promoter.recycle_released(wait=True)
+
+    def room_to_promote(self) -> bool:
+        """Whether some layer has free host slots beyond the new pages of decode (the promoter's rule)."""
+        room = 2 * self.conf.cfg.num_kv_heads
+        return any(self.directory.free_host_slots(layer) > room for layer in range(self.conf.cfg.num_layers))
 
     def apply_promotions(self) -> int:
         """Apply the promoter's mapping changes; returns how many pages gained a host slot."""

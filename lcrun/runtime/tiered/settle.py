@@ -115,8 +115,7 @@ class DecodeSettler:
         if not self._redos:  # the token's first run
             stats.late_pages += unreadable
             self._deadline = time.perf_counter() + self.wait_s
-        if (unreadable and self.wait_s > 0 and self._redos < self.max_redos
-                and self._wait_for_promotions(length) and self.homes.apply_promotions()):
+        if unreadable and self.wait_s > 0 and self._redos < self.max_redos and self._wait_for_promotions(length):
             stats.redo_counters = tuple(r + a - b for r, a, b in zip(stats.redo_counters, now, mark))
             stats.counters.copy_(self._counters_mark)  # the run again counts the step
             stats.decode_steps -= 1
@@ -129,14 +128,26 @@ class DecodeSettler:
         self._counters_mark.copy_(stats.counters)
         return False
 
-    def _wait_for_promotions(self, length: int) -> bool:
-        """Wait, until the token's deadline, for the promoter to queue the promotions of the last
-        step's selection (handed over now if it was not after the step); whether it did."""
+    def _wait_for_promotions(self, length: int) -> int:
+        """Wait, until the token's deadline, for the promoter to promote the last step's selection
+        (handed over now if it was not after the step), and map what it promoted; how many pages.
+        When the pool had no room for some of them, the promoter evicted others first: their slots
+        are recycled and the same selection is handed over again."""
         t0 = time.perf_counter()
+        homes, promoted = self.homes, 0
         try:
-            if self._sel_seq is None:  # the promoter was behind, or the step was a graph capture
-                self._sel_seq = self._submit_selection(max(0.0, self._deadline - t0), length)
-            return (self._sel_seq is not None
-                    and self.homes.promoter.wait_promoted(self._sel_seq, self._deadline - time.perf_counter()))
+            while True:
+                if self._sel_seq is None:  # the promoter was behind, the step was a graph capture, or a retry
+                    self._sel_seq = self._submit_selection(max(0.0, self._deadline - time.perf_counter()), length)
+                if self._sel_seq is None or not homes.promoter.wait_promoted(
+                        self._sel_seq, self._deadline - time.perf_counter()):
+                    return promoted
+                promoted += homes.apply_promotions()
+                if not homes.promoter.deferred(self._sel_seq) or time.perf_counter() >= self._deadline:
+                    return promoted
+                homes.promoter.recycle_released(wait=True)
+                if not homes.room_to_promote():
+                    return promoted  # the selection is larger than the pool: the rest is skipped
+                self._sel_seq = None
         finally:
             self.stats.nvme_wait_s += time.perf_counter() - t0
