@@ -218,6 +218,16 @@ def settings_line(doc: dict) -> str:
     return ", ".join([doc["model"]] + (parts or ["default settings"]))
 
 
+def quant_section(name: str, doc: dict) -> str:
+    rows = [[f"`{r['weights']}`", r["format"], f"{r['weight_bytes'] / 2**20:,.1f}", f"{r['perplexity']:.3f}",
+             f"{r['top1_agreement']:.2%}"] for r in doc["rows"]]
+    return "\n".join([f"### {name}", "", f"- machine: {machine(doc['meta'])}",
+                      f"- command: {command(doc['meta'], 'perf/quant_quality.py')}",
+                      f"- {doc['model']}, {doc['tokens']:,} tokens of {doc.get('text', 'prose')}, "
+                      f"{doc['dtype']} activations on the {doc['device']}; top-1 agreement with the first row", "",
+                      table(["--weights", "format", "weights MiB", "perplexity", "top-1 agreement"], rows)])
+
+
 def quality(docs: dict[str, dict]) -> str:
     evals = {n: d for n, d in docs.items() if n.startswith("eval-")}
     fidelity = []
@@ -239,6 +249,10 @@ def quality(docs: dict[str, dict]) -> str:
                   "group score", "top-1 agreement", "mean KL", "loss dense / top-k (nats)"], fidelity), "",
            "## Retrieval", ""]
     out += [eval_section(n, d) + "\n" for n, d in sorted(evals.items()) if cells(d)]
+    out += ["## Quantized weights (`python -m perf.quant_quality`)", "",
+            "Teacher-forced perplexity on prose and top-1 agreement of each `--weights` mode with the "
+            "first, on the same text.", ""]
+    out += [quant_section(n, d) + "\n" for n, d in sorted(docs.items()) if d.get("kind") == "lcrun.quant_quality"]
     return "\n".join(out).rstrip() + "\n"
 
 
