@@ -223,7 +223,7 @@ def quant_section(name: str, doc: dict) -> str:
              f"{r['top1_agreement']:.2%}"] for r in doc["rows"]]
     return "\n".join([f"### {name}", "", f"- machine: {machine(doc['meta'])}",
                       f"- command: {command(doc['meta'], 'perf/quant_quality.py')}",
-                      f"- {doc['model']}, {doc['tokens']:,} tokens of {doc.get('text', 'prose')}, "
+                      f"- {Path(doc['model']).name}, {doc['tokens']:,} tokens of {doc.get('text', 'prose')}, "
                       f"{doc['dtype']} activations on the {doc['device']}; top-1 agreement with the first row", "",
                       table(["--weights", "format", "weights MiB", "perplexity", "top-1 agreement"], rows)])
 
