@@ -28,7 +28,8 @@ HEADLINE_EXTRA = [("bench-h200-2026-12-04-kv-fp8-32k-256k-1m-24gib.json", "lcrun
                   ("bench-h200-2026-11-28-topk-dense-transformers-24gib.json", "transformers-dense", 131072),
                   ("bench-h200-2026-11-28-topk-dense-transformers-24gib.json", "lcrun", 131072)]
 TF_SETUP = {"transformers-dense": "transformers, its GPU cache (eager)",
-            "transformers-offloaded": "transformers, its offloaded cache (eager)"}
+            "transformers-offloaded": "transformers, its offloaded cache (eager)",
+            "transformers-static": "transformers, its static cache (torch.compile CUDA graphs)"}
 
 
 def load(results: Path) -> dict[str, dict]:

@@ -35,3 +35,10 @@ def test_perf_scripts_have_no_path_hacks():
             text = path.read_text()
             assert "sys.path.insert" not in text and "../shared" not in text, path
     assert not list((ROOT / "perf").glob("device_*.sh"))
+
+
+def test_every_transformers_row_is_labelled_as_transformers():
+    for doc in report_docs.load(ROOT / "perf" / "results").values():
+        for row in doc.get("rows", []) if doc.get("kind", "lcrun.bench") == "lcrun.bench" else []:
+            if str(row.get("impl", "")).startswith("transformers"):
+                assert report_docs.setup(doc, row).startswith("transformers"), row["impl"]
