@@ -2,11 +2,13 @@
 
     python -m perf.bench_qgemv --formats Q4_0,Q8_0,Q4_K --out OUT.json
 
-Per (format, shape): the default launch config and a small sweep (rows per program, pairs per
-iteration, split-K), each timed with CUDA events over many calls that cycle through enough copies
-of the weight to exceed the L2 cache (so every call reads from HBM). GB/s counts the weight's
-bytes once per call (what a decode step must read). Beside it: torch's bf16 GEMV on the same
-shape, and prefill's dequantize-to-scratch + matmul at T tokens against a bf16 matmul.
+Per (format, shape): the default launch config and a small sweep (rows per program, bytes per row
+per iteration with the warps that go with them, split-K), each timed as decode runs it: many calls
+captured in one CUDA graph (launched one by one from Python, a call this short measures the
+launch, not the kernel), cycling through enough copies of the weight to exceed the L2 cache so
+every call reads from HBM. GB/s counts the weight's bytes once per call (what a decode step must
+read). Beside it: torch's bf16 GEMV on the same shape, and prefill's dequantize-to-scratch +
+matmul at T tokens against a bf16 matmul.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ L2_FLUSH_BYTES = 512 << 20  # cycle weights through this much memory (H200 L2: 5
 
 
 def timed(fn, calls: int) -> float:
-    """Mean ms per call over ``calls`` (after a warm-up), timed by CUDA events."""
+    """Mean ms per call over ``calls`` (after a warm-up), timed by CUDA events around eager calls
+    (for the long calls: copies, prefill matmuls)."""
     for _ in range(3):
         fn(0)
     torch.cuda.synchronize()
@@ -37,6 +40,32 @@ def timed(fn, calls: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / calls
+
+
+def timed_graph(fn, calls: int, replays: int = 5) -> float:
+    """Median ms per call of ``calls`` calls captured in one CUDA graph (after an eager warm-up that
+    compiles), over ``replays`` timed replays."""
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn(0)  # allocations the capture reuses
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(calls):
+                fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def copy_bandwidth(dev: torch.device) -> float:
@@ -63,20 +92,22 @@ def bench_shape(fmt: str, n: int, k: int, dev: torch.device, calls: int, sweep: 
     sm = torch.cuda.get_device_properties(dev).multi_processor_count
     default = gemv_config(n, k, sm)
     configs = [default]
-    if sweep:  # each (BLOCK_N, BLOCK_P, warps) compiles once per format; splits are runtime
-        for bn in (8, 16, 32):
-            for bp in (128, 256, 512):
-                for warps in (4, 8):
-                    for splits in sorted({1, 2, 4, 8, default[2]}):
-                        if (k // 2) // splits >= bp:
-                            configs.append((bn, bp, splits, warps))
+    if sweep:  # each (BLOCK_N, BLOCK_P, warps) compiles once per format; splits are runtime.
+        # BLOCK_P = 256 * warps: the kernel wants BLOCK_G = BLOCK_P / 16 >= 16 * warps
+        for bn in (2, 4, 8, 16):
+            for warps in (2, 4, 8):
+                for splits in (1, 2):
+                    if (k // 32) // splits >= 16 * warps:
+                        configs.append((bn, 256 * warps, splits, warps))
     rows = []
     for cfg in dict.fromkeys(configs):
-        ms = timed(lambda i: qgemv(x, ws[i % copies], cfg), calls)
-        rows.append({"config": list(cfg), "ms": ms, "gb_s": w0.nbytes / (ms * 1e-3) / 1e9})
+        ms = timed_graph(lambda i: qgemv(x, ws[i % copies], cfg), calls)
+        eager_ms = timed(lambda i: qgemv(x, ws[i % copies], cfg), calls) if cfg == default else None
+        rows.append({"config": list(cfg), "ms": ms, "gb_s": w0.nbytes / (ms * 1e-3) / 1e9,
+                     **({"eager_launch_ms": eager_ms} if eager_ms is not None else {})})
     best = min(rows, key=lambda r: r["ms"])
     dense = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(max(1, -(-L2_FLUSH_BYTES // (n * k * 2))))]
-    bf16_ms = timed(lambda i: torch.nn.functional.linear(x, dense[i % len(dense)]), calls)
+    bf16_ms = timed_graph(lambda i: torch.nn.functional.linear(x, dense[i % len(dense)]), calls)
     xt = torch.randn(prefill_t, k, device=dev, dtype=torch.bfloat16)
     scratch_ms = timed(lambda i: torch.nn.functional.linear(xt, dequantize(ws[i % copies], torch.bfloat16)), 10)
     dense_mm_ms = timed(lambda i: torch.nn.functional.linear(xt, dense[i % len(dense)]), 10)

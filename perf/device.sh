@@ -4,8 +4,8 @@
 #
 #   headline  PHASE=bench: `lcrun bench` with the flags a user types plus --gpu-mem 24GiB at CONTEXTS
 #             (32k,128k,256k; time limit BENCH_S, 500; EXTRA: more bench flags, e.g. --kv-dtype fp8);
-#             PHASE=quality: GPU tests of positions, key rotation and NVMe late pages (TESTS=no: none), then at once
-#             (time limit QUALITY_S, 420) passkey 32K/128K and the single needle at 32K, 20 trials,
+#             PHASE=quality: GPU tests of positions, key rotation and NVMe late pages (TEST_FILES: others; TESTS=no:
+#             none) beside, at once (time limit QUALITY_S, 420), passkey 32K/128K and the single needle at 32K, 20 trials,
 #             and passkey 256K, 10 trials, with pages in host memory and on disk (--host-mem 2GiB),
 #             through the default path on the demo model ($LCRUN_DEMO_MODEL) with --gpu-mem 1GiB (ONLY:
 #             the names of the runs to make, e.g. "passkey256k-host passkey256k-nvme");
@@ -28,13 +28,17 @@
 #   quant     quantized weights, STAGE=tests (GPU tests), gemv (GB/s on the 8B shapes vs a measured copy),
 #             bench (8B WEIGHTS, q4_0 then bf16, at CONTEXTS, 0/32K/128K/256K), quality (demo model: perplexity, top-1 of
 #             bf16/auto/q8_0/q4_0), llamacpp (PEERS=<peers dir>: build, a same-shape Q4_0 GGUF, llama-bench)
+#   saved     a 128K context of the 8B shape (default flags + --gpu-mem 24GiB) saved to disk and loaded
+#             again: load vs prefill seconds, and the next 32 greedy tokens compared (perf.diag.saved_context)
+#   gemma     `lcrun plan` and `lcrun bench` of synthetic:gemma-3-12b beside synthetic:llama-3.1-8b, both
+#             --weights ${WEIGHTS:-q4_0}, --gpu-mem 24GiB, at CONTEXTS (128k,256k)
 #
 # Every results file records its command line, commit, GPU and versions (lcrun bench, perf.attention).
 set -u -o pipefail
-usage="usage: bash perf/device.sh headline|quick|tests|attention|fp8|prefetch|cache|profile|pdl|nvme|quant|baselines OUTDIR"
+usage="usage: bash perf/device.sh headline|quick|tests|attention|fp8|prefetch|cache|profile|pdl|nvme|quant|baselines|saved|gemma OUTDIR"
 suite=${1:?$usage}
 out=${2:?$usage}
-suites=" headline quick tests attention fp8 prefetch cache profile pdl nvme quant baselines "
+suites=" headline quick tests attention fp8 prefetch cache profile pdl nvme quant baselines saved gemma "
 [[ $suites == *" $suite "* ]] || { echo "unknown suite '$suite'; $usage" >&2; exit 2; }
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:.
@@ -58,12 +62,15 @@ headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each
     timeout "${BENCH_S:-500}" "${cmd[@]}" 2>&1 | show 12
   fi
   if [[ $phase == all || $phase == quality ]]; then
+    # The GPU tests and the evals share the GPU at once (none of them is timed); the demo model is
+    # launch-bound, so the evals run side by side too.
+    local tests_pid=
     if [[ ${TESTS:-yes} == yes ]]; then
-      step "GPU tests"
-      timeout 110 python3 -m pytest -q -m gpu -x tests/test_gpu_positions.py tests/test_key_rotation.py \
-        tests/test_tiered_nvme.py 2>&1 | tail -15 | tee -a "$log"
+      step "GPU tests (beside the evals): ${TEST_FILES:=tests/test_gpu_positions.py tests/test_key_rotation.py tests/test_tiered_nvme.py}"
+      # shellcheck disable=SC2086
+      timeout "${TEST_S:-400}" python3 -m pytest -q -m gpu $TEST_FILES > "$out/gpu-tests.log" 2>&1 &
+      tests_pid=$!
     fi
-    # The demo model is launch-bound: five evals share the GPU at once (none of them is timed).
     step "quality through the default path, --gpu-mem 1GiB: passkey 32K/128K, single needle 32K (20 trials);"\
          " passkey 256K with pages in host memory and with --host-mem 2GiB (pages on disk; 10 trials)"
     mkdir -p /tmp/lcrun-kv256
@@ -86,6 +93,7 @@ headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each
     done
     wait
     for r in "${runs[@]}"; do name=${r%%|*}; echo "--- $name" | tee -a "$log"; show 4 < "$out/eval-$name.log"; done
+    [[ -n $tests_pid ]] && { echo "--- GPU tests" | tee -a "$log"; tail -15 "$out/gpu-tests.log" | tee -a "$log"; }
   fi
 }
 
@@ -213,6 +221,24 @@ quant() {  # STAGE=tests|gemv|bench|quality|llamacpp (one device call each); lla
       tail -c 2000 "$out"/llamacpp-h200-q4_0-*.json | tee -a "$log" ;;
     *) echo "unknown quant STAGE $STAGE" >&2; exit 2 ;;
   esac
+}
+
+saved() {
+  mkdir -p /tmp/lcrun-ctx
+  step "save and load a ${CONTEXT:-128k} context"
+  timeout "${SAVED_S:-300}" python3 -m perf.diag.saved_context --model synthetic:llama-3.1-8b --context "${CONTEXT:-128k}" \
+    --gpu-mem 24GiB --path /tmp/lcrun-ctx/ctx.lcctx --out "$out/saved-context-h200-${CONTEXT:-128k}-24gib.json" 2>&1 | show 24
+  rm -f /tmp/lcrun-ctx/ctx.lcctx
+}
+
+gemma() {
+  local w=${WEIGHTS:-q4_0} m
+  for m in gemma-3-12b llama-3.1-8b; do
+    step "plan and bench synthetic:$m --weights $w at ${CONTEXTS:-128k,256k}"
+    python3 -m lcrun.cli plan --model "synthetic:$m" --weights "$w" --gpu-mem 24GiB --ctx 256k 2>&1 | show 30
+    timeout "${BENCH_S:-240}" python3 -m lcrun.cli bench --model "synthetic:$m" --weights "$w" --gpu-mem 24GiB \
+      --contexts "${CONTEXTS:-128k,256k}" --steps 32 --out "$out/bench-h200-$m-$w-24gib.json" 2>&1 | show 8
+  done
 }
 
 "$suite"

@@ -5,10 +5,12 @@ elements e = 32(i//16) + i%16 and e + 16; every format (Q8_0 too) is read pair-w
 dequantizer serves all. The activations are loaded in the same pair order, so the weight is never
 reshuffled in registers.
 
-- ``qgemv``: decode, x (1, K) @ W^T. Memory-bound: each program owns BLOCK_N rows and a K slice
-  (split-K when rows alone give too few programs), reads each weight byte once with contiguous
-  per-row loads, dequantizes in registers and accumulates in fp32; split-K partials are summed by
-  one torch add.
+- ``qgemv``: decode, x (1, K) @ W^T. Memory-bound, so what limits it is the instructions per
+  weight byte (an H200 issues about 33e12 per second: 11 per byte at 3 TB/s). Each program owns
+  BLOCK_N rows (split-K only when rows alone give too few programs) and reads each weight byte
+  once; codes become floats with two full-rate ALU ops; each group's dot product is taken on the
+  codes and scaled once (no per-element dequantization); threads exchange nothing inside the
+  loop. Split-K partials are summed by one torch add.
 - ``dequantize``: the whole weight into a (N, K) scratch tensor in the compute dtype, for
   prefill (T > 1), which then runs torch's matmul (the scratch path: the simplest correct
   prefill; a GEMM dequantizing tiles in place would save the scratch write and read).
@@ -77,27 +79,98 @@ def _dequant_pairs(qs, d, m, sc, mn, qh, row, grp, j, mask, K, QS_STRIDE, FMT: t
 
 
 @jit
-def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, PAIRS_PER_SPLIT,
-                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+def _unit(code, BITS: tl.constexpr):
+    """Codes 0 <= code < 2**BITS (int32) as fp32 1 + code / 2**BITS: the code becomes the top
+    mantissa bits of 1.0 (a shift and an OR, full-rate ALU ops; an int-to-float convert runs at a
+    quarter of the rate, and two per weight byte would cap the GEMV near half the HBM rate)."""
+    return ((code << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@jit
+def _plane(t, row, grp, mask, PER_ROW, DIV: tl.constexpr):
+    """Plane ``t`` (N, PER_ROW) at [row, grp // DIV] for rows (BN, 1, 1) and groups (1, G, 1): fp32."""
+    return tl.load(t + row * PER_ROW + grp // DIV, mask=mask, other=0).to(tl.float32)
+
+
+@jit
+def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, GROUPS_PER_SPLIT,
+                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Rows [pid0 * BLOCK_N, +BLOCK_N) of x @ W^T over the 32-element groups of split pid1.
+
+    Byte j = 8h + t (h < 2, t < 8) of group g holds the codes of elements 32g + j (low nibble) and
+    32g + 16 + j (high). Each group's dot product is taken on the codes and scaled once: with
+    u = 1 + code / 2**B (``_unit``) and S_h the sum of the x that half h of the bytes multiplies,
+        sum code * x = 2**B * (sum u * x - S_h),
+    and the format's scale, zero point and offset are applied per (row, group, half). Tiles are
+    (BLOCK_N, BLOCK_G, 2, 8): a thread holds 8 bytes of one row's group half and the 8 + 8 x they
+    multiply, in the same layout for every row (no exchange between threads inside the loop), so
+    the sums over t stay in its registers; the partial sums are reduced across threads once, after
+    the loop. BLOCK_G >= 16 * num_warps keeps x's tile from being spread thinner than the weight's."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
-    row = rows.to(tl.int64)[:, None, None]
-    row_ok = row < N
-    j = tl.arange(0, 16)[None, None, :]
-    # reduced every iteration: a (BLOCK_N,) accumulator leaves registers for large tiles, and
-    # large tiles keep more bytes in flight per program (a memory-bound kernel wants that)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    p0 = split * PAIRS_PER_SPLIT
-    for off in range(0, PAIRS_PER_SPLIT, BLOCK_P):
-        grp = ((p0 + off) // 16 + tl.arange(0, BLOCK_P // 16))[None, :, None]
+    row = rows.to(tl.int64)[:, None, None, None]
+    row3 = rows.to(tl.int64)[:, None, None]
+    j = (tl.arange(0, 2)[:, None] * 8 + tl.arange(0, 8)[None, :])[None, None, :, :]
+    half = tl.arange(0, 2)[None, None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_G, 2), dtype=tl.float32)
+    g0 = tl.program_id(1) * GROUPS_PER_SPLIT
+    for off in range(0, GROUPS_PER_SPLIT, BLOCK_G):
+        g = g0 + off + tl.arange(0, BLOCK_G)
+        grp = g[None, :, None, None]
         grp_ok = grp < K // 32
+        mask = (row < N) & grp_ok
         e = grp * 32 + j
         x_lo = tl.load(x + e, mask=grp_ok, other=0.0).to(tl.float32)
         x_hi = tl.load(x + e + 16, mask=grp_ok, other=0.0).to(tl.float32)
-        w_lo, w_hi = _dequant_pairs(qs, d, m, sc, mn, qh, row, grp, j, row_ok & grp_ok, K, QS_STRIDE, FMT)
-        acc += tl.sum(tl.sum(w_lo * x_lo + w_hi * x_hi, axis=2), axis=1)
+        s_lo = tl.sum(x_lo, axis=3)
+        s_hi = tl.sum(x_hi, axis=3)
+        if FMT == 0:  # Q8_0: int8 codes, shifted to 0..255
+            u_lo = _unit(tl.load(qs + row * QS_STRIDE + e, mask=mask, other=0).to(tl.int32) + 128, 8)
+            u_hi = _unit(tl.load(qs + row * QS_STRIDE + e + 16, mask=mask, other=0).to(tl.int32) + 128, 8)
+            BITS: tl.constexpr = 8
+        else:
+            byte = tl.load(qs + row * QS_STRIDE + grp * 16 + j, mask=mask, other=0).to(tl.int32)
+            q_lo = byte & 15
+            q_hi = byte >> 4
+            if FMT == 4:  # Q5_K: one high bit per element
+                q_lo |= ((tl.load(qh + row * (K // 8) + e // 8, mask=mask, other=0).to(tl.int32) >> (e % 8)) & 1) << 4
+                q_hi |= ((tl.load(qh + row * (K // 8) + (e + 16) // 8, mask=mask, other=0).to(tl.int32)
+                          >> (e % 8)) & 1) << 4
+                BITS: tl.constexpr = 5
+            elif FMT == 5:  # Q6_K: two high bits per element
+                q_lo |= ((tl.load(qh + row * (K // 4) + e // 4, mask=mask, other=0).to(tl.int32)
+                          >> (2 * (e % 4))) & 3) << 4
+                q_hi |= ((tl.load(qh + row * (K // 4) + (e + 16) // 4, mask=mask, other=0).to(tl.int32)
+                          >> (2 * (e % 4))) & 3) << 4
+                BITS: tl.constexpr = 6
+            else:
+                BITS: tl.constexpr = 4
+            u_lo = _unit(q_lo, BITS)
+            u_hi = _unit(q_hi, BITS)
+        # per (row, group, half h): the sum of code * x (c), over the low and high nibbles at once
+        # except for Q6_K, whose two nibbles of a byte have different scales
+        grp3 = g[None, :, None] + 0 * half
+        mask3 = (row3 < N) & (grp3 < K // 32)
+        if FMT == 5:  # Q6_K: d * sc * (q - 32), an int8 scale per 16 elements: one for each nibble
+            c_lo = 64.0 * (tl.sum(u_lo * x_lo, axis=3) - s_lo)
+            c_hi = 64.0 * (tl.sum(u_hi * x_hi, axis=3) - s_hi)
+            ds = _plane(d, row3, grp3, mask3, K // 256, 8)
+            acc += ds * (_plane(sc, row3, 2 * grp3, mask3, K // 16, 1) * (c_lo - 32.0 * s_lo)
+                         + _plane(sc, row3, 2 * grp3 + 1, mask3, K // 16, 1) * (c_hi - 32.0 * s_hi))
+        else:
+            s = s_lo + s_hi
+            c = (1 << BITS) * (tl.sum(u_lo * x_lo + u_hi * x_hi, axis=3) - s)
+            if FMT == 0:  # Q8_0: d * q
+                acc += _plane(d, row3, grp3, mask3, K // 32, 1) * (c - 128.0 * s)
+            elif FMT == 1:  # Q4_0: d * (q - 8)
+                acc += _plane(d, row3, grp3, mask3, K // 32, 1) * (c - 8.0 * s)
+            elif FMT == 2:  # Q4_1: d * q + m
+                acc += _plane(d, row3, grp3, mask3, K // 32, 1) * c + _plane(m, row3, grp3, mask3, K // 32, 1) * s
+            else:  # Q4_K, Q5_K: d * sc * q - dmin * mn
+                acc += _plane(d, row3, grp3, mask3, K // 256, 8) * _plane(sc, row3, grp3, mask3, K // 32, 1) * c \
+                    - _plane(m, row3, grp3, mask3, K // 256, 8) * _plane(mn, row3, grp3, mask3, K // 32, 1) * s
     # out: (splits, N) fp32 partials, or with one split the result in its own dtype
-    tl.store(out + split * N + rows, acc.to(out.dtype.element_ty), mask=rows < N)
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out + tl.program_id(1) * N + rows, total.to(out.dtype.element_ty), mask=rows < N)
 
 
 @jit
@@ -126,18 +199,17 @@ def _qs_stride(w: QuantWeight) -> int:
 
 @functools.cache
 def gemv_config(n: int, k: int, sm_count: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_P, splits, num_warps) for a decode GEMV: rows per program, pairs per
-    iteration, split-K factor and warps, aiming at >= 4 programs per SM so the loads keep the
-    memory system full. Not yet tuned on a GPU: perf/bench_qgemv.py sweeps the alternatives."""
+    """(BLOCK_N, BLOCK_P, splits, num_warps) for a decode GEMV: rows per program, pairs (bytes of
+    ``qs``) per row per iteration, split-K factor and warps. The most rows per program that still
+    give >= 4 programs per SM; split-K (a second kernel sums the partials) only where even one row
+    per program gives fewer programs than SMs. perf/bench_qgemv.py sweeps the alternatives."""
     if interpreting():  # few, large programs: the interpreter pays per program
         return 16, 128, 1, 4
-    block_n, block_p = 16, 256
-    programs = triton.cdiv(n, block_n)
-    pairs = k // 2
+    block_n = next((b for b in (8, 4, 2) if triton.cdiv(n, b) >= 4 * sm_count), 1)
     splits = 1
-    while programs * splits < 4 * sm_count and pairs // (2 * splits) >= 4 * block_p:
+    while n * splits < sm_count and (k // 32) // (2 * splits) >= 64:
         splits *= 2
-    return block_n, block_p, splits, 4
+    return block_n, 1024, splits, 4
 
 
 @functools.cache
@@ -155,11 +227,12 @@ def qgemv(x: torch.Tensor, w: QuantWeight, config: tuple[int, int, int, int] | N
     assert x.device == w.device, (x.device, w.device)
     x = x.reshape(-1).contiguous()
     block_n, block_p, splits, warps = config or gemv_config(n, k, _sm_count(x.device))
-    pairs = triton.cdiv(triton.cdiv(k // 2, splits), block_p) * block_p
+    block_g = block_p // 16
+    groups = triton.cdiv(triton.cdiv(k // 32, splits), block_g) * block_g
     out = torch.empty((splits, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     _qgemv_kernel[(triton.cdiv(n, block_n), splits)](
-        x, *_plane_args(w), out, n, k, _qs_stride(w), pairs, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n, BLOCK_P=block_p,
-        num_warps=warps)
+        x, *_plane_args(w), out, n, k, _qs_stride(w), groups, FMT=FORMATS[w.fmt].code, BLOCK_N=block_n,
+        BLOCK_G=block_g, num_warps=warps)
     return out if splits == 1 else out.sum(0, keepdim=True).to(x.dtype)
 
 
