@@ -93,12 +93,12 @@ def bench_shape(fmt: str, n: int, k: int, dev: torch.device, calls: int, sweep: 
     default = gemv_config(n, k, sm)
     configs = [default]
     if sweep:  # each (BLOCK_N, BLOCK_P, warps) compiles once per format; splits are runtime.
-        # BLOCK_P = 256 * warps: the kernel wants BLOCK_G = BLOCK_P / 16 >= 16 * warps
+        # BLOCK_P = 512 * warps: the kernel wants BLOCK_G = BLOCK_P / 16 = 32 * warps
         for bn in (2, 4, 8, 16):
-            for warps in (2, 4, 8):
+            for warps in (1, 2, 4):
                 for splits in (1, 2):
-                    if (k // 32) // splits >= 16 * warps:
-                        configs.append((bn, 256 * warps, splits, warps))
+                    if (k // 32) // splits >= 32 * warps:
+                        configs.append((bn, 512 * warps, splits, warps))
     rows = []
     for cfg in dict.fromkeys(configs):
         ms = timed_graph(lambda i: qgemv(x, ws[i % copies], cfg), calls)
