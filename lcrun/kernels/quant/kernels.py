@@ -48,6 +48,47 @@ def _code(w, h, n, i, FMT: tl.constexpr):
 
 
 @jit
+def _gemv_tile(qs, d, m, sc, mn, qh, rows, g, end, N, K, QS_STRIDE, FMT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_G: tl.constexpr):
+    """What _qgemv_kernel reads from the weight for rows ``rows`` (BN,) and groups ``g`` (G,) below
+    ``end``: ``qs`` words (BN, G, 4) (zeros for Q8_0, whose codes are read per nibble), high-bit
+    words (BN, G, 1) and two fp32 (BN, G) factors: the scale and the offset per group (Q6_K: the
+    scales of the group's two halves)."""
+    row = rows.to(tl.int64)[:, None, None]
+    grp = g[None, :, None]
+    mask = (row < N) & (grp < end)
+    row2 = rows.to(tl.int64)[:, None]
+    g2 = g[None, :]
+    mask2 = (row2 < N) & (g2 < end)
+    if FMT == 0:
+        w = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=tl.int32)
+    else:
+        w = tl.load(qs + row * QS_STRIDE + grp * 4 + tl.arange(0, 4)[None, None, :], mask=mask, other=0)
+    h_a = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.int32)
+    h_b = tl.zeros((BLOCK_N, BLOCK_G, 1), dtype=tl.int32)
+    s2 = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    if FMT == 4:
+        h_a = tl.load(qh + row * (K // 32) + grp, mask=mask, other=0)
+    if FMT == 5:
+        h_a = tl.load(qh + row * (K // 16) + 2 * grp, mask=mask, other=0)
+        h_b = tl.load(qh + row * (K // 16) + 2 * grp + 1, mask=mask, other=0)
+    if FMT <= 2:  # Q8_0, Q4_0, Q4_1: d per group (Q4_1: + m)
+        s1 = tl.load(d + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32)
+        if FMT == 2:
+            s2 = tl.load(m + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32)
+    elif FMT == 5:  # Q6_K: d * sc of each half
+        ds = tl.load(d + row2 * (K // 256) + g2 // 8, mask=mask2, other=0).to(tl.float32)
+        s1 = ds * tl.load(sc + row2 * (K // 16) + 2 * g2, mask=mask2, other=0).to(tl.float32)
+        s2 = ds * tl.load(sc + row2 * (K // 16) + 2 * g2 + 1, mask=mask2, other=0).to(tl.float32)
+    else:  # Q4_K, Q5_K: d * sc and dmin * mn
+        s1 = tl.load(d + row2 * (K // 256) + g2 // 8, mask=mask2, other=0).to(tl.float32) \
+            * tl.load(sc + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32)
+        s2 = tl.load(m + row2 * (K // 256) + g2 // 8, mask=mask2, other=0).to(tl.float32) \
+            * tl.load(mn + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32)
+    return w, h_a, h_b, s1, s2
+
+
+@jit
 def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, GROUPS_PER_SPLIT,
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     """Rows [pid0 * BLOCK_N, +BLOCK_N) of x @ W^T over the 32-element groups of split pid1.
@@ -59,26 +100,25 @@ def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, GROUPS_PER_SPLI
     layout for every row: no exchange between threads inside the loop) into a running FMA. Each
     group's dot product is taken on the codes and scaled once: with u = 1 + code / 2**B
     (``_unit``) and S the sum of the group's x,  sum code * x = 2**B * (sum u * x - S),  and the
-    format's scale, zero point and offset are applied per (row, group). The partial sums are
-    reduced across threads once, after the loop. BLOCK_G = 32 * num_warps: x's tile is then
-    spread over the threads exactly as the weight's."""
+    format's scale, zero point and offset are applied per (row, group). The next tile's loads are
+    issued before this tile's arithmetic (the loop is latency-bound otherwise: a thread's loads
+    would wait for its own arithmetic). The partial sums are reduced across threads once, after
+    the loop. BLOCK_G = 32 * num_warps: x's tile is then spread over the threads exactly as the
+    weight's."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row = rows.to(tl.int64)[:, None, None]
     i = tl.arange(0, 4)[None, None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     g0 = tl.program_id(1) * GROUPS_PER_SPLIT
+    end = tl.minimum(g0 + GROUPS_PER_SPLIT, K // 32)
+    w, h_a, h_b, s1, s2 = _gemv_tile(qs, d, m, sc, mn, qh, rows, g0 + tl.arange(0, BLOCK_G), end, N, K, QS_STRIDE,
+                                     FMT, BLOCK_N, BLOCK_G)
     for off in range(0, GROUPS_PER_SPLIT, BLOCK_G):
         g = g0 + off + tl.arange(0, BLOCK_G)
+        w_next, h_a_next, h_b_next, s1_next, s2_next = _gemv_tile(qs, d, m, sc, mn, qh, rows, g + BLOCK_G, end, N, K,
+                                                                   QS_STRIDE, FMT, BLOCK_N, BLOCK_G)
         grp = g[None, :, None]
-        grp_ok = grp < K // 32
-        mask = (row < N) & grp_ok
-        if FMT != 0:
-            w = tl.load(qs + row * QS_STRIDE + grp * 4 + i, mask=mask, other=0)
-        if FMT == 4:
-            h_a = tl.load(qh + row * (K // 32) + grp, mask=mask, other=0)
-        if FMT == 5:
-            h_a = tl.load(qh + row * (K // 16) + 2 * grp, mask=mask, other=0)
-            h_b = tl.load(qh + row * (K // 16) + 2 * grp + 1, mask=mask, other=0)
+        grp_ok = grp < end
         dot_a = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=tl.float32)  # elements 0..15 of each group (Q6_K), or all
         dot_b = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=tl.float32)  # Q6_K: elements 16..31
         x_a = tl.zeros((1, BLOCK_G, 4), dtype=tl.float32)
@@ -86,8 +126,8 @@ def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, GROUPS_PER_SPLI
         for n in tl.static_range(8):
             xn = tl.load(x + grp * 32 + 4 * n + i, mask=grp_ok, other=0.0).to(tl.float32)
             if FMT == 0:  # Q8_0: int8 codes, shifted to 0..255
-                u = _unit(tl.load(qs + row * QS_STRIDE + grp * 32 + 4 * n + i, mask=mask, other=0).to(tl.int32)
-                          + 128, 8)
+                u = _unit(tl.load(qs + row * QS_STRIDE + grp * 32 + 4 * n + i, mask=(row < N) & grp_ok,
+                                  other=0).to(tl.int32) + 128, 8)
             elif FMT == 4:
                 u = _unit(_code(w, h_a, n, i, FMT), 5)
             elif FMT == 5:
@@ -104,30 +144,21 @@ def _qgemv_kernel(x, qs, d, m, sc, mn, qh, out, N, K, QS_STRIDE, GROUPS_PER_SPLI
                 dot_a += u * xn
                 x_a += xn
         s_a = tl.sum(x_a, axis=2)
-        row2 = rows.to(tl.int64)[:, None]
-        g2 = g[None, :]
-        mask2 = (row2 < N) & (g2 < K // 32)
         if FMT == 5:  # Q6_K: d * sc * (q - 32), an int8 scale per 16 elements
             s_b = tl.sum(x_b, axis=2)
-            c_a = 64.0 * (tl.sum(dot_a, axis=2) - s_a) - 32.0 * s_a
-            c_b = 64.0 * (tl.sum(dot_b, axis=2) - s_b) - 32.0 * s_b
-            ds = tl.load(d + row2 * (K // 256) + g2 // 8, mask=mask2, other=0).to(tl.float32)
-            acc += ds * (tl.load(sc + row2 * (K // 16) + 2 * g2, mask=mask2, other=0).to(tl.float32) * c_a
-                         + tl.load(sc + row2 * (K // 16) + 2 * g2 + 1, mask=mask2, other=0).to(tl.float32) * c_b)
+            acc += s1 * (64.0 * (tl.sum(dot_a, axis=2) - s_a) - 32.0 * s_a) \
+                + s2 * (64.0 * (tl.sum(dot_b, axis=2) - s_b) - 32.0 * s_b)
         else:
             BITS: tl.constexpr = 8 if FMT == 0 else 5 if FMT == 4 else 4
             c = (1 << BITS) * (tl.sum(dot_a, axis=2) - s_a)
             if FMT == 0 or FMT == 1:  # Q8_0: d * q; Q4_0: d * (q - 8)
                 zero: tl.constexpr = 128.0 if FMT == 0 else 8.0
-                acc += tl.load(d + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32) * (c - zero * s_a)
+                acc += s1 * (c - zero * s_a)
             elif FMT == 2:  # Q4_1: d * q + m
-                acc += tl.load(d + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32) * c \
-                    + tl.load(m + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32) * s_a
+                acc += s1 * c + s2 * s_a
             else:  # Q4_K, Q5_K: d * sc * q - dmin * mn
-                acc += tl.load(d + row2 * (K // 256) + g2 // 8, mask=mask2, other=0).to(tl.float32) \
-                    * tl.load(sc + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32) * c \
-                    - tl.load(m + row2 * (K // 256) + g2 // 8, mask=mask2, other=0).to(tl.float32) \
-                    * tl.load(mn + row2 * (K // 32) + g2, mask=mask2, other=0).to(tl.float32) * s_a
+                acc += s1 * c - s2 * s_a
+        w, h_a, h_b, s1, s2 = w_next, h_a_next, h_b_next, s1_next, s2_next
     # out: (splits, N) fp32 partials, or with one split the result in its own dtype
     total = tl.sum(acc, axis=1)
     tl.store(out + tl.program_id(1) * N + rows, total.to(out.dtype.element_ty), mask=rows < N)
