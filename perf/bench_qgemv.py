@@ -92,13 +92,13 @@ def bench_shape(fmt: str, n: int, k: int, dev: torch.device, calls: int, sweep: 
     sm = torch.cuda.get_device_properties(dev).multi_processor_count
     default = gemv_config(n, k, sm)
     configs = [default]
-    if sweep:  # each (BLOCK_N, BLOCK_P, warps) compiles once per format; splits are runtime.
-        # BLOCK_P = 512 * warps: the kernel wants BLOCK_G = BLOCK_P / 16 = 32 * warps
-        for bn in (2, 4, 8, 16):
-            for warps in (1, 2, 4):
-                for splits in (1, 2):
-                    if (k // 32) // splits >= 32 * warps:
-                        configs.append((bn, 512 * warps, splits, warps))
+    if sweep:  # each (BLOCK_N, BLOCK_P, warps) compiles once per format; splits are runtime
+        for bn in (8, 16, 32):
+            for bp in (128, 256, 512):
+                for warps in (4, 8):
+                    for splits in sorted({1, 2, 4, default[2]}):
+                        if (k // 2) // splits >= bp:
+                            configs.append((bn, bp, splits, warps))
     rows = []
     for cfg in dict.fromkeys(configs):
         ms = timed_graph(lambda i: qgemv(x, ws[i % copies], cfg), calls)

@@ -19,9 +19,10 @@ from lcrun.runtime.model import LayerWeights, LlamaModel
 
 class GemmaModel(LlamaModel):
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # The scale is rounded to the model's dtype first, as transformers does (55.4 -> 55.5 in bf16).
-        scale = torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype)
-        return embedding(input_ids, self.embed, self.dtype) * scale.to(self.device)
+        # The scale is rounded to the model's dtype first, as transformers does (55.4 -> 55.5 in bf16),
+        # and stays a Python number: no host tensor is copied in (a captured decode graph cannot).
+        scale = torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype).item()
+        return embedding(input_ids, self.embed, self.dtype) * scale
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = super()._logits(h)

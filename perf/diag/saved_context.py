@@ -1,8 +1,8 @@
 """Saved contexts against prefill: is loading a long context from disk faster than computing it?
 
 Prefills a random prompt of ``--context`` tokens through the default path (the flags given, as
-`lcrun run` would), decodes a few tokens, saves the context (LLM.save_context), then in a new LLM
-loads it (LLM.load_context) and asks for the same continuation: the load time against the
+`lcrun run` would), decodes a few tokens, saves the context (LLM.save_context), then in a new
+process loads it (LLM.load_context) and asks for the same continuation: the load time against the
 prefill time, the file's size and the disk's rates, and whether the next greedy tokens agree
 (they must: same KV, same tokens). The page cache is dropped before the load where the process
 may do so (root on Linux), so the read comes from the disk.
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,40 +50,56 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens compared after the load")
     ap.add_argument("--path", required=True, help="where to write the saved context")
     ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--stage", choices=("all", "save", "load"), default="all",
+                    help="all: save, then load in a new process (each stage runs as its own process)")
     args = ap.parse_args(argv)
     n = parse_tokens(args.context)
     settings = {"ctx": n + args.tokens + 64, "gpu_mem": args.gpu_mem, "progress": False}
     path = Path(args.path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    llm = LLM(args.model, **settings)
-    prompt = random_prompt(llm.model_config.vocab_size, n, seed=0)
-    first = list(llm.stream_ids(prompt, max_new_tokens=args.tokens))
-    prefill_s = llm.last_stats.prefill_s
-    t0 = time.perf_counter()
-    nbytes = llm.save_context(str(path))
-    save_s = time.perf_counter() - t0
-    plan = {"attention": llm.attention, "reason": llm.attention_reason,
-            "all_on_gpu": bool(llm.plan and llm.plan.all_on_gpu)}
-    llm.close()
-    del llm
-    torch.cuda.empty_cache()
-
-    llm = LLM(args.model, **settings)
-    dropped = drop_page_cache(path)
-    t0 = time.perf_counter()
-    llm.load_context(str(path))
-    load_s = time.perf_counter() - t0
-    again = list(llm.stream_ids(prompt, max_new_tokens=args.tokens))
-    stats = llm.last_stats
+    if args.stage == "save":
+        llm = LLM(args.model, **settings)
+        prompt = random_prompt(llm.model_config.vocab_size, n, seed=0)
+        first = list(llm.stream_ids(prompt, max_new_tokens=args.tokens))
+        prefill_s = llm.last_stats.prefill_s
+        t0 = time.perf_counter()
+        nbytes = llm.save_context(str(path))
+        save_s = time.perf_counter() - t0
+        Path(str(path) + ".json").write_text(json.dumps(
+            {"first": first, "prefill_s": prefill_s, "save_s": save_s, "file_bytes": nbytes,
+             "plan": {"attention": llm.attention, "reason": llm.attention_reason,
+                      "all_on_gpu": bool(llm.plan and llm.plan.all_on_gpu)},
+             "peak_gpu_bytes_save": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}))
+        return
+    if args.stage == "load":
+        saved = json.loads(Path(str(path) + ".json").read_text())
+        llm = LLM(args.model, **settings)
+        prompt = random_prompt(llm.model_config.vocab_size, n, seed=0)
+        dropped = drop_page_cache(path)
+        t0 = time.perf_counter()
+        llm.load_context(str(path))
+        load_s = time.perf_counter() - t0
+        again = list(llm.stream_ids(prompt, max_new_tokens=args.tokens))
+        first, stats = saved["first"], llm.last_stats
+        Path(str(path) + ".load.json").write_text(json.dumps(
+            {"page_cache_dropped": dropped, "load_s": load_s, "prefill_after_load_s": stats.prefill_s,
+             "reused_tokens": stats.reused_tokens, "same_tokens": first == again,
+             "first_mismatch": next((i for i, (a, b) in enumerate(zip(first, again)) if a != b), None),
+             "peak_gpu_bytes_load": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}))
+        return
+    # each half in its own process, as a user saves in one session and loads in a later one
+    for stage in ("save", "load"):
+        subprocess.run([sys.executable, "-m", "perf.diag.saved_context", *(argv if argv is not None else sys.argv[1:]),
+                        "--stage", stage], check=True)
+    saved = json.loads(Path(str(path) + ".json").read_text())
+    loaded = json.loads(Path(str(path) + ".load.json").read_text())
+    nbytes, prefill_s, save_s, load_s = saved["file_bytes"], saved["prefill_s"], saved["save_s"], loaded["load_s"]
     row = {"context": n, "file_bytes": nbytes, "prefill_s": prefill_s, "save_s": save_s,
-           "save_gb_s": nbytes / save_s / 1e9, "page_cache_dropped": dropped,
-           "load_s": load_s, "load_gb_s": nbytes / load_s / 1e9, "load_vs_prefill": prefill_s / load_s,
-           "prefill_after_load_s": stats.prefill_s,
-           "reused_tokens": stats.reused_tokens, "tokens_compared": args.tokens,
-           "same_tokens": first == again, "first_mismatch": next((i for i, (a, b) in enumerate(zip(first, again))
-                                                                 if a != b), None), "plan": plan,
-           "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+           "save_gb_s": nbytes / save_s / 1e9, "load_gb_s": nbytes / load_s / 1e9, "load_vs_prefill": prefill_s / load_s,
+           "tokens_compared": args.tokens, **{k: v for k, v in saved.items() if k not in ("first",)}, **loaded}
+    for suffix in (".json", ".load.json"):
+        Path(str(path) + suffix).unlink()
     print(json.dumps(row, indent=1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,9 @@ A weight (N, K) of one format is a few contiguous row-major planes, one row per 
 planes hold exactly the GGUF block's fields, regrouped so a kernel reads each field with plain
 aligned loads (a GGUF block of 18 or 34 bytes would leave fp16 scales unaligned):
 
-  ``qs``  4-bit formats: (N, K/2) uint8. Each 32-element group g is 16 bytes, read as four
-          little-endian 32-bit words: nibble n (bits 4n..4n+3) of word i holds element 32g+4n+i,
-          so the elements that one shift of the four words lines up are four contiguous ones (the
-          decode GEMV multiplies them by four contiguous x; see pack_nibbles). GGUF's own orders
-          (Q4_0: byte j holds elements j and 16+j) are rearranged into it at load. Q8_0: (N, K) int8.
+  ``qs``  4-bit formats: (N, K/2) uint8. For each 32-element group g, bytes 16g..16g+15; byte j
+          holds element 32g+j in its low nibble and element 32g+16+j in its high one (Q4_0's
+          own order; Q4_K/Q5_K/Q6_K nibbles are reordered into it). Q8_0: (N, K) int8.
   ``d``   fp16 scale: per 32 elements (Q8_0, Q4_0, Q4_1) or per 256 (K-quants): (N, K/32|K/256).
   ``m``   fp16 offset: Q4_1 per 32 (added), Q4_K/Q5_K ``dmin`` per 256 (subtracted times ``mn``).
   ``sc``  Q4_K/Q5_K 6-bit sub-block scales (N, K/32) uint8 (unpacked from GGUF's 12 bytes per 256:
@@ -82,22 +80,13 @@ def planes_nbytes(fmt: str, n: int, k: int) -> int:
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 (uint8) -> the ``qs`` plane (N, K/2): per group, byte 4i + c holds
-    element 32g + 8c + i in its low nibble and 32g + 8c + 4 + i in its high one (word i, nibbles
-    n = 2c and 2c + 1: element 32g + 4n + i)."""
-    g = q.reshape(q.shape[0], -1, 4, 2, 4)            # [row, group, c, h, i]: element 32g + 8c + 4h + i
-    return (g[:, :, :, 0] | (g[:, :, :, 1] << 4)).transpose(2, 3).reshape(q.shape[0], -1)
+    """(N, K) values 0..15 (uint8) -> the ``qs`` plane (N, K/2) in the 32-element group order."""
+    g = q.reshape(q.shape[0], -1, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(q.shape[0], -1)
 
 
 def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     """The ``qs`` plane (N, K/2) -> (N, K) values 0..15 (uint8); the inverse of pack_nibbles."""
-    b = qs.reshape(qs.shape[0], -1, 4, 4).transpose(2, 3)  # [row, group, c, i]
-    return torch.stack([b & 15, b >> 4], dim=3).reshape(qs.shape[0], -1)
-
-
-def gguf_q4_codes(qs: torch.Tensor) -> torch.Tensor:
-    """GGUF's Q4_0/Q4_1 nibbles (rows of 16-byte groups: byte j holds elements j and 16 + j) ->
-    (N, K) values 0..15."""
     g = qs.reshape(qs.shape[0], -1, 1, 16)
     return torch.cat([g & 15, g >> 4], dim=2).reshape(qs.shape[0], -1)
 
@@ -144,10 +133,9 @@ def split_blocks(fmt: str, raw: torch.Tensor | np.ndarray, n: int, k: int) -> di
     if fmt == "Q8_0":
         return {"qs": rows(b[:, 2:].view(torch.int8)), "d": rows(_f16(b[:, 0:2]))}
     if fmt == "Q4_0":
-        return {"qs": pack_nibbles(gguf_q4_codes(rows(b[:, 2:]))), "d": rows(_f16(b[:, 0:2]))}
+        return {"qs": rows(b[:, 2:]), "d": rows(_f16(b[:, 0:2]))}
     if fmt == "Q4_1":
-        return {"qs": pack_nibbles(gguf_q4_codes(rows(b[:, 4:]))), "d": rows(_f16(b[:, 0:2])),
-                "m": rows(_f16(b[:, 2:4]))}
+        return {"qs": rows(b[:, 4:]), "d": rows(_f16(b[:, 0:2])), "m": rows(_f16(b[:, 2:4]))}
     nb = b.shape[0]
     if fmt == "Q6_K":
         ql, qh, sc = b[:, :128], b[:, 128:192], b[:, 192:208]
