@@ -2,13 +2,11 @@
 quantized-weights quality script runs end to end on the CPU with the demo model."""
 from __future__ import annotations
 
-import importlib
 import json
 import pkgutil
 import subprocess
 import sys
 
-import pytest
 
 import perf
 from lcrun.runtime.loading import default_model
@@ -16,9 +14,19 @@ from lcrun.runtime.loading import default_model
 MODULES = sorted(m.name for m in pkgutil.walk_packages(perf.__path__, "perf.") if not m.name.endswith("__main__"))
 
 
-@pytest.mark.parametrize("name", MODULES)
-def test_perf_module_imports(name):
-    importlib.import_module(name)
+def test_perf_modules_import_without_side_effects():
+    """In a fresh process (an import that patched lcrun would leak into every later test of this
+    worker): each module imports, and lcrun's classes are the same objects afterwards."""
+    code = (
+        "import importlib, sys\n"
+        "from lcrun.runtime.paged_cache import PagedTopKCache\n"
+        "init = PagedTopKCache.__init__\n"
+        f"for name in {MODULES!r}:\n"
+        "    importlib.import_module(name)\n"
+        "assert PagedTopKCache.__init__ is init, 'a perf module patched lcrun at import'\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 def test_quant_quality_writes_its_rows(tmp_path):

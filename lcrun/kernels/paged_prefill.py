@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from lcrun.kernels.triton_support import LOG2E, dot_precision, dot_upcast, jit, next_pow2, tl, triton
+from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, jit, launch_fitting_shared_memory, next_pow2,
+                                          tl, triton)
 
 
 @jit
@@ -116,12 +117,13 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     if t == 0:
         return out
     grid = (triton.cdiv(t, block_m), hq)
-    _paged_prefill_kernel[grid](
-        q, k_pool, v_pool, page_table, out, start, t, sm_scale * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_pool.stride(0), k_pool.stride(1),
-        page_table.stride(0),
-        G=hq // hkv, D=d, BLOCK_D=block_d, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_d <= 64 else 8, num_stages=2,
-    )
+    launch_fitting_shared_memory(
+        ("paged_prefill", q.device, q.dtype, d, hq // hkv, page_size, block_m, block_n), 2,
+        lambda stages: _paged_prefill_kernel[grid](
+            q, k_pool, v_pool, page_table, out, start, t, sm_scale * LOG2E,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_pool.stride(0), k_pool.stride(1),
+            page_table.stride(0),
+            G=hq // hkv, D=d, BLOCK_D=block_d, P=page_size, BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype),
+            num_warps=4 if block_d <= 64 else 8, num_stages=stages))
     return out

@@ -5,7 +5,7 @@ import torch
 
 from lcrun.kernels.select import SelectionPlan
 from lcrun.kernels.select_kernels import plan_bounds, plan_kernel_args, quest_bound
-from lcrun.kernels.triton_support import (dot_precision, dot_upcast, jit, next_pow2, pdl_enabled, pdl_launch, pdl_wait,
+from lcrun.kernels.triton_support import (dot_precision, dot_upcast, jit, launch_fitting_shared_memory, next_pow2, pdl_enabled, pdl_launch, pdl_wait,
                                           tl, triton)
 
 GROUP_REDUCES = ("max", "sum")
@@ -190,15 +190,16 @@ def score_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, num_ful
         assert block_pages >= 16 and block_pages & (block_pages - 1) == 0, "tl.dot needs >= 16 pages, a power of 2"
         programs = programs_per_head or MMA_DEFAULTS["programs_per_head"]
         programs = max(1, min(programs, triton.cdiv(max_pages, block_pages)))
-        stages = num_stages or MMA_DEFAULTS["num_stages"]
-        _score_pages_mma_kernel[(programs, hkv)](
-            q, kmin, kmax, num_full_pages, cand, scores, max_pages,
-            q.stride(0), kmin.stride(0), kmin.stride(1), scores.stride(0),
-            G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, BLOCK_PAGES=block_pages,
-            REDUCE_MAX=group_reduce == "max", HAS_CANDIDATES=candidates is not None, NUM_STAGES=stages, **plan_kw,
-            DOT_FP32=dot_upcast(kmin.dtype), PRECISION=dot_precision(kmin.dtype),
-            num_warps=num_warps or MMA_DEFAULTS["num_warps"], num_stages=stages, PDL=pdl, **pdl_launch(pdl),
-        )
+        warps = num_warps or MMA_DEFAULTS["num_warps"]
+        launch_fitting_shared_memory(
+            ("score_mma", kmin.device, kmin.dtype, d, g, block_pages, warps), num_stages or MMA_DEFAULTS["num_stages"],
+            lambda stages: _score_pages_mma_kernel[(programs, hkv)](
+                q, kmin, kmax, num_full_pages, cand, scores, max_pages,
+                q.stride(0), kmin.stride(0), kmin.stride(1), scores.stride(0),
+                G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, BLOCK_PAGES=block_pages,
+                REDUCE_MAX=group_reduce == "max", HAS_CANDIDATES=candidates is not None, NUM_STAGES=stages, **plan_kw,
+                DOT_FP32=dot_upcast(kmin.dtype), PRECISION=dot_precision(kmin.dtype),
+                num_warps=warps, num_stages=stages, PDL=pdl, **pdl_launch(pdl)))
         return scores
     if block_pages is None:
         # 32 pages x 128 channels (2 x 16 KiB fp32 in registers) with 8 warps measured best on an

@@ -10,8 +10,8 @@ import torch
 from triton.language.extra.cuda import libdevice
 
 from lcrun.kernels.key_rotation import KeyRotation
-from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, interpreting, jit, next_pow2, pdl_enabled,
-                                          pdl_launch, pdl_wait, tl)
+from lcrun.kernels.triton_support import (LOG2E, dot_precision, dot_upcast, interpreting, jit, launch_fitting_shared_memory,
+                                          next_pow2, pdl_enabled, pdl_launch, pdl_wait, tl)
 
 
 @jit
@@ -247,23 +247,24 @@ def sparse_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     splits, pages_per_split = decode_splits(hkv, kmax, page_size, block_n, q.device, num_splits)
     part_out = torch.empty((hq, splits, d), device=q.device, dtype=torch.float32)
     part_lse = torch.empty((hq, splits), device=q.device, dtype=torch.float32)
-    # Rotation keeps a third tile (each key's partner half) in flight: with fp32 pools and D > 128,
-    # two pipeline stages of three tiles overflow shared memory.
-    stages = 1 if rotation is not None and block_d * k_pool.element_size() > 512 else 2
+    # Rotation keeps a third tile (each key's partner half) in flight; with fp32 pools and wide heads
+    # two pipeline stages overflow shared memory (launch_fitting_shared_memory takes one then).
     pdl = pdl_enabled(q.device)
-    _sparse_decode_split_kernel[(hkv, splits)](
-        q, k_pool, v_pool, sel_slots, sel_lens, num_entries if num_entries is not None else sel_lens,
-        kv_scale if scaled else sel_lens,
-        *((rotation.inv_freq, rotation.pages, rotation.layout) if rotation is not None else (sel_lens,) * 3),
-        part_out, part_lse, sm_scale * LOG2E,
-        q.stride(0), k_pool.stride(0), k_pool.stride(1), sel_slots.stride(0),
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0), kv_scale.stride(0) if scaled else 0,
-        kmax, pages_per_split, rotation.page_base if rotation is not None else 0,
-        G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
-        HAS_NUM_ENTRIES=num_entries is not None,
-        DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype), SCALED=scaled,
-        ROTATE=rotation is not None, FAST_TRIG=_fast_trig(q.device), num_warps=4, num_stages=stages, PDL=pdl, **pdl_launch(pdl),
-    )
+    launch_fitting_shared_memory(
+        ("sparse_decode", q.device, k_pool.dtype, d, g, page_size, rotation is not None, scaled), 2,
+        lambda stages: _sparse_decode_split_kernel[(hkv, splits)](
+            q, k_pool, v_pool, sel_slots, sel_lens, num_entries if num_entries is not None else sel_lens,
+            kv_scale if scaled else sel_lens,
+            *((rotation.inv_freq, rotation.pages, rotation.layout) if rotation is not None else (sel_lens,) * 3),
+            part_out, part_lse, sm_scale * LOG2E,
+            q.stride(0), k_pool.stride(0), k_pool.stride(1), sel_slots.stride(0),
+            part_out.stride(0), part_out.stride(1), part_lse.stride(0), kv_scale.stride(0) if scaled else 0,
+            kmax, pages_per_split, rotation.page_base if rotation is not None else 0,
+            G=g, G_PAD=max(16, next_pow2(g)), D=d, BLOCK_D=block_d, P=page_size, BLOCK_N=block_n,
+            HAS_NUM_ENTRIES=num_entries is not None,
+            DOT_FP32=dot_upcast(q.dtype), PRECISION=dot_precision(q.dtype), SCALED=scaled,
+            ROTATE=rotation is not None, FAST_TRIG=_fast_trig(q.device), num_warps=4, num_stages=stages, PDL=pdl,
+            **pdl_launch(pdl)))
     if out is None:
         out = torch.empty((hq, d), device=q.device, dtype=q.dtype)
     assert out.shape == (hq, d) and out.dtype == q.dtype and out.is_contiguous()

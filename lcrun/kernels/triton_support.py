@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable, TypeVar
 
 import torch
 
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
     HAVE_TRITON = True
 except ImportError:  # CPU-only installs: the torch reference path still works
     triton = None
     tl = None
     HAVE_TRITON = False
 
+    class OutOfResources(Exception):  # noqa: N818 (Triton's name)
+        pass
+
+T = TypeVar("T")
 BACKENDS = ("auto", "triton", "torch")  # who runs a kernel: see use_triton
 LOG2E = 1.4426950408889634  # kernels use exp2: scores are scaled by sm_scale * log2(e)
 
@@ -63,6 +69,28 @@ def can_run_triton(device: torch.device) -> bool:
     if not HAVE_TRITON:
         return False
     return device.type == "cpu" if interpreting() else device.type == "cuda"
+
+
+_FITTING_STAGES: dict[tuple, int] = {}
+
+
+def launch_fitting_shared_memory(key: tuple, stages: int, launch: Callable[[int], T]) -> T:
+    """``launch(num_stages)`` with the most software-pipeline stages, up to ``stages``, whose kernel
+    fits the GPU's shared memory per block (227 KiB on an H100/H200, 99 KiB on an RTX 3090/4090:
+    fp32 tiles of a 256-wide head need fewer stages than bf16 ones of a 128-wide head). Triton
+    refuses a kernel that does not fit before it runs, so nothing is half done; the stages that fit
+    are remembered per ``key`` (the launch's compile-time settings and its device)."""
+    n = _FITTING_STAGES.get(key, stages)
+    while True:
+        try:
+            out = launch(n)
+        except OutOfResources:
+            if n <= 1:
+                raise
+            n -= 1
+            continue
+        _FITTING_STAGES[key] = n
+        return out
 
 
 def next_pow2(n: int) -> int:

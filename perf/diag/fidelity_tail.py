@@ -131,7 +131,6 @@ def _tail_init(self, *args, **kwargs):
     CACHES.append(self.ops)
 
 
-PagedTopKCache.__init__ = _tail_init
 TAIL = None  # None: stock quest; else the tail kind of VARIANTS
 
 
@@ -155,6 +154,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--append", action="store_true", help="add runs to an existing --out file")
     args = ap.parse_args()
+    PagedTopKCache.__init__ = _tail_init  # here, not at import: importing this module changes nothing
     torch.manual_seed(0)
     text, text_meta = stdlib_docs_text()
     out = Path(args.out)
