@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device measurements, one named suite per call (each fits the device's 10-minute limit).
-# Run from the repo root on the GPU machine:   bash perf/device.sh SUITE OUTDIR
+# Run from the repo root on the GPU machine:   LCRUN_COMMIT=<commit sent> bash perf/device.sh SUITE OUTDIR
 #
 #   headline  PHASE=bench: `lcrun bench` with the flags a user types plus --gpu-mem 24GiB at CONTEXTS
 #             (32k,128k,256k; time limit BENCH_S, 500; EXTRA: more bench flags, e.g. --kv-dtype fp8);
@@ -50,6 +50,9 @@ show() { grep -v -i warn | tail "-$1" | tee -a "$log"; }   # a step's last lines
 fixed=(python3 -m lcrun.cli bench --model synthetic:llama-3.1-8b --gpu-mem 24GiB --host-mem 72GiB
        --prefill-chunk 8192 --positions true --prefill topk --attention topk)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$log"
+# The tree arrives without its own history: results record the commit only if the caller names it.
+[[ -n ${LCRUN_COMMIT:-} ]] || echo "warning: LCRUN_COMMIT is unset, so results record the copy's stale git metadata;" \
+  "call with LCRUN_COMMIT=<the commit sent> (git rev-parse HEAD here)" | tee -a "$log"
 
 headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each); default both
   local phase=${PHASE:-all}

@@ -187,7 +187,23 @@ def performance(docs: dict[str, dict]) -> str:
     out += [attention_section(n, d) + "\n" for n, d in sorted(docs.items(), reverse=True) if n.startswith("attention-")]
     out += ["## Kernel time per decode step (`python -m perf.diag.kernel_breakdown`)", ""]
     out += [kernels_section(n, d) + "\n" for n, d in sorted(docs.items()) if n.startswith("kernels-")]
+    out += ["## Saved contexts (`python -m perf.diag.saved_context`)", "",
+            "A prefilled context saved to disk, then loaded in a new process: load time against the prefill "
+            "it replaces, and whether the next greedy tokens are the uninterrupted run's.", ""]
+    out += [saved_section(n, d) + "\n" for n, d in sorted(docs.items()) if d.get("kind") == "lcrun.saved_context"]
     return "\n".join(out).rstrip() + "\n"
+
+
+def saved_section(name: str, doc: dict) -> str:
+    rows = [[tokens(r["context"]), f"{r['file_bytes'] / 1e9:.1f} GB", f"{r['prefill_s']:.1f}",
+             f"{r['save_s']:.1f} ({r['save_gb_s']:.2f} GB/s)", f"{r['load_s']:.1f} ({r['load_gb_s']:.2f} GB/s)",
+             f"{r['load_vs_prefill']:.2f}x", f"{r['reused_tokens']:,}",
+             "yes" if r["same_tokens"] else f"no: from token {r['first_mismatch']} of {r['tokens_compared']}"]
+            for r in doc["rows"]]
+    return "\n".join([f"### {name}", "", f"- machine: {machine(doc['meta'])}",
+                      f"- command: {command(doc['meta'], 'perf/diag/saved_context.py')}", "",
+                      table(["context", "file", "prefill s", "save s", "load s (page cache dropped)",
+                             "prefill / load", "tokens reused", "same next tokens"], rows)])
 
 
 def cells(doc: dict) -> list[dict]:

@@ -1,10 +1,11 @@
 """Saved contexts against prefill: is loading a long context from disk faster than computing it?
 
 Prefills a random prompt of ``--context`` tokens through the default path (the flags given, as
-`lcrun run` would), decodes a few tokens, saves the context (LLM.save_context), then in a new
-process loads it (LLM.load_context) and asks for the same continuation: the load time against the
-prefill time, the file's size and the disk's rates, and whether the next greedy tokens agree
-(they must: same KV, same tokens). The page cache is dropped before the load where the process
+`lcrun run` would), decodes 8 tokens, saves the context (LLM.save_context) and goes on for
+``--tokens`` more; then a new process loads it (LLM.load_context) and asks for the same
+continuation: the load time against the prefill time, the file's size and the disk's rates, and
+whether the continuation is the same (it must be: the same KV, and in both processes the last
+saved token is computed again by the same decode path). The page cache is dropped before the load where the process
 may do so (root on Linux), so the read comes from the disk.
 
     python -m perf.diag.saved_context --model synthetic:llama-3.1-8b --context 128k --gpu-mem 24GiB \\
@@ -61,15 +62,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "save":
         llm = LLM(args.model, **settings)
         prompt = random_prompt(llm.model_config.vocab_size, n, seed=0)
-        first = list(llm.stream_ids(prompt, max_new_tokens=args.tokens))
+        head = list(llm.stream_ids(prompt, max_new_tokens=8))
         prefill_s = llm.last_stats.prefill_s
         t0 = time.perf_counter()
         nbytes = llm.save_context(str(path))
         save_s = time.perf_counter() - t0
+        # what the loaded context must reproduce: the same process going on from the saved tokens
+        # (the last one recomputed, as after a load)
+        uninterrupted = list(llm.stream_ids(prompt + head, max_new_tokens=args.tokens))
         Path(str(path) + ".json").write_text(json.dumps(
-            {"first": first, "prefill_s": prefill_s, "save_s": save_s, "file_bytes": nbytes,
-             "plan": {"attention": llm.attention, "reason": llm.attention_reason,
-                      "all_on_gpu": bool(llm.plan and llm.plan.all_on_gpu)},
+            {"head": head, "uninterrupted": uninterrupted, "prefill_s": prefill_s, "save_s": save_s,
+             "file_bytes": nbytes, "plan": {"attention": llm.attention, "reason": llm.attention_reason,
+                                            "all_on_gpu": bool(llm.plan and llm.plan.all_on_gpu)},
              "peak_gpu_bytes_save": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}))
         return
     if args.stage == "load":
@@ -80,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         llm.load_context(str(path))
         load_s = time.perf_counter() - t0
-        again = list(llm.stream_ids(prompt, max_new_tokens=args.tokens))
-        first, stats = saved["first"], llm.last_stats
+        resumed = list(llm.stream_ids(prompt + saved["head"], max_new_tokens=args.tokens))
+        want, stats = saved["uninterrupted"], llm.last_stats
         Path(str(path) + ".load.json").write_text(json.dumps(
             {"page_cache_dropped": dropped, "load_s": load_s, "prefill_after_load_s": stats.prefill_s,
-             "reused_tokens": stats.reused_tokens, "same_tokens": first == again,
-             "first_mismatch": next((i for i, (a, b) in enumerate(zip(first, again)) if a != b), None),
+             "reused_tokens": stats.reused_tokens, "same_tokens": want == resumed,
+             "first_mismatch": next((i for i, (a, b) in enumerate(zip(want, resumed)) if a != b), None),
              "peak_gpu_bytes_load": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}))
         return
     # each half in its own process, as a user saves in one session and loads in a later one
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     nbytes, prefill_s, save_s, load_s = saved["file_bytes"], saved["prefill_s"], saved["save_s"], loaded["load_s"]
     row = {"context": n, "file_bytes": nbytes, "prefill_s": prefill_s, "save_s": save_s,
            "save_gb_s": nbytes / save_s / 1e9, "load_gb_s": nbytes / load_s / 1e9, "load_vs_prefill": prefill_s / load_s,
-           "tokens_compared": args.tokens, **{k: v for k, v in saved.items() if k not in ("first",)}, **loaded}
+           "tokens_compared": args.tokens, **{k: v for k, v in saved.items() if k not in ("head", "uninterrupted")}, **loaded}
     for suffix in (".json", ".load.json"):
         Path(str(path) + suffix).unlink()
     print(json.dumps(row, indent=1))
