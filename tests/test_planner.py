@@ -535,3 +535,21 @@ def test_kv_counted_per_layer_kind():
     assert "sliding-window layers" in format_plan(p)
     with pytest.raises(ConfigError, match="kv_layers"):
         dataclasses.replace(gemma, kv_layers=49)
+
+
+def test_gpu_link_rates_are_the_best_repetition_and_the_disk_the_median(monkeypatch):
+    """Another process on the GPU slows some repetitions of a calibration: a link can do what its
+    fastest repetition did. The disk keeps the median (its fastest reads may be cached)."""
+    from lcrun.offload import calibrate as cal
+    clock = {"t": 0.0}
+    monkeypatch.setattr(cal.time, "perf_counter", lambda: clock["t"])
+
+    def calls(durations):
+        steps = iter(durations)
+
+        def run():
+            clock["t"] += next(steps)
+        return run
+
+    assert cal._rate(100, calls([0.4, 0.1, 0.3]), repeats=3, best=True) == pytest.approx(1000.0)
+    assert cal._rate(100, calls([0.4, 0.1, 0.3]), repeats=3) == pytest.approx(100 / 0.3)
