@@ -19,3 +19,21 @@ elif os.environ.get("TRITON_INTERPRET") is None:
         has_gpu = False
     if not has_gpu:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gpu_allocator(request):
+    """A GPU test starts with the caching allocator emptied: memory an earlier test of the same
+    process left reserved counts against the next test's --gpu-mem cap (a per-process fraction),
+    and made a 2 GiB-capped Gemma test run out of memory after other GPU test files."""
+    if request.node.get_closest_marker("gpu") is not None:
+        import gc
+
+        import torch
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    yield
