@@ -8,7 +8,8 @@
 #             none) beside, at once (time limit QUALITY_S, 420), passkey 32K/128K and the single needle at 32K, 20 trials,
 #             and passkey 256K, 10 trials, with pages in host memory and on disk (--host-mem 2GiB),
 #             through the default path on the demo model ($LCRUN_DEMO_MODEL) with --gpu-mem 1GiB (ONLY:
-#             the names of the runs to make, e.g. "passkey256k-host passkey256k-nvme");
+#             the names of the runs to make, e.g. "passkey256k-host passkey256k-nvme"; EVAL_EXTRA: more eval flags,
+#             e.g. "--seed 1" for prompts other than the first run's);
 #             unset PHASE: both
 #   quick     the key-rotation GPU test, then `lcrun bench` with default flags + --gpu-mem 24GiB;
 #             env TEST_S (test time limit, 40), BENCH_S (bench limit, 200), CONTEXTS (32k,256k)
@@ -77,7 +78,9 @@ headline() {  # PHASE=bench or PHASE=quality runs one half (one device call each
     step "quality through the default path, --gpu-mem 1GiB: passkey 32K/128K, single needle 32K (20 trials);"\
          " passkey 256K with pages in host memory and with --host-mem 2GiB (pages on disk; 10 trials)"
     mkdir -p /tmp/lcrun-kv256
-    local limit=${QUALITY_S:-420} eval_=(python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --modes auto --gpu-mem 1GiB)
+    # shellcheck disable=SC2206
+    local limit=${QUALITY_S:-420} eval_=(python3 -m lcrun.cli eval --model "$LCRUN_DEMO_MODEL" --modes auto --gpu-mem 1GiB
+                                         ${EVAL_EXTRA:-})
     local -a runs=(
       "passkey32k|--tasks passkey --lengths 32k --trials 20"
       "passkey128k|--tasks passkey --lengths 128k --trials 20"
