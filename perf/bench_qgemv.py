@@ -21,6 +21,7 @@ import torch
 from lcrun.kernels.quant.kernels import dequantize, gemv_config, qgemv
 from lcrun.kernels.quant.quantize import random_quant
 from lcrun.profiling.meta import run_metadata
+from perf.attention.timing import graph_of
 
 # (N, K): w_down, one of gate/up, fused gate|up as lcrun runs it, fused qkv, the output head
 SHAPES = [(4096, 14336), (14336, 4096), (28672, 4096), (6144, 4096), (128256, 4096)]
@@ -43,25 +44,17 @@ def timed(fn, calls: int) -> float:
 
 
 def timed_graph(fn, calls: int, replays: int = 5) -> float:
-    """Median ms per call of ``calls`` calls captured in one CUDA graph (after an eager warm-up that
-    compiles), over ``replays`` timed replays."""
-    for i in range(3):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn(0)  # allocations the capture reuses
-        with torch.cuda.graph(graph, stream=stream):
-            for i in range(calls):
-                fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
+    """Median ms per call of ``calls`` calls captured in one CUDA graph (perf.attention's graph_of:
+    an eager warm-up compiles first), over ``replays`` timed replays."""
+    replay = graph_of(lambda: [fn(i) for i in range(calls)])
+    if replay is None:
+        raise RuntimeError("the GEMV calls could not be captured in a CUDA graph (see the line above)")
+    replay()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / calls)

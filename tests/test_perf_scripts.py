@@ -7,7 +7,6 @@ import pkgutil
 import subprocess
 import sys
 
-
 import perf
 from lcrun.runtime.loading import default_model
 
@@ -18,7 +17,7 @@ def test_perf_modules_import_without_side_effects():
     """In a fresh process (an import that patched lcrun would leak into every later test of this
     worker): each module imports, and lcrun's classes are the same objects afterwards."""
     code = (
-        "import importlib, sys\n"
+        "import importlib\n"
         "from lcrun.runtime.paged_cache import PagedTopKCache\n"
         "init = PagedTopKCache.__init__\n"
         f"for name in {MODULES!r}:\n"

@@ -5,6 +5,7 @@ the cache's business (lcrun.runtime.layer_kind_cache): the layer code is the sam
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,11 +19,14 @@ from lcrun.runtime.model import LayerWeights, LlamaModel
 
 
 class GemmaModel(LlamaModel):
+    @functools.cached_property
+    def _embed_scale(self) -> float:
+        # Rounded to the model's dtype first, as transformers does (55.4 -> 55.5 in bf16), and kept a
+        # Python number: no host tensor is copied in per step (a captured decode graph cannot).
+        return torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype).item()
+
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # The scale is rounded to the model's dtype first, as transformers does (55.4 -> 55.5 in bf16),
-        # and stays a Python number: no host tensor is copied in (a captured decode graph cannot).
-        scale = torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.dtype).item()
-        return embedding(input_ids, self.embed, self.dtype) * scale
+        return embedding(input_ids, self.embed, self.dtype) * self._embed_scale
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = super()._logits(h)

@@ -5,8 +5,8 @@ Prefills a random prompt of ``--context`` tokens through the default path (the f
 ``--tokens`` more; then a new process loads it (LLM.load_context) and asks for the same
 continuation: the load time against the prefill time, the file's size and the disk's rates, and
 whether the continuation is the same (it must be: the same KV, and in both processes the last
-saved token is computed again by the same decode path). The page cache is dropped before the load where the process
-may do so (root on Linux), so the read comes from the disk.
+saved token is computed again by the same decode path). The page cache is dropped before the load
+where the process may do so (root on Linux), so the read comes from the disk.
 
     python -m perf.diag.saved_context --model synthetic:llama-3.1-8b --context 128k --gpu-mem 24GiB \\
         --path /tmp/ctx/128k.lcctx --out $OUT/saved-context-128k.json
